@@ -1,0 +1,1 @@
+"""See DESIGN.md: lands with the actor-graph, serving and fine-tuning issues."""

@@ -1,0 +1,9 @@
+"""The engine: paged cache, continuous-batching scheduler, sampler, tokenizer, and the offline LLM API."""
+
+from expertmesh.engine.llm import LLM
+from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
+from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.tokenizer import Tokenizer
+
+__all__ = ["LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "Tokenizer"]

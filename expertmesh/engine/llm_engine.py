@@ -1,0 +1,190 @@
+"""The engine loop: requests in, scheduled steps through an executor, sampled tokens out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertmesh.engine.executor import LocalExecutor
+from expertmesh.engine.outputs import CompletionOutput, RequestOutput
+from expertmesh.engine.sampler import make_generator, sample
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from expertmesh.engine.sequence import Sequence
+from expertmesh.engine.stop import StopChecker
+from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
+from expertmesh.model import load_model
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_gib, capped at what max_num_seqs can use
+    kv_cache_gib: float = 2.0
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib!r}")
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop: StopChecker
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model = load_model(config.model, config.dtype, config.device)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer.from_pretrained(config.model)
+        self.eos_token_ids = tuple(load_eos_token_ids(config.model)) or self.model_config.eos_token_ids
+        max_pos = self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or max_pos
+        if self.max_model_len > max_pos:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_pos}")
+        num_blocks = config.num_kv_blocks or self._default_num_blocks()
+        self.executor = LocalExecutor(self.model, num_blocks=num_blocks, block_size=config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        ))
+        self._requests: dict[int, _Request] = {}
+
+    def _default_num_blocks(self) -> int:
+        bs = self.config.block_size
+        itemsize = self.model.lm_head.weight.element_size()
+        per_block = sum(
+            itemsize * int(torch.Size(shape).numel()) for shapes in self.model.cache_shapes(1, bs) for shape in shapes
+        )
+        budget = int(self.config.kv_cache_gib * 2**30) // per_block
+        useful = self.config.max_num_seqs * -(-self.max_model_len // bs)
+        return max(1, min(budget, useful))
+
+    # -- requests ---------------------------------------------------------------------------------
+    def prompt_token_ids(self, prompt: Any, index: int = 0) -> tuple[str | None, list[int]]:
+        """Validates one prompt (a string or {"prompt_token_ids": [...]}) and returns (text, ids)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise TypeError(f"prompts[{index}].prompt_token_ids must be a list of ints")
+        else:
+            raise TypeError(f"prompts[{index}] must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{index}] is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompts[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return text, list(ids)
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams, index: int = 0) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.prompt_token_ids(prompt, index)
+        seq = Sequence(prompt_token_ids=ids, params=params)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate within max_model_len={self.max_model_len}"
+            )
+        # Like vLLM, a request whose max_tokens runs past max_model_len stops there with "length".
+        self.scheduler.add(seq, min(params.max_tokens or room, room))
+        self._requests[seq.seq_id] = _Request(
+            request_id=request_id, prompt=text, seq=seq, params=params,
+            generator=make_generator(params.seed, self.executor.device),
+            stop=StopChecker(self.tokenizer, params, self.eos_token_ids),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        return seq
+
+    def abort_request(self, seq_id: int) -> None:
+        if self.scheduler.abort(seq_id) is not None:
+            self._requests.pop(seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns an output for every request that gained a token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.executor.execute(batch)
+        self.scheduler.postprocess(batch)
+        sampled = [s for s, m in zip(batch.seqs, batch.sample_mask) if m]
+        if not sampled:
+            return []
+        reqs = [self._requests[s.seq_id] for s in sampled]
+        for row, req in enumerate(reqs):
+            banned = req.stop.banned_token_ids(req.seq.num_output_tokens)
+            if banned:
+                logits[row, list(banned)] = float("-inf")
+        result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        outputs = []
+        for row, req in enumerate(reqs):
+            token = result.token_ids[row]
+            req.seq.append_token(token)
+            if req.logprobs is not None:
+                entry = dict(result.top_logprobs[row])
+                entry[token] = result.sampled_logprobs[row]
+                req.logprobs.append(entry)
+                req.cumulative_logprob += result.sampled_logprobs[row]
+            reason = req.stop.check(token, req.seq.num_output_tokens, req.seq.num_tokens >= self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(req.seq, reason)
+                del self._requests[req.seq.seq_id]
+            outputs.append(self._output(req))
+        return outputs
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        completion = CompletionOutput(
+            index=0,
+            text=req.stop.text,
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=req.stop.stop_reason,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        )
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion], finished=seq.is_finished,
+        )
+
+    def run_batch(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits for every scheduled token of a batch (teacher forcing); advances the scheduler."""
+        logits = self.executor.execute(batch, all_logits=True)
+        self.scheduler.postprocess(batch)
+        return logits
+
+
+def engine_from_path(model: str | Path, **kwargs: Any) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model), **kwargs))

@@ -1,0 +1,42 @@
+"""Tensor ops of expertmesh: each has a torch reference (``*_ref``) and a Triton kernel
+(``*_triton``) with the same signature; the plain names dispatch between them (see
+``registry``)."""
+
+from .fused_moe import fused_moe_ref, moe_align_block_size
+from .gating import topk_gating_ref
+from .mla_decode import mla_decode_attention_ref
+from .registry import (
+    BACKEND_ENV,
+    fused_moe,
+    fused_moe_triton,
+    kernel_backend,
+    mla_decode_attention,
+    mla_decode_attention_triton,
+    rms_norm,
+    rms_norm_triton,
+    topk_gating,
+    topk_gating_triton,
+    triton_available,
+    use_triton,
+)
+from .rms_norm import rms_norm_ref
+
+__all__ = [
+    "BACKEND_ENV",
+    "fused_moe",
+    "fused_moe_ref",
+    "fused_moe_triton",
+    "kernel_backend",
+    "mla_decode_attention",
+    "mla_decode_attention_ref",
+    "mla_decode_attention_triton",
+    "moe_align_block_size",
+    "rms_norm",
+    "rms_norm_ref",
+    "rms_norm_triton",
+    "topk_gating",
+    "topk_gating_ref",
+    "topk_gating_triton",
+    "triton_available",
+    "use_triton",
+]

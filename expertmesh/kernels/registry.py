@@ -1,0 +1,180 @@
+"""Pick the Triton kernel or the torch reference for each op.
+
+Triton runs when every input is on CUDA, triton imports, and autograd would not record the
+call (the Triton kernels have no backward); otherwise the torch reference runs. The
+``EXPERTMESH_KERNELS`` environment variable overrides this: ``torch`` always takes the
+reference, ``triton`` always the kernel (on a CPU, with ``TRITON_INTERPRET=1``).
+
+The ``*_triton`` functions import their kernel module on first call, so this module imports
+without triton.
+"""
+
+import functools
+import os
+
+import torch
+
+from .fused_moe import fused_moe_ref
+from .gating import topk_gating_ref
+from .mla_decode import mla_decode_attention_ref
+from .rms_norm import rms_norm_ref
+
+BACKEND_ENV = "EXPERTMESH_KERNELS"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def kernel_backend() -> str:
+    """The backend the environment asks for: ``auto`` (the default), ``torch`` or ``triton``."""
+    backend = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on ``tensors`` (``None`` entries ignored) should run its Triton kernel."""
+    backend = kernel_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
+        return True
+    present = [t for t in tensors if t is not None]
+    needs_autograd = torch.is_grad_enabled() and any(t.requires_grad for t in present)
+    return triton_available() and not needs_autograd and all(t.is_cuda for t in present)
+
+
+# Triton implementations, imported on first use.
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .triton.rms_norm import rms_norm_triton as impl
+
+    return impl(x, weight, eps)
+
+
+def topk_gating_triton(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring_func: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton.gating import topk_gating_triton as impl
+
+    return impl(
+        router_logits,
+        top_k,
+        scoring_func=scoring_func,
+        correction_bias=correction_bias,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        renormalize=renormalize,
+        scaling_factor=scaling_factor,
+    )
+
+
+def fused_moe_triton(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    from .triton.fused_moe import fused_moe_triton as impl
+
+    return impl(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def mla_decode_attention_triton(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    from .triton.mla_decode import mla_decode_attention_triton as impl
+
+    return impl(q_latent, q_rope, ckv_cache, kpe_cache, block_tables, context_lens, scale)
+
+
+# Dispatching entry points: the signatures the model code calls.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension; see ``rms_norm_ref``."""
+    impl = rms_norm_triton if use_triton(x, weight) else rms_norm_ref
+    return impl(x, weight, eps)
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring_func: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, K] fp32, ids [T, K] int64)``; see ``topk_gating_ref``."""
+    impl = topk_gating_triton if use_triton(router_logits, correction_bias) else topk_gating_ref
+    return impl(
+        router_logits,
+        top_k,
+        scoring_func=scoring_func,
+        correction_bias=correction_bias,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        renormalize=renormalize,
+        scaling_factor=scaling_factor,
+    )
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted routed-expert output ``[T, H]``; see ``fused_moe_ref``."""
+    inputs = (hidden_states, w13, w2, topk_weights, topk_ids)
+    impl = fused_moe_triton if use_triton(*inputs) else fused_moe_ref
+    return impl(*inputs)
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """MLA decode over the paged latent cache, output ``[B, Hq, R]``; see ``mla_decode_attention_ref``."""
+    tensors = (q_latent, q_rope, ckv_cache, kpe_cache, block_tables, context_lens)
+    impl = mla_decode_attention_triton if use_triton(*tensors) else mla_decode_attention_ref
+    return impl(*tensors, scale)

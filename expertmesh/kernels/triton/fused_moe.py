@@ -1,0 +1,130 @@
+"""Fused MoE Triton kernels: two grouped GEMMs over blocks of expert-sorted (token, slot) pairs.
+
+``moe_align_block_size`` lays the pairs out so that every block of ``BLOCK_M`` rows belongs to
+one expert. Kernel 1 computes ``silu(x @ gate.T) * (x @ up.T)`` into an ``[T*K, I]`` buffer,
+kernel 2 multiplies by ``w2[e].T`` and the routing weight into ``[T*K, H]`` (fp32); the K slots
+of a token are then summed.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fused_moe import check_fused_moe_args, moe_align_block_size
+from .common import dot, dot_options
+
+
+@triton.jit
+def _gate_up_silu_kernel(
+    x_ptr, w13_ptr, act_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+    num_pairs, top_k, hidden, intermediate,
+    stride_x_t, stride_w13_e, stride_w13_n, stride_act_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ids_ptr + block).to(tl.int64)
+    if expert < 0:  # past the last used block
+        return
+    pair = tl.load(sorted_pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [M]
+    real_row = pair < num_pairs
+    token = pair // top_k
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] rows of gate / up
+    real_col = cols < intermediate
+    ks = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + token[:, None] * stride_x_t + ks[None, :]  # [M, K]
+    gate_ptrs = w13_ptr + expert * stride_w13_e + cols[None, :] * stride_w13_n + ks[:, None]  # [K, N]
+    up_ptrs = gate_ptrs + intermediate * stride_w13_n
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        real_k = ks + k0 < hidden
+        x = tl.load(x_ptrs, mask=real_row[:, None] & real_k[None, :], other=0.0)
+        w_mask = real_k[:, None] & real_col[None, :]
+        gate = dot(x, tl.load(gate_ptrs, mask=w_mask, other=0.0), gate, DOT_PRECISION, DOT_UPCAST)
+        up = dot(x, tl.load(up_ptrs, mask=w_mask, other=0.0), up, DOT_PRECISION, DOT_UPCAST)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    act = gate * tl.sigmoid(gate) * up
+    act_ptrs = act_ptr + pair[:, None] * stride_act_p + cols[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=real_row[:, None] & real_col[None, :])
+
+
+@triton.jit
+def _down_weighted_kernel(
+    act_ptr, w2_ptr, weights_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+    num_pairs, hidden, intermediate,
+    stride_act_p, stride_w2_e, stride_w2_n, stride_out_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ids_ptr + block).to(tl.int64)
+    if expert < 0:
+        return
+    pair = tl.load(sorted_pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [M]
+    real_row = pair < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] hidden units
+    real_col = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+
+    act_ptrs = act_ptr + pair[:, None] * stride_act_p + ks[None, :]  # [M, K]
+    w_ptrs = w2_ptr + expert * stride_w2_e + cols[None, :] * stride_w2_n + ks[:, None]  # [K, N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, intermediate, BLOCK_K):
+        real_k = ks + k0 < intermediate
+        act = tl.load(act_ptrs, mask=real_row[:, None] & real_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=real_k[:, None] & real_col[None, :], other=0.0)
+        acc = dot(act, w, acc, DOT_PRECISION, DOT_UPCAST)
+        act_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    routing_weight = tl.load(weights_ptr + pair, mask=real_row, other=0.0).to(tl.float32)  # [M]
+    out_ptrs = out_ptr + pair[:, None] * stride_out_p + cols[None, :]
+    tl.store(out_ptrs, acc * routing_weight[:, None], mask=real_row[:, None] & real_col[None, :])
+
+
+def _tile_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): small row blocks when few pairs land on each expert."""
+    block_m = 16 if num_pairs <= 2 * num_experts * 16 else 64
+    return block_m, 64, 32
+
+
+def fused_moe_triton(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids)
+    num_tokens, hidden = hidden_states.shape
+    num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return hidden_states.new_zeros(num_tokens, hidden)
+    # The kernels index the last dimension with unit stride.
+    x, w13, w2 = hidden_states.contiguous(), w13.contiguous(), w2.contiguous()
+    pair_weights = topk_weights.reshape(-1).float().contiguous()  # [T*K]
+
+    block_m, block_n, block_k = _tile_sizes(num_pairs, num_experts)
+    sorted_pair_ids, block_expert_ids, _ = moe_align_block_size(topk_ids, block_m, num_experts)
+    num_blocks = block_expert_ids.numel()
+
+    act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)  # [T*K, I]
+    _gate_up_silu_kernel[(num_blocks, triton.cdiv(intermediate, block_n))](
+        x, w13, act, sorted_pair_ids, block_expert_ids,
+        num_pairs, top_k, hidden, intermediate,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_options(x.dtype),
+    )  # fmt: skip
+    out_per_pair = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)  # [T*K, H]
+    _down_weighted_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
+        act, w2, pair_weights, out_per_pair, sorted_pair_ids, block_expert_ids,
+        num_pairs, hidden, intermediate,
+        act.stride(0), w2.stride(0), w2.stride(1), out_per_pair.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_options(x.dtype),
+    )  # fmt: skip
+    return out_per_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -1,0 +1,8 @@
+"""Model code: configs read from checkpoints, MLA/GQA attention, the MoE block, loading."""
+
+from expertmesh.model.attention_metadata import AttentionMetadata
+from expertmesh.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.loader import load_model, resolve_dtype
+
+__all__ = ["AttentionMetadata", "ModelConfig", "MoECausalLM", "SUPPORTED_MODEL_TYPES", "load_model", "resolve_dtype"]

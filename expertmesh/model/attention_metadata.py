@@ -1,0 +1,74 @@
+"""Where each token of a flattened batch reads and writes the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """A batch of S sequences flattened to T tokens; sequence s owns rows [query_start[s], query_start[s+1]).
+
+    Each sequence's new tokens sit at the end of its context: they occupy positions
+    context_lens[s] - query_lens[s] .. context_lens[s] - 1, and their KV goes to `slot_mapping`
+    (block * block_size + offset) before attention reads the cache.
+    """
+
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    query_lens: tuple[int, ...]  # [S]
+    context_lens: tuple[int, ...]  # [S], tokens in the cache after this step's write
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    context_lens_t: torch.Tensor  # [S] int32
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+    @property
+    def query_starts(self) -> list[int]:
+        starts, total = [], 0
+        for q in self.query_lens:
+            starts.append(total)
+            total += q
+        return starts
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        tables = torch.zeros(len(block_tables), max(max_blocks, 1), dtype=torch.int32)
+        for i, t in enumerate(block_tables):
+            assert context_lens[i] <= len(t) * block_size, "block table too short for the context"
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # Per sequence, not per token: each sequence's new positions are one arange.
+        positions = torch.cat(
+            [torch.arange(c - q, c, dtype=torch.int64) for q, c in zip(query_lens, context_lens, strict=True)]
+            or [torch.zeros(0, dtype=torch.int64)]
+        )
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens, dtype=torch.int64))
+        blocks = tables[seq_of_token, positions // block_size].to(torch.int64)
+        slots = blocks * block_size + positions % block_size
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
+            query_lens=tuple(query_lens),
+            context_lens=tuple(context_lens),
+            block_tables=tables.to(device),
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_size=block_size,
+        )

@@ -1,0 +1,110 @@
+"""Grouped-query attention (Mixtral, Qwen-MoE, OLMoE) over a paged K/V cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertmesh.model.attention_metadata import AttentionMetadata
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import RMSNorm
+from expertmesh.model.paged import (
+    attention_mask,
+    gather_batch,
+    gather_context,
+    masked_softmax_attention,
+    write_cache,
+)
+from expertmesh.model.rope import RotaryEmbedding
+
+
+class GQAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.attention_scale
+        self.rotary = rotary
+        self.window = sliding_window
+        self.clip_qkv = config.clip_qkv
+        self.qk_norm = config.qk_norm
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        if config.qk_norm == "head":  # Qwen3: per head
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "full":  # OLMoE: over the whole projection
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_dim, config.rms_norm_eps)
+
+    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return shape, shape
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if kv_cache is not None:
+            write_cache(kv_cache[0], meta.slot_mapping, k)
+            write_cache(kv_cache[1], meta.slot_mapping, v)
+
+        out = x.new_empty(T, self.num_heads, self.head_dim)
+        starts = meta.query_starts
+        decode = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1 and kv_cache is not None]
+        if decode:
+            rows = torch.tensor([starts[s] for s in decode])
+            out[rows] = self._decode(q[rows], kv_cache, meta, torch.tensor(decode))
+        decode_set = set(decode)
+        for s, q_len in enumerate(meta.query_lens):
+            if s in decode_set:
+                continue
+            rows = slice(starts[s], starts[s] + q_len)
+            if kv_cache is None:
+                ctx_k, ctx_v = k[rows], v[rows]
+            else:
+                ctx_k = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
+                ctx_v = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
+            out[rows] = self._attend(q[rows], ctx_k, ctx_v, meta.positions[rows])
+        return self.o_proj(out.flatten(1))
+
+    def _attend(self, q, ctx_k, ctx_v, query_pos) -> torch.Tensor:
+        """Tq queries [Tq, H, D] against L keys [L, KVH, D] -> [Tq, H, D]."""
+        L, rep = ctx_k.shape[0], self.num_heads // self.num_kv_heads
+        qg = q.view(-1, self.num_kv_heads, rep, self.head_dim).permute(1, 2, 0, 3)  # [KVH, rep, Tq, D]
+        k = ctx_k.transpose(0, 1)[:, None]  # [KVH, 1, L, D]
+        v = ctx_v.transpose(0, 1)[:, None]
+        mask = attention_mask(query_pos, L, window=self.window)  # [Tq, L]
+        o = masked_softmax_attention(qg, k, v, mask, self.scale)  # [KVH, rep, Tq, D]
+        return o.permute(2, 0, 1, 3).reshape(-1, self.num_heads, self.head_dim)
+
+    def _decode(self, q, kv_cache, meta: AttentionMetadata, seqs: torch.Tensor) -> torch.Tensor:
+        """B single-token queries [B, H, D], batched over the padded cache -> [B, H, D]."""
+        B, rep = q.shape[0], self.num_heads // self.num_kv_heads
+        ctx_lens = meta.context_lens_t[seqs]
+        max_len = int(ctx_lens.max())
+        k = gather_batch(kv_cache[0], meta.block_tables[seqs], max_len).permute(0, 2, 1, 3)  # [B, KVH, L, D]
+        v = gather_batch(kv_cache[1], meta.block_tables[seqs], max_len).permute(0, 2, 1, 3)
+        qg = q.view(B, self.num_kv_heads, rep, self.head_dim)  # [B, KVH, rep, D]
+        query_pos = (ctx_lens.long() - 1)[:, None]  # [B, 1]
+        mask = attention_mask(query_pos, max_len, ctx_lens, self.window)[:, None]  # [B, 1, 1, L]
+        o = masked_softmax_attention(qg, k, v, mask, self.scale)  # [B, KVH, rep, D]
+        return o.reshape(B, self.num_heads, self.head_dim)

@@ -1,0 +1,60 @@
+"""Builds a model from a checkpoint directory without materialising random weights first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.rope import rope_inv_freq
+from expertmesh.model.state_dict_adapter import StateDictAdapter
+from expertmesh.model.weights import SafetensorsCheckpoint
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of: float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> MoECausalLM:
+    """Loads a Hugging Face MoE checkpoint (safetensors) of any supported family, in eval mode, frozen."""
+    config = ModelConfig.from_pretrained(model_dir)
+    dtype = resolve_dtype(dtype)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    with torch.device("meta"):
+        model = MoECausalLM(config)
+    adapter = StateDictAdapter(config, checkpoint)
+    tied = config.tie_word_embeddings or "lm_head.weight" not in checkpoint
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if name == "lm_head.weight" and tied:
+            continue
+        tensor = adapter.load(name, tuple(param.shape), dtype)
+        _set(model, name, nn.Parameter(tensor.to(device), requires_grad=False))
+    for name, buf in list(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):  # kept in float32, as DeepSeek does
+            _set(model, name, adapter.load(name, tuple(buf.shape), torch.float32).to(device))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary.inv_freq = rope_inv_freq(config.rope)[0].to(device)
+    model.checkpoint = checkpoint  # keeps the mapped files alive as long as the model's views of them
+    return model.eval()
+
+
+def _set(model: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(value, nn.Parameter):
+        owner._parameters[attr] = value
+    else:
+        owner._buffers[attr] = value

@@ -1,0 +1,113 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over a paged cache of the compressed latent.
+
+The cache holds, per token, the normalised latent `c_kv` [R] and the rotated shared RoPE key [Dr], never
+per-head keys and values. Prefill expands the latent through `kv_b_proj` once per chunk; decode uses the
+absorbed form: W_UK folds into the query and W_UV into the output, so attention runs in latent space and
+no step ever expands the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertmesh import kernels
+from expertmesh.model.attention_metadata import AttentionMetadata
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import RMSNorm
+from expertmesh.model.paged import attention_mask, gather_context, masked_softmax_attention, write_cache
+from expertmesh.model.rope import RotaryEmbedding
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        mla = config.mla
+        assert mla is not None
+        self.num_heads = config.num_heads
+        self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank = mla.kv_lora_rank
+        self.scale = config.attention_scale
+        self.rotary = rotary
+        hidden, heads, bias = config.hidden_size, config.num_heads, config.mla_bias
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * mla.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
+
+    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        return (num_blocks, block_size, self.kv_lora_rank), (num_blocks, block_size, self.rope_dim)
+
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]  # W_UK [H, nope, R], W_UV [H, v, R]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.num_heads, self.nope + self.rope_dim)  # [T, H, nope + rope]
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [T, R]
+        cos, sin = cos_sin
+        q_pe = self.rotary(q_pe, cos, sin)  # [T, H, rope]
+        k_pe = self.rotary(k_pe[:, None, :], cos, sin)[:, 0]  # [T, rope]
+        if kv_cache is not None:
+            write_cache(kv_cache[0], meta.slot_mapping, c_kv)
+            write_cache(kv_cache[1], meta.slot_mapping, k_pe)
+
+        out = x.new_empty(T, self.num_heads, self.v_dim)
+        starts = meta.query_starts
+        decode = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1 and kv_cache is not None]
+        if decode:
+            rows = torch.tensor([starts[s] for s in decode])
+            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta, torch.tensor(decode))
+        decode_set = set(decode)
+        for s, q_len in enumerate(meta.query_lens):
+            if s in decode_set:
+                continue
+            rows = slice(starts[s], starts[s] + q_len)
+            if kv_cache is None:  # no cache (training): the sequence attends to its own tokens
+                ctx_ckv, ctx_kpe = c_kv[rows], k_pe[rows]
+            else:
+                ctx_len = meta.context_lens[s]
+                ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], ctx_len)
+                ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], ctx_len)
+            out[rows] = self._prefill(q_nope[rows], q_pe[rows], ctx_ckv, ctx_kpe, meta.positions[rows])
+        return self.o_proj(out.flatten(1))
+
+    def _prefill(self, q_nope, q_pe, ctx_ckv, ctx_kpe, query_pos) -> torch.Tensor:
+        """Expanded form for a chunk of Tq queries against L context tokens -> [Tq, H, v]."""
+        L = ctx_ckv.shape[0]
+        kv = self.kv_b_proj(ctx_ckv).view(L, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [L, H, nope], [L, H, v]
+        k = torch.cat((k_nope, ctx_kpe[:, None, :].expand(L, self.num_heads, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [Tq, H, nope + rope]
+        mask = attention_mask(query_pos, L)  # [Tq, L]
+        o = masked_softmax_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, self.scale)
+        return o.transpose(0, 1)  # [Tq, H, v]
+
+    def _decode(self, q_nope, q_pe, kv_cache, meta: AttentionMetadata, seqs: torch.Tensor) -> torch.Tensor:
+        """Absorbed form for B single-token queries -> [B, H, v]."""
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
+        o_latent = kernels.mla_decode_attention(
+            q_latent.contiguous(), q_pe.contiguous(), kv_cache[0], kv_cache[1],
+            meta.block_tables[seqs], meta.context_lens_t[seqs], self.scale,
+        )  # [B, H, R]
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]

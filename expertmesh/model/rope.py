@@ -1,0 +1,74 @@
+"""Rotary position embedding: inverse frequencies (default, linear, YaRN) and the rotation itself."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from expertmesh.model.config import RopeConfig, yarn_mscale
+
+
+def rope_inv_freq(rope: RopeConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [dim/2] float32, attention_factor applied to cos/sin)."""
+    exponents = torch.arange(0, rope.dim, 2, dtype=torch.int64).float() / rope.dim
+    pos_freqs = rope.theta**exponents  # [dim/2]
+    if rope.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if rope.rope_type == "linear":
+        return 1.0 / (pos_freqs * rope.factor), 1.0
+    return _yarn(rope, pos_freqs)
+
+
+def _yarn(rope: RopeConfig, pos_freqs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    factor, dim, base = rope.factor, rope.dim, rope.theta
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        original = rope.original_max_position_embeddings
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp  # high-frequency channels keep their original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    def __init__(self, rope: RopeConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = rope.interleave
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq  # [T, dim/2]
+        cos = (freqs.cos() * self.attention_factor).to(dtype)
+        sin = (freqs.sin() * self.attention_factor).to(dtype)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotates x [T, heads, dim] with cos/sin [T, dim/2].
+
+        Interleaved layouts rotate pairs (x0, x1), (x2, x3), ... and return the rotated channels
+        de-interleaved (evens then odds); queries and keys share the layout, so their dot products equal
+        those of an in-place interleaved rotation.
+        """
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
