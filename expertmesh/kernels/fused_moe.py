@@ -31,9 +31,13 @@ def check_fused_moe_args(
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+        )
     if not (hidden_states.dtype == w13.dtype == w2.dtype):
-        raise ValueError(f"hidden_states, w13 and w2 must share a dtype, got {hidden_states.dtype}, {w13.dtype}, {w2.dtype}")
+        raise ValueError(
+            f"hidden_states, w13 and w2 must share a dtype, got {hidden_states.dtype}, {w13.dtype}, {w2.dtype}"
+        )
 
 
 def fused_moe_ref(

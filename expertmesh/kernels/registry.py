@@ -14,13 +14,16 @@ import os
 
 import torch
 
-from .fused_moe import fused_moe_ref
+from .cpu_fused_moe import fused_moe_cpu
+from .fused_moe import check_fused_moe_args, fused_moe_ref
 from .gating import topk_gating_ref
 from .mla_decode import mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
 
 BACKEND_ENV = "EXPERTMESH_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
+# With EXPERTMESH_KERNELS=torch, also setting this runs the plain references instead of the CPU fast paths.
+REFERENCE_ENV = "EXPERTMESH_REFERENCE_KERNELS"
 
 
 def kernel_backend() -> str:
@@ -161,8 +164,20 @@ def fused_moe(
 ) -> torch.Tensor:
     """Weighted routed-expert output ``[T, H]``; see ``fused_moe_ref``."""
     inputs = (hidden_states, w13, w2, topk_weights, topk_ids)
-    impl = fused_moe_triton if use_triton(*inputs) else fused_moe_ref
-    return impl(*inputs)
+    if use_triton(*inputs):
+        return fused_moe_triton(*inputs)
+    if _cpu_inference(*inputs):
+        check_fused_moe_args(*inputs)
+        return fused_moe_cpu(*inputs)
+    return fused_moe_ref(*inputs)
+
+
+def _cpu_inference(*tensors: torch.Tensor) -> bool:
+    """CPU tensors with nothing for autograd to record: the serving fast paths apply."""
+    if kernel_backend() == "torch" and os.environ.get(REFERENCE_ENV):
+        return False
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not recording and all(t.device.type == "cpu" for t in tensors)
 
 
 def mla_decode_attention(

@@ -8,7 +8,7 @@ from torch import nn
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.gqa import GQAttention
-from expertmesh.model.layers import MLP, RMSNorm
+from expertmesh.model.layers import Linear, MLP, RMSNorm
 from expertmesh.model.mla import MLAttention
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.rope import RotaryEmbedding
@@ -51,7 +51,7 @@ class MoECausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import RMSNorm
+from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.paged import (
     attention_mask,
     gather_batch,
@@ -28,10 +28,10 @@ class GQAttention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.qk_norm = config.qk_norm
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(q_dim, hidden, bias=config.o_bias)
         if config.qk_norm == "head":  # Qwen3: per head
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

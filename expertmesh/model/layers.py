@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh import kernels
+from expertmesh.kernels.cpu_linear import linear
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +25,16 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU inference path runs on oneDNN (see kernels.cpu_linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

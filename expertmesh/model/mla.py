@@ -14,7 +14,7 @@ from torch import nn
 from expertmesh import kernels
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import RMSNorm
+from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.paged import attention_mask, gather_context, masked_softmax_attention, write_cache
 from expertmesh.model.rope import RotaryEmbedding
 
@@ -31,15 +31,15 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         hidden, heads, bias = config.hidden_size, config.num_heads, config.mla_bias
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * mla.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden, heads * mla.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, mla.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(mla.q_lora_rank, heads * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
+        self.kv_b_proj = Linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = Linear(heads * mla.v_head_dim, hidden, bias=bias)
 
     def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
         return (num_blocks, block_size, self.kv_lora_rank), (num_blocks, block_size, self.rope_dim)

@@ -16,7 +16,7 @@ from torch import nn
 
 from expertmesh import kernels
 from expertmesh.model.config import ModelConfig, RoutingConfig
-from expertmesh.model.layers import MLP
+from expertmesh.model.layers import Linear, MLP
 
 
 def route(
@@ -81,7 +81,7 @@ class MoEBlock(nn.Module):
         self.shared_experts = (
             MLP(config.hidden_size, config.shared_intermediate_size) if config.shared_intermediate_size else None
         )
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         self.backend: RoutedExpertsBackend = local_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]

@@ -61,12 +61,12 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # About 0.55M parameters (2.2 MB in float32): a forward pass on a CPU takes milliseconds.
+    # About 2.2M parameters (8.9 MB in float32): a forward pass on a CPU takes milliseconds.
     "tiny": ModelPreset(
-        vocab_size=1024, hidden_size=64, num_hidden_layers=4, first_k_dense_replace=1,
-        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
-        n_group=4, topk_group=2, n_shared_experts=1, num_attention_heads=4, q_lora_rank=48,
-        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        vocab_size=2048, hidden_size=128, num_hidden_layers=4, first_k_dense_replace=1,
+        intermediate_size=384, moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, n_shared_experts=1, num_attention_heads=4, q_lora_rank=96,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         max_position_embeddings=2048,
     ),
     # About 342M parameters (1.37 GB in float32). Frozen: benchmarks compare against its figures.

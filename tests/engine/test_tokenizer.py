@@ -88,8 +88,8 @@ def test_chat_template_renders_deepseek_turns(tok):
 
 
 def test_special_ids_and_vocab_size(tok):
-    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (0, 1, 1024)
-    assert tok.all_special_ids == [0, 1, 2, 3]  # BOS, EOS, <｜User｜>, <｜Assistant｜>
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (0, 1, 2048)
+    assert tok.all_special_ids[:4] == [0, 1, 2, 3]  # BOS, EOS, <｜User｜>, <｜Assistant｜>; then reserved padding
 
 
 @pytest.mark.parametrize(

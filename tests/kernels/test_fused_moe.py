@@ -82,7 +82,9 @@ def test_ref_rejects_mismatched_shapes():
         fused_moe_ref(x, w13, w2[:, :, :3], weights, ids)
 
 
-@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_size", [(0, 2, 4, 4), (1, 1, 7, 4), (17, 3, 7, 4), (9, 2, 64, 16)])
+@pytest.mark.parametrize(
+    "num_tokens,top_k,num_experts,block_size", [(0, 2, 4, 4), (1, 1, 7, 4), (17, 3, 7, 4), (9, 2, 64, 16)]
+)
 def test_align_groups_pairs_by_expert_in_padded_blocks(num_tokens, top_k, num_experts, block_size):
     ids = torch.randint(0, num_experts, (num_tokens, top_k), dtype=torch.int32)
     sorted_ids, block_experts, num_padded = moe_align_block_size(ids, block_size, num_experts)
@@ -129,3 +131,20 @@ def test_triton_skips_experts_without_tokens_among_256():
 def test_triton_uses_64_row_blocks_for_many_tokens():
     inputs = make_inputs(70, 16, 8, 2, 2, device=DEVICE)  # 140 pairs on 2 experts -> BLOCK_M = 64
     torch.testing.assert_close(fused_moe_triton(*inputs), fused_moe_ref(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("needs_triton")
+def test_triton_reads_strided_weight_views():
+    x, w13, w2, weights, ids = make_inputs(5, 16, 8, 4, 2, device=DEVICE)
+    w13_view = torch.cat([w13, torch.randn_like(w13)], dim=-1)[..., :16]  # row stride 32
+    w2_view = torch.cat([w2, torch.randn_like(w2)], dim=0)[::2]  # expert stride doubled
+    w2_view.copy_(w2)
+    expected = fused_moe_ref(x, w13, w2, weights, ids)
+    torch.testing.assert_close(fused_moe_triton(x, w13_view, w2_view, weights, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("needs_triton")
+def test_triton_rejects_unsupported_dtype():
+    inputs = [t.double() if t.is_floating_point() else t for t in make_inputs(2, 16, 8, 4, 2, device=DEVICE)]
+    with pytest.raises(ValueError, match="float64"):
+        fused_moe_triton(*inputs)

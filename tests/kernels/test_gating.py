@@ -24,7 +24,8 @@ CASES = {
     "sigmoid_odd_groups": (
         15,
         3,
-        {"scoring_func": "sigmoid", "n_group": 5, "topk_group": 1, "group_score": "top2_sum", "correction_bias": "random"},
+        {"scoring_func": "sigmoid", "n_group": 5, "topk_group": 1, "group_score": "top2_sum",
+         "correction_bias": "random"},  # fmt: skip
     ),
     "all_groups_kept": (12, 3, {"n_group": 4, "topk_group": 4, "renormalize": True}),
 }

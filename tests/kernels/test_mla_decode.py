@@ -90,3 +90,11 @@ def test_triton_matches_ref(context_lens, heads, rank, rope_dim, page_size, dtyp
 def test_triton_pads_rank_to_a_power_of_two():
     inputs, _, _ = make_paged([6, 9], 2, 20, 5, 8, device=DEVICE)
     torch.testing.assert_close(mla_decode_attention_triton(*inputs, 0.3), mla_decode_attention_ref(*inputs, 0.3))
+
+
+@pytest.mark.usefixtures("needs_triton")
+def test_triton_reads_caches_that_are_views_of_one_buffer():
+    inputs, _, _ = make_paged([6, 9], 3, 16, 8, 4, device=DEVICE)
+    combined = torch.cat([inputs[2], inputs[3]], dim=-1)  # [N, page, R + Dr], one allocation
+    inputs[2], inputs[3] = combined[..., :16], combined[..., 16:]
+    torch.testing.assert_close(mla_decode_attention_triton(*inputs, 0.3), mla_decode_attention_ref(*inputs, 0.3))

@@ -92,9 +92,9 @@ def test_weights_have_hf_names_and_initial_values(tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text())
     weights = _weights(tiny_dir)
     assert set(weights) == {s.name for s in checkpoint_tensor_specs(config)}
-    assert weights["model.layers.0.mlp.gate_proj.weight"].shape == (128, 64)  # dense first layer
-    assert weights["model.layers.1.mlp.experts.15.down_proj.weight"].shape == (64, 32)
-    assert weights["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (32, 64)
+    assert weights["model.layers.0.mlp.gate_proj.weight"].shape == (384, 128)  # dense first layer
+    assert weights["model.layers.1.mlp.experts.15.down_proj.weight"].shape == (128, 64)
+    assert weights["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (64, 128)
     assert torch.equal(weights["model.layers.2.self_attn.kv_a_layernorm.weight"], torch.ones(32))
     bias = weights["model.layers.3.mlp.gate.e_score_correction_bias"]
     assert bias.dtype == torch.float32 and 0 < bias.std() < 0.05
@@ -147,4 +147,4 @@ def test_transformers_loads_tiny_without_missing_keys_and_runs_forward(tiny_dir)
     assert torch.equal(state["model.layers.2.mlp.experts.gate_up_proj"][3], gate_up)
     with torch.no_grad():
         logits = model(torch.tensor([[0, 17, 42, 99, 5]])).logits  # [B, T, V]
-    assert logits.shape == (1, 5, 1024) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 5, 2048) and torch.isfinite(logits).all()

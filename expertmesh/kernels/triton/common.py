@@ -5,6 +5,13 @@ import triton
 import triton.language as tl
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is dense (what the kernels index without a stride),
+    else a contiguous copy. Other strides are passed to the kernels, so views of caches and
+    stacked weights are read in place."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def dot_options(dtype: torch.dtype) -> dict:
     """Launch constexprs for ``dot``: IEEE fp32 (no TF32) for fp32 inputs, and an fp32 upcast of
     bf16 operands under ``TRITON_INTERPRET=1``, whose ``tl.dot`` multiplies bf16 as raw uint16

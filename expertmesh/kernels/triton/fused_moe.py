@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..fused_moe import check_fused_moe_args, moe_align_block_size
-from .common import dot, dot_options
+from .common import dot, dot_options, unit_last_stride
 
 
 @triton.jit
@@ -98,15 +98,18 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
+    """Same contract as ``fused_moe_ref``, forward only. Expert ids are not range-checked (that
+    would cost a host sync): ids outside ``[0, E)`` are an error of the caller."""
     check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids)
+    if hidden_states.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_moe_triton supports fp32, bf16 and fp16, got {hidden_states.dtype}")
     num_tokens, hidden = hidden_states.shape
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return hidden_states.new_zeros(num_tokens, hidden)
-    # The kernels index the last dimension with unit stride.
-    x, w13, w2 = hidden_states.contiguous(), w13.contiguous(), w2.contiguous()
+    x, w13, w2 = unit_last_stride(hidden_states), unit_last_stride(w13), unit_last_stride(w2)
     pair_weights = topk_weights.reshape(-1).float().contiguous()  # [T*K]
 
     block_m, block_n, block_k = _tile_sizes(num_pairs, num_experts)

@@ -16,8 +16,7 @@ from ..gating import check_gating_args, uses_groups
 def _argmax_2d(values, index):
     """Index (from ``index``) of the largest entry of a 2D tile, the lowest on ties."""
     best = tl.max(tl.max(values, axis=1), axis=0)
-    big = tl.full(index.shape, 2**30, tl.int32)
-    return tl.min(tl.min(tl.where(values == best, index, big), axis=1), axis=0)
+    return tl.min(tl.min(tl.where(values == best, index, 2**30), axis=1), axis=0)
 
 
 @triton.jit
@@ -89,6 +88,7 @@ def topk_gating_triton(
     renormalize: bool = False,
     scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``topk_gating_ref``; ids come out best first."""
     check_gating_args(router_logits, top_k, scoring_func, correction_bias, n_group, topk_group, group_score)
     num_tokens, num_experts = router_logits.shape
     grouped = uses_groups(n_group, topk_group)

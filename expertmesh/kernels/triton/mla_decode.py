@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ..mla_decode import check_mla_decode_args
-from .common import dot, dot_options
+from .common import dot, dot_options, unit_last_stride
 
 
 @triton.jit
@@ -71,14 +71,14 @@ def mla_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    """Same contract as ``mla_decode_attention_ref``, forward only."""
     check_mla_decode_args(q_latent, q_rope, ckv_cache, kpe_cache, block_tables, context_lens)
     batch, num_heads, rank = q_latent.shape
     rope_dim = q_rope.shape[2]
-    # The kernel reads the last dimension of every tensor with unit stride.
-    q_latent, q_rope = q_latent.contiguous(), q_rope.contiguous()
-    ckv_cache, kpe_cache = ckv_cache.contiguous(), kpe_cache.contiguous()
-    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
-    out = torch.empty_like(q_latent)  # [B, Hq, R]
+    q_latent, q_rope = unit_last_stride(q_latent), unit_last_stride(q_rope)
+    ckv_cache, kpe_cache = unit_last_stride(ckv_cache), unit_last_stride(kpe_cache)
+    block_tables, context_lens = unit_last_stride(block_tables), context_lens.contiguous()
+    out = torch.empty(batch, num_heads, rank, dtype=q_latent.dtype, device=q_latent.device)
     if batch == 0:
         return out
     block_h = 16  # tl.dot needs >= 16 rows; extra heads are masked

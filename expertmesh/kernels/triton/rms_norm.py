@@ -19,6 +19,7 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, hidden, stride_x_row, stride_ou
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as ``rms_norm_ref``, forward only."""
     hidden = x.shape[-1]
     if weight.shape != (hidden,):
         raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")

@@ -1,0 +1,5 @@
+import sys
+
+from expertmesh.cli import main
+
+sys.exit(main())

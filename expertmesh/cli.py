@@ -1,0 +1,86 @@
+"""The `expertmesh` command line: a thin shell that parses, validates and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and fine-tune MoE LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init-model", help="write a deterministic random-init checkpoint")
+    init.add_argument("--preset", required=True, help="tiny | small")
+    init.add_argument("--out", required=True, help="output directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    gen = sub.add_parser("generate", help="generate text from a prompt with the in-process engine")
+    gen.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout, safetensors)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return parser
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from expertmesh.model.init_model import write_random_checkpoint
+
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.preset} checkpoint to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from expertmesh import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(model=args.model, dtype=args.dtype)
+    start = time.perf_counter()
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outs = llm.generate(args.prompt, params)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(args.prompt, outs):
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": completion.text, "token_ids": completion.token_ids,
+                              "finish_reason": completion.finish_reason}))
+        else:
+            print(f"prompt: {prompt!r}\noutput: {completion.text!r}\n"
+                  f"({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})")
+    total = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"generated {total} tokens in {elapsed:.2f}s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handlers = {"init-model": _init_model, "generate": _generate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"expertmesh {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("EXPERTMESH_DEBUG"):
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

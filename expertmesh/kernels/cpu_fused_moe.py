@@ -1,0 +1,58 @@
+"""Fused MoE for CPU inference: only the experts that received tokens, each as two oneDNN linears.
+
+Same signature and result as `fused_moe_ref`. The reference is written for autograd; this path is for
+serving: no gradients, matmuls through `cpu_linear.linear` (oneDNN at decode sizes), accumulation into
+one float32 buffer, and a shortcut for a single token that skips the sort altogether.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cpu_linear import linear
+
+
+def _swiglu(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+    gate = F.silu(gate_up[:, :intermediate])
+    return gate.mul_(gate_up[:, intermediate:])  # [n, I]
+
+
+@torch.no_grad()
+def fused_moe_cpu(
+    hidden_states: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K]
+) -> torch.Tensor:
+    num_tokens, hidden = hidden_states.shape
+    num_experts, intermediate = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    if num_tokens == 0 or top_k == 0:
+        return out.to(hidden_states.dtype)
+    if num_tokens == 1:  # decode at batch 1: K experts, no sorting
+        x = hidden_states
+        for expert, weight in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
+            y = linear(_swiglu(linear(x, w13[expert]), intermediate), w2[expert])  # [1, H]
+            out.add_(y, alpha=weight)
+        return out.to(hidden_states.dtype)
+
+    flat_ids = topk_ids.reshape(-1).long()  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of_pair = order // top_k  # [T*K]
+    x_sorted = hidden_states[token_of_pair]  # [T*K, H]
+    pair_weights = topk_weights.reshape(-1)[order].float().unsqueeze(-1)  # [T*K, 1]
+    y_sorted = torch.empty(flat_ids.numel(), hidden, dtype=torch.float32)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        act = _swiglu(linear(x_sorted[rows], w13[expert]), intermediate)  # [n, I]
+        y_sorted[rows] = linear(act, w2[expert])  # [n, H]
+        start += count
+    y_sorted.mul_(pair_weights)
+    return out.index_add_(0, token_of_pair, y_sorted).to(hidden_states.dtype)

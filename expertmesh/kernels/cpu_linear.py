@@ -1,0 +1,50 @@
+"""Linear layers on the CPU through oneDNN instead of MKL's sgemm.
+
+At decode batch sizes (M = 1..32 rows) MKL's small-M sgemm streams cold weights at ~10 GB/s on our
+2-core reference machine while oneDNN's `_linear_pointwise` reaches ~18 GB/s (PERF-NOTES.md, and
+bench/engine_vs_hf.py). oneDNN has no autograd formula, so anything that records gradients, and every
+non-CPU tensor, takes `F.linear`.
+
+oneDNN builds (and caches, up to 1024 entries) one primitive per input shape, which costs milliseconds the
+first time. Only small row counts take this path: they are where it wins, and they bound the number of
+shapes the cache must hold. Larger M is compute-bound, where MKL is as good.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+ONEDNN_MAX_ROWS = 32
+
+
+@functools.cache
+def onednn_available() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(1, 8), torch.ones(4, 8)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.equal(out, F.linear(x, w)))
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] <= ONEDNN_MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and onednn_available()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]."""
+    if _use_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
