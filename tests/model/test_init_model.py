@@ -95,7 +95,7 @@ def test_weights_have_hf_names_and_initial_values(tiny_dir):
     assert weights["model.layers.0.mlp.gate_proj.weight"].shape == (384, 128)  # dense first layer
     assert weights["model.layers.1.mlp.experts.15.down_proj.weight"].shape == (128, 64)
     assert weights["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (64, 128)
-    assert torch.equal(weights["model.layers.2.self_attn.kv_a_layernorm.weight"], torch.ones(32))
+    assert torch.equal(weights["model.layers.2.self_attn.kv_a_layernorm.weight"], torch.ones(64))
     bias = weights["model.layers.3.mlp.gate.e_score_correction_bias"]
     assert bias.dtype == torch.float32 and 0 < bias.std() < 0.05
     assert abs(weights["lm_head.weight"].std().item() - 0.02) < 0.002
