@@ -1,7 +1,8 @@
 """Pick the Triton kernel or the torch reference for each op.
 
 Triton runs when every input is on CUDA, triton imports, and autograd would not record the
-call (the Triton kernels have no backward); otherwise the torch reference runs. The
+call (the Triton kernels have no backward). CPU inference (nothing for autograd to record) takes the
+serving fast paths of ``cpu_*.py``; anything else runs the torch reference. The
 ``EXPERTMESH_KERNELS`` environment variable overrides this: ``torch`` always takes the
 reference, ``triton`` always the kernel (on a CPU, with ``TRITON_INTERPRET=1``).
 
@@ -15,15 +16,14 @@ import os
 import torch
 
 from .cpu_fused_moe import fused_moe_cpu
+from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
 from .gating import topk_gating_ref
-from .mla_decode import mla_decode_attention_ref
+from .mla_decode import check_mla_decode_args, mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
 
 BACKEND_ENV = "EXPERTMESH_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
-# With EXPERTMESH_KERNELS=torch, also setting this runs the plain references instead of the CPU fast paths.
-REFERENCE_ENV = "EXPERTMESH_REFERENCE_KERNELS"
 
 
 def kernel_backend() -> str:
@@ -173,8 +173,9 @@ def fused_moe(
 
 
 def _cpu_inference(*tensors: torch.Tensor) -> bool:
-    """CPU tensors with nothing for autograd to record: the serving fast paths apply."""
-    if kernel_backend() == "torch" and os.environ.get(REFERENCE_ENV):
+    """CPU tensors with nothing for autograd to record, under the `auto` backend: the serving fast paths
+    (cpu_*.py) apply. `EXPERTMESH_KERNELS=torch` keeps the plain references."""
+    if kernel_backend() != "auto":
         return False
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return not recording and all(t.device.type == "cpu" for t in tensors)
@@ -191,5 +192,9 @@ def mla_decode_attention(
 ) -> torch.Tensor:
     """MLA decode over the paged latent cache, output ``[B, Hq, R]``; see ``mla_decode_attention_ref``."""
     tensors = (q_latent, q_rope, ckv_cache, kpe_cache, block_tables, context_lens)
-    impl = mla_decode_attention_triton if use_triton(*tensors) else mla_decode_attention_ref
-    return impl(*tensors, scale)
+    if use_triton(*tensors):
+        return mla_decode_attention_triton(*tensors, scale)
+    if _cpu_inference(*tensors):
+        check_mla_decode_args(*tensors)
+        return mla_decode_attention_cpu(*tensors, scale)
+    return mla_decode_attention_ref(*tensors, scale)
