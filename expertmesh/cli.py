@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"init-model": _init_model, "generate": _generate}
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a missing, unreadable or unwritable path
         print(f"expertmesh {args.command}: error: {e}", file=sys.stderr)
         if os.environ.get("EXPERTMESH_DEBUG"):
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 SUPPORTED_FAMILIES = ("deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 WEIGHT_STD = 0.3  # large enough that top-1/top-2 logit and router gaps dwarf float32 rounding
@@ -116,8 +117,6 @@ def case_seed(case: tuple[str, str]) -> int:
 
 
 def hf_config(family: str, variant: str = "default", **overrides):
-    from transformers import AutoConfig
-
     if (family, variant) not in _VARIANTS:
         raise ValueError(f"unknown case {(family, variant)!r}; known: {CASES}")
     kwargs = {**_COMMON, **_BASE[family], **_VARIANTS[family, variant], **overrides}
@@ -147,8 +146,6 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
 def build_hf_checkpoint(family: str, out_dir, *, variant: str = "default", dtype=torch.float32,
                         seed: int = 0, **overrides) -> Path:
     """Writes a tiny random `family` checkpoint with transformers' own `save_pretrained`."""
-    from transformers import AutoModelForCausalLM
-
     config = hf_config(family, variant, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -201,7 +198,9 @@ def _write_checkpoint(src_dir: Path, out_dir: Path, shards: list[dict[str, torch
 
 
 # `<prefix>.experts.<e>.<proj>.weight`; Mixtral spells the projections w1 (gate), w3 (up), w2 (down).
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -243,8 +242,9 @@ def to_published_config(ckpt_dir) -> Path:
     """Rewrites config.json in place the way the published checkpoints on the Hub spell it.
 
     Top-level `rope_theta` and `rope_scaling` with `"type"` (not `rope_parameters`), `torch_dtype`,
-    DeepSeek's `scoring_func`/`topk_method`/`n_routed_experts` without the derived head dims, Qwen's
-    `num_experts`, Mixtral's `num_local_experts`, and no `head_dim` where it is hidden_size // heads.
+    DeepSeek's `scoring_func`/`topk_method`/`n_routed_experts` without the derived head dims (and V3
+    without `rope_interleave` when it is the default, True), Qwen's `num_experts`, Mixtral's
+    `num_local_experts`, and no `head_dim` where it is hidden_size // heads.
     """
     path = Path(ckpt_dir) / "config.json"
     cfg = json.loads(path.read_text())
@@ -264,12 +264,15 @@ def to_published_config(ckpt_dir) -> Path:
         if family == "deepseek_v3":
             cfg["topk_method"] = "noaux_tc"
         cfg.update(moe_layer_freq=1, aux_loss_alpha=0.001, seq_aux=True, ep_size=1)
-    elif cfg.get("head_dim") == cfg["hidden_size"] // cfg["num_attention_heads"] and family != "qwen3_moe":
-        del cfg["head_dim"]
+        if cfg.get("rope_interleave"):  # DeepSeek-V3's configs leave out the default, True
+            del cfg["rope_interleave"]
+    elif cfg.get("head_dim") in (None, cfg["hidden_size"] // cfg["num_attention_heads"]) and family != "qwen3_moe":
+        cfg.pop("head_dim", None)
+    if family == "qwen2_moe":  # transformers 5 derives these; Qwen1.5-MoE spells a window it does not use
+        del cfg["layer_types"]
+        cfg["sliding_window"] = 4096
     if family in ("qwen2_moe", "qwen3_moe", "olmoe") and "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
-    if family == "mixtral":
-        assert "num_local_experts" in cfg
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return Path(ckpt_dir)
 
@@ -278,8 +281,6 @@ def to_published_config(ckpt_dir) -> Path:
 
 
 def load_reference(ckpt_dir, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, attn_implementation="eager")
     # EOS off, as the engine runs with ignore_eos. It must go from the model's own generation config:
     # generate() treats an `eos_token_id=None` it is passed as "unset" and falls back to that one.
@@ -289,7 +290,7 @@ def load_reference(ckpt_dir, dtype=torch.float32):
 
 @torch.no_grad()
 def reference_logits(model, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
-    """Full-sequence forward per sequence: row i holds the logits after token i.  # [P + C, V] each"""
+    """One full-sequence forward per sequence; row i is the logits after token i.  # [P + C, V] each"""
     return [model(input_ids=torch.tensor([p + c])).logits[0].float() for p, c in zip(prompts, continuations)]
 
 
@@ -299,8 +300,6 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[lis
 
     The gap is relative, divided by max(1, max |logit|) of its step, like the parity tolerance.
     """
-    from transformers import GenerationConfig
-
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                               eos_token_id=None, bos_token_id=BOS_ID, pad_token_id=0,
                               output_logits=True, output_scores=True, return_dict_in_generate=True)
@@ -370,7 +369,7 @@ def assert_logits_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol:
     """Max |diff| per sequence within `rtol` * max(1, max |reference logit|)."""
     assert len(got) == len(want), f"{len(got)} sequences of logits, expected {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        assert tuple(g.shape) == tuple(w.shape), f"sequence {i}: logits shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        assert g.shape == w.shape, f"sequence {i}: logits shape {tuple(g.shape)}, expected {tuple(w.shape)}"
         diff = (g.float() - w.float()).abs()  # [P + C, V]
         bound = rtol * max(1.0, float(w.abs().max()))
         worst = int(diff.amax(dim=-1).argmax())

@@ -37,19 +37,22 @@ class LLM:
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         engine = self.llm_engine
-        # Validate every prompt before queueing any, so a bad one rejects the call without leftovers.
-        for i, p in enumerate(prompts):
-            engine.prompt_token_ids(p, i)
         order: dict[str, int] = {}
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            request_id = str(next(self._counter))
-            order[request_id] = i
-            engine.add_request(request_id, prompt, sp, index=i)
         results: list[RequestOutput | None] = [None] * len(prompts)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    results[order[out.request_id]] = out
+        try:
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, sp, index=i)
+                order[request_id] = i
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[order[out.request_id]] = out
+        except BaseException:
+            # A bad prompt (or an interrupt) rejects the whole call: nothing of it stays queued or cached.
+            for request_id in order:
+                engine.abort_request(request_id)
+            raise
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -59,7 +62,12 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Applies the checkpoint's chat template to one conversation or a list of them, then generates."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(
+                "messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists; "
+                f"got {messages!r:.80}"
+            )
+        conversations = messages if isinstance(messages[0], list) else [messages]
         tok = self.get_tokenizer()
         # The template already writes the BOS token, so encode without adding special tokens again.
         prompts = [
@@ -77,6 +85,9 @@ class LLM:
         params = list(sampling_params)
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts; pass one, or one per prompt")
+        for i, sp in enumerate(params):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be SamplingParams, got {type(sp).__name__}")
         return params
 
     def teacher_forced_logits(
@@ -94,13 +105,24 @@ class LLM:
             raise ValueError("continuation_token_ids must have one list per prompt")
         seqs, rows = [], []
         for i, (prompt, cont) in enumerate(zip(prompt_token_ids, conts)):
-            _, ids = engine.prompt_token_ids({"prompt_token_ids": prompt}, i)
-            engine.prompt_token_ids({"prompt_token_ids": list(cont) or [0]}, i)
-            seq = Sequence(prompt_token_ids=ids)
-            engine.scheduler.add(seq, max(1, len(cont)))
-            seqs.append(seq)
+            _, ids = engine.prompt_token_ids({"prompt_token_ids": prompt}, i, name="prompt_token_ids")
+            if cont:
+                engine.prompt_token_ids({"prompt_token_ids": cont}, i, name="continuation_token_ids")
+            seqs.append(Sequence(prompt_token_ids=ids))
             rows.append(torch.empty(len(ids) + len(cont), self.llm_engine.model_config.vocab_size))
         pending = {seq.seq_id: (i, list(conts[i])) for i, seq in enumerate(seqs)}
+        try:
+            for seq, cont in zip(seqs, conts):
+                engine.scheduler.add(seq, max(1, len(cont)))
+            self._teacher_force(pending, rows)
+        except BaseException:
+            for seq in seqs:  # leave the scheduler and cache as they were
+                engine.scheduler.abort(seq.seq_id)
+            raise
+        return rows
+
+    def _teacher_force(self, pending: dict[int, tuple[int, list[int]]], rows: list[torch.Tensor]) -> None:
+        engine = self.llm_engine
         while pending:
             batch = engine.scheduler.schedule()
             assert batch is not None, "scheduler stalled with work pending"
@@ -117,4 +139,3 @@ class LLM:
                     else:
                         engine.scheduler.finish(seq, "length")
                         del pending[seq.seq_id]
-        return rows

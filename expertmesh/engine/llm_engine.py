@@ -36,8 +36,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
-            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        for name in ("num_kv_blocks", "max_model_len"):  # None picks a default
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib!r}")
 
@@ -71,7 +73,8 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         ))
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, _Request] = {}  # by seq_id, unfinished only
+        self._seq_ids: dict[str, int] = {}  # request_id -> seq_id, unfinished only
 
     def _default_num_blocks(self) -> int:
         bs = self.config.block_size
@@ -84,28 +87,35 @@ class LLMEngine:
         return max(1, min(budget, useful))
 
     # -- requests ---------------------------------------------------------------------------------
-    def prompt_token_ids(self, prompt: Any, index: int = 0) -> tuple[str | None, list[int]]:
-        """Validates one prompt (a string or {"prompt_token_ids": [...]}) and returns (text, ids)."""
+    def prompt_token_ids(self, prompt: Any, index: int = 0, name: str = "prompts") -> tuple[str | None, list[int]]:
+        """Validates one prompt (a string or {"prompt_token_ids": [...]}) and returns (text, ids); errors
+        call it `{name}[{index}]`."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             text = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
             if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise TypeError(f"prompts[{index}].prompt_token_ids must be a list of ints")
+                raise TypeError(f"{name}[{index}].prompt_token_ids must be a list of ints")
         else:
-            raise TypeError(f"prompts[{index}] must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+            raise TypeError(f"{name}[{index}] must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
         if not ids:
-            raise ValueError(f"prompts[{index}] is empty")
+            raise ValueError(f"{name}[{index}] is empty")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompts[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            raise ValueError(f"{name}[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return text, list(ids)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams, index: int = 0) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._seq_ids:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:  # banning them for min_tokens would index past the logits
+            raise ValueError(f"stop_token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         text, ids = self.prompt_token_ids(prompt, index)
         seq = Sequence(prompt_token_ids=ids, params=params)
         room = self.max_model_len - len(ids)
@@ -121,11 +131,15 @@ class LLMEngine:
             stop=StopChecker(self.tokenizer, params, self.eos_token_ids),
             logprobs=[] if params.logprobs is not None else None,
         )
+        self._seq_ids[request_id] = seq.seq_id
         return seq
 
-    def abort_request(self, seq_id: int) -> None:
-        if self.scheduler.abort(seq_id) is not None:
-            self._requests.pop(seq_id, None)
+    def abort_request(self, request_id: str) -> None:
+        """Drops an unfinished request and frees its cache blocks; unknown or finished ids are ignored."""
+        seq_id = self._seq_ids.pop(request_id, None)
+        if seq_id is not None:
+            self.scheduler.abort(seq_id)
+            del self._requests[seq_id]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -160,6 +174,7 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(req.seq, reason)
                 del self._requests[req.seq.seq_id]
+                del self._seq_ids[req.request_id]
             outputs.append(self._output(req))
         return outputs
 

@@ -29,16 +29,18 @@ class StopChecker:
 
     def check(self, token_id: int, num_output_tokens: int, at_max_model_len: bool) -> str | None:
         """Feeds the newest token; returns "stop" or "length" when the request is done, else None."""
+        if token_id in self.eos_token_ids or token_id in self.stop_token_ids:
+            # As in vLLM, the ending token stays in token_ids but its text only with include_stop_str_in_output.
+            if self.params.include_stop_str_in_output:
+                self._detok.push(token_id)
+            self._detok.flush()
+            self.stop_reason = None if token_id in self.eos_token_ids else token_id
+            return "stop"
         delta = self._detok.push(token_id)
-        if token_id in self.eos_token_ids:
-            self._detok.flush()
-            return "stop"
-        if token_id in self.stop_token_ids:
-            self._detok.flush()
-            self.stop_reason = token_id
-            return "stop"
-        if self.params.stop and delta and self._match_stop_string(len(delta)):
-            return "stop"
+        # Like ending tokens, stop strings count only once min_tokens tokens precede the newest one (vLLM).
+        if self.params.stop and delta and num_output_tokens > self.params.min_tokens:
+            if self._match_stop_string(len(delta)):
+                return "stop"
         if num_output_tokens >= self.params.max_tokens or at_max_model_len:
             self._detok.flush()
             return "length"

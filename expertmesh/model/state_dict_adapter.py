@@ -87,4 +87,8 @@ class StateDictAdapter:
                 if tuple(found) != tuple(shape):
                     raise ValueError(f"tensor {cand!r} has shape {list(found)}, expected {list(shape)}")
                 return cand
-        raise ValueError(f"checkpoint is missing tensor {candidates[0]!r} (expected shape {list(shape)})")
+        # Name the tensor the way this checkpoint names its other experts' tensors.
+        schemes = [(p, s) for p in self._moe_prefixes(layer) for s in spellings]
+        used = next((f"{p}.experts.{expert}.{s}.weight" for p, s in schemes
+                     if any(f"{p}.experts.{e}.{s}.weight" in self.ckpt for e in range(expert + 2))), candidates[0])
+        raise ValueError(f"checkpoint is missing tensor {used!r} (expected shape {list(shape)})")

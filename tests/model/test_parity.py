@@ -75,6 +75,15 @@ class References:
         return self._refs[case]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: a second thread only adds synchronisation (about 1.7x slower on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def references(tmp_path_factory) -> References:
     return References(tmp_path_factory.mktemp("parity"))

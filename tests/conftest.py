@@ -1,0 +1,26 @@
+"""Fixtures shared by every test directory."""
+
+import pytest
+import torch
+
+from expertmesh.model.init_model import write_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The `tiny` preset (random weights, seed 0, float32, real tokenizer and chat template), written
+    once per session. Treat it as read-only: copy it before writing anything into it."""
+    return write_random_checkpoint("tiny", tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """Run a module's CPU forward passes on one intra-op thread.
+
+    Tiny models gain nothing from more threads, and on a loaded shared CPU OpenMP's spinning workers
+    make each op up to ~100x slower. Restores the previous setting afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
