@@ -87,7 +87,9 @@ class LLMEngine:
         return max(1, min(budget, useful))
 
     # -- requests ---------------------------------------------------------------------------------
-    def prompt_token_ids(self, prompt: Any, index: int = 0, name: str = "prompts") -> tuple[str | None, list[int]]:
+    def prompt_token_ids(
+        self, prompt: Any, index: int = 0, name: str = "prompts"
+    ) -> tuple[str | None, list[int]]:
         """Validates one prompt (a string or {"prompt_token_ids": [...]}) and returns (text, ids); errors
         call it `{name}[{index}]`."""
         if isinstance(prompt, str):
@@ -145,6 +147,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # -- the loop ---------------------------------------------------------------------------------
+    @torch.inference_mode()  # the executor's logits are inference tensors: banning tokens writes into them
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns an output for every request that gained a token."""
         batch = self.scheduler.schedule()

@@ -7,7 +7,8 @@ non-CPU tensor, takes `F.linear`.
 
 oneDNN builds (and caches, up to 1024 entries) one primitive per input shape, which costs milliseconds the
 first time. Only small row counts take this path: they are where it wins, and they bound the number of
-shapes the cache must hold. Larger M is compute-bound, where MKL is as good.
+shapes the cache must hold. Larger M is compute-bound, where MKL is as good. oneDNN also costs ~13 us more
+per call, so weights that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 ONEDNN_MAX_ROWS = 32
+ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 
 
 @functools.cache
@@ -38,6 +40,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and x.dim() == 2
         and x.shape[0] <= ONEDNN_MAX_ROWS
+        and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and onednn_available()
     )

@@ -23,6 +23,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [S, max_blocks] int32
     context_lens_t: torch.Tensor  # [S] int32
     block_size: int
+    query_starts: tuple[int, ...]  # [S]
+    # Single-token sequences read the cache through the batched decode path; the rest attend chunk-wise.
+    decode_seqs: torch.Tensor  # [D] int64
+    decode_rows: torch.Tensor  # [D] int64, their rows in the flat batch
+    chunk_seqs: tuple[int, ...]
 
     @property
     def num_seqs(self) -> int:
@@ -30,15 +35,7 @@ class AttentionMetadata:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
-
-    @property
-    def query_starts(self) -> list[int]:
-        starts, total = [], 0
-        for q in self.query_lens:
-            starts.append(total)
-            total += q
-        return starts
+        return not self.chunk_seqs
 
     @classmethod
     def build(
@@ -63,7 +60,15 @@ class AttentionMetadata:
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens, dtype=torch.int64))
         blocks = tables[seq_of_token, positions // block_size].to(torch.int64)
         slots = blocks * block_size + positions % block_size
+        starts = [0]
+        for q in query_lens[:-1]:
+            starts.append(starts[-1] + q)
+        decode = [s for s, q in enumerate(query_lens) if q == 1]
         return cls(
+            query_starts=tuple(starts),
+            decode_seqs=torch.tensor(decode, dtype=torch.int64, device=device),
+            decode_rows=torch.tensor([starts[s] for s in decode], dtype=torch.int64, device=device),
+            chunk_seqs=tuple(s for s, q in enumerate(query_lens) if q != 1),
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             query_lens=tuple(query_lens),

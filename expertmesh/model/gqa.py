@@ -67,17 +67,18 @@ class GQAttention(nn.Module):
             write_cache(kv_cache[0], meta.slot_mapping, k)
             write_cache(kv_cache[1], meta.slot_mapping, v)
 
+        if kv_cache is not None and meta.is_decode_only:  # the common serving step
+            out = self._decode(q, kv_cache, meta.block_tables, meta.context_lens_t)
+            return self.o_proj(out.flatten(1))
         out = x.new_empty(T, self.num_heads, self.head_dim)
-        starts = meta.query_starts
-        decode = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1 and kv_cache is not None]
-        if decode:
-            rows = torch.tensor([starts[s] for s in decode])
-            out[rows] = self._decode(q[rows], kv_cache, meta, torch.tensor(decode))
-        decode_set = set(decode)
-        for s, q_len in enumerate(meta.query_lens):
-            if s in decode_set:
-                continue
-            rows = slice(starts[s], starts[s] + q_len)
+        chunks = meta.chunk_seqs
+        if kv_cache is None:  # no cache (training): every sequence attends to its own tokens
+            chunks = range(meta.num_seqs)
+        elif len(meta.decode_seqs):
+            rows, seqs = meta.decode_rows, meta.decode_seqs
+            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])
+        for s in chunks:
+            rows = slice(meta.query_starts[s], meta.query_starts[s] + meta.query_lens[s])
             if kv_cache is None:
                 ctx_k, ctx_v = k[rows], v[rows]
             else:
@@ -96,13 +97,12 @@ class GQAttention(nn.Module):
         o = masked_softmax_attention(qg, k, v, mask, self.scale)  # [KVH, rep, Tq, D]
         return o.permute(2, 0, 1, 3).reshape(-1, self.num_heads, self.head_dim)
 
-    def _decode(self, q, kv_cache, meta: AttentionMetadata, seqs: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q, kv_cache, block_tables, ctx_lens) -> torch.Tensor:
         """B single-token queries [B, H, D], batched over the padded cache -> [B, H, D]."""
         B, rep = q.shape[0], self.num_heads // self.num_kv_heads
-        ctx_lens = meta.context_lens_t[seqs]
         max_len = int(ctx_lens.max())
-        k = gather_batch(kv_cache[0], meta.block_tables[seqs], max_len).permute(0, 2, 1, 3)  # [B, KVH, L, D]
-        v = gather_batch(kv_cache[1], meta.block_tables[seqs], max_len).permute(0, 2, 1, 3)
+        k = gather_batch(kv_cache[0], block_tables, max_len).permute(0, 2, 1, 3)  # [B, KVH, L, D]
+        v = gather_batch(kv_cache[1], block_tables, max_len).permute(0, 2, 1, 3)
         qg = q.view(B, self.num_kv_heads, rep, self.head_dim)  # [B, KVH, rep, D]
         query_pos = (ctx_lens.long() - 1)[:, None]  # [B, 1]
         mask = attention_mask(query_pos, max_len, ctx_lens, self.window)[:, None]  # [B, 1, 1, L]

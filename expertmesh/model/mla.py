@@ -71,18 +71,20 @@ class MLAttention(nn.Module):
             write_cache(kv_cache[0], meta.slot_mapping, c_kv)
             write_cache(kv_cache[1], meta.slot_mapping, k_pe)
 
+        if kv_cache is not None and meta.is_decode_only:  # the common serving step
+            out = self._decode(q_nope, q_pe, kv_cache, meta.block_tables, meta.context_lens_t)
+            return self.o_proj(out.flatten(1))
         out = x.new_empty(T, self.num_heads, self.v_dim)
-        starts = meta.query_starts
-        decode = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1 and kv_cache is not None]
-        if decode:
-            rows = torch.tensor([starts[s] for s in decode])
-            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta, torch.tensor(decode))
-        decode_set = set(decode)
-        for s, q_len in enumerate(meta.query_lens):
-            if s in decode_set:
-                continue
-            rows = slice(starts[s], starts[s] + q_len)
-            if kv_cache is None:  # no cache (training): the sequence attends to its own tokens
+        chunks = meta.chunk_seqs
+        if kv_cache is None:  # no cache (training): every sequence attends to its own tokens
+            chunks = range(meta.num_seqs)
+        elif len(meta.decode_seqs):
+            rows, seqs = meta.decode_rows, meta.decode_seqs
+            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[seqs],
+                                     meta.context_lens_t[seqs])
+        for s in chunks:
+            rows = slice(meta.query_starts[s], meta.query_starts[s] + meta.query_lens[s])
+            if kv_cache is None:
                 ctx_ckv, ctx_kpe = c_kv[rows], k_pe[rows]
             else:
                 ctx_len = meta.context_lens[s]
@@ -102,12 +104,11 @@ class MLAttention(nn.Module):
         o = masked_softmax_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, self.scale)
         return o.transpose(0, 1)  # [Tq, H, v]
 
-    def _decode(self, q_nope, q_pe, kv_cache, meta: AttentionMetadata, seqs: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens) -> torch.Tensor:
         """Absorbed form for B single-token queries -> [B, H, v]."""
         w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
         o_latent = kernels.mla_decode_attention(
-            q_latent.contiguous(), q_pe.contiguous(), kv_cache[0], kv_cache[1],
-            meta.block_tables[seqs], meta.context_lens_t[seqs], self.scale,
+            q_latent.contiguous(), q_pe.contiguous(), kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale,
         )  # [B, H, R]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]

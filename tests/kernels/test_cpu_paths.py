@@ -6,15 +6,16 @@ import torch.nn.functional as F
 
 from expertmesh.kernels import fused_moe, mla_decode_attention, mla_decode_attention_ref
 from expertmesh.kernels.cpu_fused_moe import fused_moe_cpu
-from expertmesh.kernels.cpu_linear import ONEDNN_MAX_ROWS, linear, onednn_available
+from expertmesh.kernels.cpu_linear import ONEDNN_MAX_ROWS, ONEDNN_MIN_WEIGHT_ELEMENTS, linear, onednn_available
 from expertmesh.kernels.cpu_mla_decode import mla_decode_attention_cpu
 
 from .test_fused_moe import SHAPES, make_inputs, naive_moe
 
 
 @pytest.mark.parametrize("rows", [1, 3, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 5])
-def test_linear_matches_f_linear_at_every_row_count(rows):
-    x, w, b = torch.randn(rows, 40), torch.randn(24, 40), torch.randn(24)
+@pytest.mark.parametrize("out_features", [24, ONEDNN_MIN_WEIGHT_ELEMENTS // 40 + 3])
+def test_linear_matches_f_linear_at_every_row_count(rows, out_features):
+    x, w, b = torch.randn(rows, 40), torch.randn(out_features, 40), torch.randn(out_features)
     torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,101 @@
+"""The `expertmesh` command line, run as users run it: `python -m expertmesh` and the console script.
+
+Each subprocess pays for importing torch, so the process-level tests are few; the remaining error
+paths call `cli.main` in-process, which is what both entry points run.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertmesh import LLM, SamplingParams, cli
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+# One intra-op thread: on a loaded shared CPU, OpenMP's spinning workers make a tiny model crawl.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV.pop("EXPERTMESH_DEBUG", None)
+
+
+def run(*args, executable=(sys.executable, "-m", "expertmesh")):
+    return subprocess.run([*executable, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """What the library generates for the CLI's defaults (greedy) with 5 tokens."""
+    llm = LLM(model=tiny_model_dir)
+    outs = llm.generate(["Hello", "The cat"], SamplingParams(temperature=0.0, max_tokens=5))
+    return [o.outputs[0] for o in outs]
+
+
+def test_init_model_writes_the_library_checkpoint(tmp_path, tiny_model_dir):
+    out = tmp_path / "ckpt"
+    proc = run("init-model", "--preset", "tiny", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file()
+    # Same preset and seed as the library call: byte-identical weights.
+    assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+def test_generate_prints_the_output(tiny_model_dir, reference):
+    proc = run("generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-tokens", 5)
+    assert proc.returncode == 0, proc.stderr
+    assert f"output: {reference[0].text!r}" in proc.stdout
+    assert "5 tokens, finish_reason=length" in proc.stdout
+
+
+def test_console_script_prints_one_json_object_per_prompt(tiny_model_dir, reference):
+    script = shutil.which("expertmesh", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the expertmesh console script is not installed next to this interpreter")
+    proc = run("generate", "--model", tiny_model_dir, "--prompt", "Hello", "--prompt", "The cat",
+               "--max-tokens", 5, "--json", executable=(script,))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello", "The cat"]
+    assert [(r["text"], r["token_ids"], r["finish_reason"]) for r in rows] == [
+        (c.text, c.token_ids, c.finish_reason) for c in reference
+    ]
+
+
+def test_bad_model_dir_exits_with_a_one_line_error(tmp_path):
+    proc = run("generate", "--model", tmp_path / "missing", "--prompt", "hi")
+    assert_one_line_error(proc, "expertmesh generate: error:", str(tmp_path / "missing"), "config.json")
+
+
+@pytest.mark.parametrize("make_args, needles", [
+    pytest.param(lambda d, tmp: ["init-model", "--preset", "huge", "--out", tmp / "x"],
+                 ["init-model: error:", "unknown model preset 'huge'"], id="unknown_preset"),
+    pytest.param(lambda d, tmp: ["init-model", "--preset", "tiny", "--out", d / "config.json"],
+                 ["init-model: error:", "config.json"], id="out_is_a_file"),
+    pytest.param(lambda d, tmp: ["generate", "--model", tmp, "--prompt", "hi"],
+                 ["generate: error:", "no config.json"], id="dir_without_checkpoint"),
+    pytest.param(lambda d, tmp: ["generate", "--model", d, "--prompt", "hi", "--max-tokens", "0"],
+                 ["generate: error:", "max_tokens"], id="bad_max_tokens"),
+    pytest.param(lambda d, tmp: ["generate", "--model", d, "--prompt", "hi", "--top-p", "2"],
+                 ["generate: error:", "top_p"], id="bad_top_p"),
+])
+def test_user_errors_return_nonzero_with_a_one_line_message(tiny_model_dir, tmp_path, capsys, make_args, needles):
+    code = cli.main([str(a) for a in make_args(tiny_model_dir, tmp_path)])
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("expertmesh ")
+    for needle in needles:
+        assert needle in err
