@@ -1,8 +1,10 @@
-"""Fused MoE for CPU inference: only the experts that received tokens, each as two oneDNN linears.
+"""Fused MoE for CPU inference: only the experts that received tokens.
 
 Same signature and result as `fused_moe_ref`. The reference is written for autograd; this path is for
-serving: no gradients, matmuls through `cpu_linear.linear` (oneDNN at decode sizes), accumulation into
-one float32 buffer, and a shortcut for a single token that skips the sort altogether.
+serving, with no gradients. At decode sizes (float32, up to `SMALL_M_MAX_TOKENS` tokens) it runs the C++
+kernel of `csrc/small_m.cpp`, which streams every selected expert of the layer in one parallel region;
+otherwise, and where that kernel cannot be built, each expert runs as two linears (`cpu_linear.linear`)
+over its sorted tokens, accumulated into one float32 buffer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_ext import small_m_kernels
 from .cpu_linear import linear
+
+# Past this many tokens the per-expert GEMMs are large enough for BLAS to win.
+SMALL_M_MAX_TOKENS = 64
 
 
 def _swiglu(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -29,9 +35,13 @@ def fused_moe_cpu(
     num_tokens, hidden = hidden_states.shape
     num_experts, intermediate = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
     if num_tokens == 0 or top_k == 0:
-        return out.to(hidden_states.dtype)
+        return hidden_states.new_zeros(num_tokens, hidden)
+    if hidden_states.dtype == torch.float32 and num_tokens <= SMALL_M_MAX_TOKENS:
+        kernels = small_m_kernels()
+        if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
+            return kernels.moe_small_m(hidden_states.contiguous(), w13, w2, topk_weights, topk_ids)
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
     if num_tokens == 1:  # decode at batch 1: K experts, no sorting
         x = hidden_states
         for expert, weight in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):

@@ -15,10 +15,12 @@ import os
 
 import torch
 
+from .cpu_ext import small_m_kernels
 from .cpu_fused_moe import fused_moe_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
-from .gating import topk_gating_ref
+from .gating import check_gating_args, topk_gating_ref
+from .mla_absorbed import mla_decode_absorbed_ref
 from .mla_decode import check_mla_decode_args, mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
 
@@ -124,8 +126,12 @@ def mla_decode_attention_triton(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension; see ``rms_norm_ref``."""
-    impl = rms_norm_triton if use_triton(x, weight) else rms_norm_ref
-    return impl(x, weight, eps)
+    if use_triton(x, weight):
+        return rms_norm_triton(x, weight, eps)
+    ext = _fp32_cpu_kernels(x, weight)
+    if ext is not None and x.shape[-1] == weight.shape[-1]:
+        return ext.rms_norm_f32(x.contiguous(), weight.contiguous(), eps)
+    return rms_norm_ref(x, weight, eps)
 
 
 def topk_gating(
@@ -141,6 +147,12 @@ def topk_gating(
     scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, K] fp32, ids [T, K] int64)``; see ``topk_gating_ref``."""
+    ext = _fp32_cpu_kernels(router_logits, correction_bias)
+    if ext is not None and not use_triton(router_logits, correction_bias):
+        check_gating_args(router_logits, top_k, scoring_func, correction_bias, n_group, topk_group, group_score)
+        bias = correction_bias.contiguous() if correction_bias is not None else None
+        return ext.topk_gating_f32(router_logits.contiguous(), top_k, scoring_func == "sigmoid", bias, n_group,
+                                   topk_group, group_score == "top2_sum", renormalize, scaling_factor)
     impl = topk_gating_triton if use_triton(router_logits, correction_bias) else topk_gating_ref
     return impl(
         router_logits,
@@ -170,6 +182,35 @@ def fused_moe(
         check_fused_moe_args(*inputs)
         return fused_moe_cpu(*inputs)
     return fused_moe_ref(*inputs)
+
+
+def mla_decode_absorbed(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """MLA decode from per-head queries to per-head values ``[B, H, v]``; see ``mla_decode_absorbed_ref``."""
+    args = (q_nope, q_pe, kv_b_weight, ckv_cache, kpe_cache, block_tables, context_lens)
+    ext = _fp32_cpu_kernels(*args)
+    if ext is not None:
+        return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
+                                           ckv_cache, kpe_cache, block_tables, context_lens, scale)
+    return mla_decode_absorbed_ref(*args, scale)
+
+
+def _fp32_cpu_kernels(*tensors: torch.Tensor | None):
+    """The compiled CPU kernels (cpu_ext) when they apply: CPU inference on float32 (integer tensors pass)."""
+    present = [t for t in tensors if t is not None]
+    if not _cpu_inference(*present):
+        return None
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in present):
+        return None
+    return small_m_kernels()
 
 
 def _cpu_inference(*tensors: torch.Tensor) -> bool:

@@ -44,10 +44,6 @@ class MLAttention(nn.Module):
     def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
         return (num_blocks, block_size, self.kv_lora_rank), (num_blocks, block_size, self.rope_dim)
 
-    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope], w[:, self.nope :]  # W_UK [H, nope, R], W_UV [H, v, R]
-
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
@@ -106,9 +102,6 @@ class MLAttention(nn.Module):
 
     def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens) -> torch.Tensor:
         """Absorbed form for B single-token queries -> [B, H, v]."""
-        w_uk, w_uv = self._absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
-        o_latent = kernels.mla_decode_attention(
-            q_latent.contiguous(), q_pe.contiguous(), kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale,
-        )  # [B, H, R]
-        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
+        return kernels.mla_decode_absorbed(
+            q_nope, q_pe, self.kv_b_proj.weight, kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale
+        )

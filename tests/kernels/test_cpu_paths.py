@@ -85,3 +85,75 @@ def test_mla_decode_dispatch_without_grad_uses_the_cpu_path():
     args = _paged(3, 4, 16, 8, 4, [7, 1, 12])
     with torch.no_grad():
         torch.testing.assert_close(mla_decode_attention(*args, 0.5), mla_decode_attention_ref(*args, 0.5))
+
+
+# --- the compiled CPU kernels (csrc/) against the references ---------------------------------------------
+
+from expertmesh.kernels import mla_decode_absorbed_ref, rms_norm_ref, topk_gating_ref  # noqa: E402
+from expertmesh.kernels.cpu_ext import small_m_kernels  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ext():
+    kernels = small_m_kernels()
+    if kernels is None:
+        pytest.skip("the C++ CPU kernels could not be built on this machine")
+    return kernels
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 40, 24), (3, 768, 130), (32, 37, 9), (5, 16, 1)])
+def test_ext_linear_matches_f_linear(ext, rows, k, n):
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    torch.testing.assert_close(ext.linear_small_m(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_ext_moe_matches_the_definition(ext, shape):
+    x, w13, w2, weights, ids = make_inputs(*shape)
+    torch.testing.assert_close(ext.moe_small_m(x, w13, w2, weights, ids), naive_moe(x, w13, w2, weights, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ext_moe_rejects_out_of_range_expert_ids(ext):
+    x, w13, w2, weights, ids = make_inputs(2, 16, 8, 5, 2)
+    ids[1, 0] = 5
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.moe_small_m(x, w13, w2, weights, ids)
+
+
+def test_ext_rms_norm_matches_the_reference(ext):
+    x, w = torch.randn(7, 3, 40), torch.randn(40)
+    torch.testing.assert_close(ext.rms_norm_f32(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(scoring_func="softmax"),
+    dict(scoring_func="softmax", renormalize=True),
+    dict(scoring_func="softmax", n_group=4, topk_group=2, group_score="max", scaling_factor=1.7),
+    dict(scoring_func="sigmoid", n_group=4, topk_group=2, group_score="top2_sum", renormalize=True,
+         scaling_factor=2.5, bias=True),
+    dict(scoring_func="sigmoid", bias=True),
+])
+def test_ext_gating_selects_the_same_experts_as_the_reference(ext, kwargs):
+    kwargs = dict(kwargs)
+    bias = torch.randn(16) * 0.1 if kwargs.pop("bias", False) else None
+    logits = torch.randn(37, 16)
+    ref_w, ref_ids = topk_gating_ref(logits, 3, correction_bias=bias, **kwargs)
+    w, ids = ext.topk_gating_f32(logits, 3, kwargs.get("scoring_func") == "sigmoid", bias, kwargs.get("n_group", 1),
+                                 kwargs.get("topk_group", 1), kwargs.get("group_score") == "top2_sum",
+                                 kwargs.get("renormalize", False), kwargs.get("scaling_factor", 1.0))
+    ref_sorted, order = ref_ids.sort(-1)
+    ext_sorted, ext_order = ids.sort(-1)
+    assert torch.equal(ext_sorted, ref_sorted)
+    torch.testing.assert_close(w.gather(-1, ext_order), ref_w.gather(-1, order), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lens,block_size", [([1], 16), ([37, 5, 16, 1], 16), ([9, 3], 4)])
+def test_ext_mla_absorbed_matches_the_reference(ext, lens, block_size):
+    q_latent, q_rope, ckv, kpe, tables, ctx = _paged(len(lens), 5, 24, 8, block_size, lens)
+    heads, nope, v = 5, 12, 10
+    q_nope = torch.randn(len(lens), heads, nope)
+    kv_b = torch.randn(heads * (nope + v), 24) / 5
+    expected = mla_decode_absorbed_ref(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3)
+    torch.testing.assert_close(ext.mla_decode_absorbed_f32(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3),
+                               expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,63 @@
+"""Builds and loads the C++ CPU kernels of `csrc/` on first use.
+
+The kernels are compiled for this machine (`-march=native`) the first time they are needed and cached
+under `$EXPERTMESH_CACHE` (default `~/.cache/expertmesh`), keyed by the source, torch version and CPU
+flags. Where they cannot be built (no compiler, no ninja, `EXPERTMESH_CPU_EXT=0`) the torch paths run
+instead, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("small_m.cpp", "decode_ops.cpp")]
+DISABLE_ENV = "EXPERTMESH_CPU_EXT"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256(
+        b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode() + _cpu_flags().encode()
+    ).hexdigest()[:16]
+    root = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
+    path = root / "cpu_ext" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def small_m_kernels() -> ModuleType | None:
+    """The compiled module, or None where it cannot be had."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="expertmesh_small_m",
+            sources=[str(p) for p in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(_build_dir()),
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja must not take serving down
+        warnings.warn(f"expertmesh: CPU kernels could not be built ({type(e).__name__}: {e}); using torch paths",
+                      RuntimeWarning, stacklevel=2)
+        return None

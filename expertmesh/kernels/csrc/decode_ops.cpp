@@ -1,0 +1,185 @@
+// Fused CPU decode ops: the same math as the torch references of kernels/, one call instead of ten to
+// twenty small tensor ops. At decode batch sizes those ops each cost ~10 us of dispatch and thread
+// wake-up for microseconds of work; summed over the layers they are a third of a step.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
+              " must be a contiguous CPU float32 tensor");
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+    for (int64_t j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float s = 0.f;
+  for (int64_t j = 0; j < 16; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Indices of the `k` largest values, ties to the lower index (selection is a set; order is by value).
+std::vector<int64_t> top_indices(const float* v, int64_t n, int64_t k) {
+  std::vector<int64_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+  idx.resize(k);
+  return idx;
+}
+
+}  // namespace
+
+// weight * x * rsqrt(mean(x^2) + eps) over the last dimension.
+torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * h;
+      const float inv = 1.f / std::sqrt(dot(xr, xr, h) / h + static_cast<float>(eps));
+      for (int64_t j = 0; j < h; ++j) op[r * h + j] = wp[j] * (xr[j] * inv);
+    }
+  });
+  return out;
+}
+
+// Same contract as kernels.topk_gating (see gating.py): scores, optional bias and group limit for the
+// choice, weights from the unbiased scores, optional renormalisation, scaling.
+std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,
+                                                         c10::optional<torch::Tensor> bias, int64_t n_group,
+                                                         int64_t topk_group, bool top2_sum, bool renormalize,
+                                                         double scaling) {
+  check_f32(logits, "router_logits");
+  const int64_t t_count = logits.size(0), e_count = logits.size(1);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_f32(bias.value(), "correction_bias");
+    bp = bias.value().data_ptr<float>();
+  }
+  auto weights = torch::empty({t_count, top_k}, logits.options());
+  auto ids = torch::empty({t_count, top_k}, logits.options().dtype(torch::kInt64));
+  const float* lp = logits.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  const bool grouped = n_group > 1 && topk_group < n_group;
+  const int64_t per_group = e_count / n_group;
+  at::parallel_for(0, t_count, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(e_count), choice(e_count), group_scores(n_group);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* l = lp + t * e_count;
+      if (sigmoid) {
+        for (int64_t e = 0; e < e_count; ++e) scores[e] = 1.f / (1.f + std::exp(-l[e]));
+      } else {
+        const float m = *std::max_element(l, l + e_count);
+        float sum = 0.f;
+        for (int64_t e = 0; e < e_count; ++e) sum += (scores[e] = std::exp(l[e] - m));
+        for (int64_t e = 0; e < e_count; ++e) scores[e] /= sum;
+      }
+      for (int64_t e = 0; e < e_count; ++e) choice[e] = bp ? scores[e] + bp[e] : scores[e];
+      if (grouped) {
+        for (int64_t g = 0; g < n_group; ++g) {
+          const float* c = choice.data() + g * per_group;
+          if (top2_sum) {
+            auto best = top_indices(c, per_group, 2);
+            group_scores[g] = c[best[0]] + c[best[1]];
+          } else {
+            group_scores[g] = *std::max_element(c, c + per_group);
+          }
+        }
+        std::vector<char> keep(n_group, 0);
+        for (int64_t g : top_indices(group_scores.data(), n_group, topk_group)) keep[g] = 1;
+        for (int64_t e = 0; e < e_count; ++e)
+          if (!keep[e / per_group]) choice[e] = -std::numeric_limits<float>::infinity();
+      }
+      auto chosen = top_indices(choice.data(), e_count, top_k);
+      float sum = 0.f;
+      for (int64_t k = 0; k < top_k; ++k) sum += scores[chosen[k]];
+      const float denom = renormalize ? sum + 1e-20f : 1.f;
+      for (int64_t k = 0; k < top_k; ++k) {
+        ip[t * top_k + k] = chosen[k];
+        wp[t * top_k + k] = scores[chosen[k]] / denom * static_cast<float>(scaling);
+      }
+    }
+  });
+  return {weights, ids};
+}
+
+// MLA decode in absorbed form, one (sequence, head) per work item:
+//   q_lat = W_UK[h]^T q_nope;  s_t = scale * (q_lat . c_kv[t] + q_pe . k_pe[t]);  o_lat = softmax(s) . c_kv
+//   out = W_UV[h] o_lat
+// kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
+torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
+                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
+                                      torch::Tensor context_lens, double scale) {
+  check_f32(q_nope, "q_nope");
+  check_f32(q_pe, "q_pe");
+  check_f32(kv_b, "kv_b");
+  check_f32(ckv_cache, "ckv_cache");
+  check_f32(kpe_cache, "kpe_cache");
+  const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
+  const int64_t rank = ckv_cache.size(2), block = ckv_cache.size(1), v_dim = kv_b.size(0) / heads - nope;
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto lens = context_lens.to(torch::kInt64).contiguous();
+  auto out = torch::zeros({b_count, heads, v_dim}, q_nope.options());
+  const float *qn = q_nope.data_ptr<float>(), *qp = q_pe.data_ptr<float>(), *w = kv_b.data_ptr<float>();
+  const float *ckv = ckv_cache.data_ptr<float>(), *kpe = kpe_cache.data_ptr<float>();
+  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  const int64_t width = tables.size(1);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, b_count * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_lat(rank), o_lat(rank), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / heads, h = item % heads, len = lp[b];
+      if (len <= 0) continue;
+      const float* w_uk = w + h * (nope + v_dim) * rank;  // rows h*(nope+v) .. +nope
+      const float* qnh = qn + (b * heads + h) * nope;
+      std::fill(q_lat.begin(), q_lat.end(), 0.f);
+      for (int64_t n = 0; n < nope; ++n) {
+        const float qv = qnh[n];
+        const float* row = w_uk + n * rank;
+#pragma omp simd
+        for (int64_t r = 0; r < rank; ++r) q_lat[r] += qv * row[r];
+      }
+      const float* qph = qp + (b * heads + h) * dr;
+      scores.resize(len);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = tp[b * width + t / block] * block + t % block;
+        scores[t] = static_cast<float>(scale) * (dot(q_lat.data(), ckv + slot * rank, rank) + dot(qph, kpe + slot * dr, dr));
+        m = std::max(m, scores[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < len; ++t) sum += (scores[t] = std::exp(scores[t] - m));
+      std::fill(o_lat.begin(), o_lat.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = tp[b * width + t / block] * block + t % block;
+        const float p = scores[t] / sum;
+        const float* c = ckv + slot * rank;
+#pragma omp simd
+        for (int64_t r = 0; r < rank; ++r) o_lat[r] += p * c[r];
+      }
+      const float* w_uv = w_uk + nope * rank;  // rows h*(nope+v)+nope .. +v
+      float* oh = op + (b * heads + h) * v_dim;
+      for (int64_t i = 0; i < v_dim; ++i) oh[i] = dot(w_uv + i * rank, o_lat.data(), rank);
+    }
+  });
+  return out;
+}

@@ -1,0 +1,201 @@
+// Weight-streaming kernels for CPU decode: few activation rows (M <= 32) against cold fp32 weights.
+//
+// At decode sizes a matmul is a pass over the weights: each weight row is read from DRAM once and dotted
+// with every activation row while it sits in L1. BLAS libraries pay a fixed cost per call and ramp their
+// prefetchers per matrix, so many small expert matrices stream at a third of the machine's bandwidth.
+// Here one parallel region covers every selected expert of a layer, split into row chunks of a few
+// hundred KB, so both cores stream long contiguous runs for the whole call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;    // one AVX-512 register of fp32 (the compiler picks what the CPU has)
+constexpr int64_t kRowBlock = 4;  // rows dotted together: independent accumulators hide FMA latency
+
+// out[t * out_stride + r] = dot(w[r], x[t]) for r in [0, rows), t in [0, m).
+void rows_dot(const float* w, int64_t rows, int64_t k, const float* x, int64_t x_stride, int64_t m,
+              float* out, int64_t out_stride) {
+  const int64_t k_vec = k / kLanes * kLanes;
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const float* w0 = w + r * k;
+    for (int64_t t = 0; t < m; ++t) {
+      const float* xt = x + t * x_stride;
+      float acc[kRowBlock][kLanes] = {};
+      for (int64_t i = 0; i < k_vec; i += kLanes) {
+        for (int64_t b = 0; b < kRowBlock; ++b) {
+          const float* wb = w0 + b * k + i;
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) acc[b][j] += wb[j] * xt[i + j];
+        }
+      }
+      for (int64_t b = 0; b < kRowBlock; ++b) {
+        float s = 0.f;
+        for (int64_t j = 0; j < kLanes; ++j) s += acc[b][j];
+        for (int64_t i = k_vec; i < k; ++i) s += w0[b * k + i] * xt[i];
+        out[t * out_stride + r + b] = s;
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    const float* wr = w + r * k;
+    for (int64_t t = 0; t < m; ++t) {
+      const float* xt = x + t * x_stride;
+      float s = 0.f;
+      for (int64_t i = 0; i < k; ++i) s += wr[i] * xt[i];
+      out[t * out_stride + r] = s;
+    }
+  }
+}
+
+// Rows per work item: about 256 KB of weights, a multiple of the row block.
+int64_t chunk_rows(int64_t k) {
+  int64_t rows = std::max<int64_t>(kRowBlock, (256 * 1024 / 4) / std::max<int64_t>(k, 1));
+  return rows / kRowBlock * kRowBlock;
+}
+
+void check_f32_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a CPU float32 tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// x [M, K] @ w[N, K]^T (+ bias) -> [M, N]
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_f32_contiguous(x, "x");
+  check_f32_contiguous(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t rows = chunk_rows(k);
+  const int64_t chunks = (n + rows - 1) / rows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
+      rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n);
+    }
+  });
+  if (bias.has_value()) out.add_(bias.value());
+  return out;
+}
+
+// Routed experts for few tokens: out[t] = sum_k w[t,k] * W2[e] (silu(G[e] x_t) * (U[e] x_t)), e = ids[t,k].
+// w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], topk_weights [T, K] fp32, topk_ids [T, K] int64.
+torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                          torch::Tensor topk_ids) {
+  check_f32_contiguous(x, "hidden_states");
+  check_f32_contiguous(w13, "w13");
+  check_f32_contiguous(w2, "w2");
+  const int64_t t_count = x.size(0), h = x.size(1), e_count = w13.size(0), inter = w2.size(2);
+  const int64_t k_count = topk_ids.size(1);
+  auto ids = topk_ids.to(torch::kInt64).contiguous();
+  auto weights = topk_weights.to(torch::kFloat32).contiguous();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+
+  // Group (token, slot) pairs by expert: pair p of group g is pairs[offsets[g] + i].
+  std::vector<int64_t> counts(e_count, 0);
+  for (int64_t p = 0; p < t_count * k_count; ++p) {
+    TORCH_CHECK(idp[p] >= 0 && idp[p] < e_count, "topk_ids holds expert id ", idp[p], " outside [0, ", e_count, ")");
+    counts[idp[p]]++;
+  }
+  std::vector<int64_t> experts, offsets{0};
+  for (int64_t e = 0; e < e_count; ++e) {
+    if (counts[e]) {
+      experts.push_back(e);
+      offsets.push_back(offsets.back() + counts[e]);
+    }
+  }
+  const int64_t groups = experts.size(), pairs = t_count * k_count;
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1), slot_of_expert(e_count, -1);
+  for (int64_t g = 0; g < groups; ++g) slot_of_expert[experts[g]] = g;
+  std::vector<int64_t> pair_order(pairs);  // sorted position -> pair index t*K + k
+  for (int64_t p = 0; p < pairs; ++p) pair_order[fill[slot_of_expert[idp[p]]]++] = p;
+
+  // Tokens of each group gathered contiguously, so each weight row meets them back to back.
+  auto xs = torch::empty({pairs, h}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  for (int64_t i = 0; i < pairs; ++i) std::memcpy(xsp + i * h, xp + (pair_order[i] / k_count) * h, h * sizeof(float));
+
+  auto gate_up = torch::empty({pairs, 2 * inter}, x.options());
+  float* gup = gate_up.data_ptr<float>();
+  const float* w13p = w13.data_ptr<float>();
+  const int64_t rows1 = chunk_rows(h), chunks1 = (2 * inter + rows1 - 1) / rows1;
+  at::parallel_for(0, groups * chunks1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / chunks1, r0 = (item % chunks1) * rows1, r1 = std::min(2 * inter, r0 + rows1);
+      const int64_t o = offsets[g];
+      rows_dot(w13p + (experts[g] * 2 * inter + r0) * h, r1 - r0, h, xsp + o * h, h, offsets[g + 1] - o,
+               gup + o * 2 * inter + r0, 2 * inter);
+    }
+  });
+
+  auto act = torch::empty({pairs, inter}, x.options());
+  float* ap = act.data_ptr<float>();
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < inter; ++j) {
+        const float g = gup[i * 2 * inter + j], u = gup[i * 2 * inter + inter + j];
+        ap[i * inter + j] = g / (1.f + std::exp(-g)) * u;
+      }
+    }
+  });
+
+  auto ys = torch::empty({pairs, h}, x.options());
+  float* ysp = ys.data_ptr<float>();
+  const float* w2p = w2.data_ptr<float>();
+  const int64_t rows2 = chunk_rows(inter), chunks2 = (h + rows2 - 1) / rows2;
+  at::parallel_for(0, groups * chunks2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / chunks2, r0 = (item % chunks2) * rows2, r1 = std::min(h, r0 + rows2);
+      const int64_t o = offsets[g];
+      rows_dot(w2p + (experts[g] * h + r0) * inter, r1 - r0, inter, ap + o * inter, inter, offsets[g + 1] - o,
+               ysp + o * h + r0, h);
+    }
+  });
+
+  // Weighted sum over each token's K slots, in slot order.
+  std::vector<int64_t> sorted_pos(pairs);
+  for (int64_t i = 0; i < pairs; ++i) sorted_pos[pair_order[i]] = i;
+  auto out = torch::zeros({t_count, h}, x.options());
+  float* op = out.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, t_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t k = 0; k < k_count; ++k) {
+        const float wk = wp[t * k_count + k];
+        const float* y = ysp + sorted_pos[t * k_count + k] * h;
+        for (int64_t j = 0; j < h; ++j) op[t * h + j] += wk * y[j];
+      }
+    }
+  });
+  return out;
+}
+
+// decode_ops.cpp
+torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,
+                                                         c10::optional<torch::Tensor> bias, int64_t n_group,
+                                                         int64_t topk_group, bool top2_sum, bool renormalize,
+                                                         double scaling);
+torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
+                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
+                                      torch::Tensor context_lens, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm_f32", &rms_norm_f32, "RMSNorm over the last dimension");
+  m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
+  m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
+  m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
+  m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
+}
