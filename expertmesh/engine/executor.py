@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from expertmesh.engine.scheduler import ScheduledBatch
+from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.model import AttentionMetadata, MoECausalLM
 
 
@@ -20,6 +21,8 @@ class LocalExecutor:
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.device = model.lm_head.weight.device
+        if self.device.type == "cpu":
+            small_m_kernels()  # build the C++ decode kernels now rather than during the first request
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "rows_dot.h"
+
 namespace {
 
 void check_f32(const torch::Tensor& t, const char* name) {
@@ -122,9 +124,9 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
   return {weights, ids};
 }
 
-// MLA decode in absorbed form, one (sequence, head) per work item:
-//   q_lat = W_UK[h]^T q_nope;  s_t = scale * (q_lat . c_kv[t] + q_pe . k_pe[t]);  o_lat = softmax(s) . c_kv
-//   out = W_UV[h] o_lat
+// MLA decode in absorbed form, one sequence per work item (its heads share every cache row it reads):
+//   q_lat[h] = W_UK[h]^T q_nope[h];  s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])
+//   o_lat[h] = softmax_t(s[h]) . c_kv;  out[h] = W_UV[h] o_lat[h]
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
 torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
                                       torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
@@ -144,41 +146,63 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, b_count * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_lat(rank), o_lat(rank), scores;
+  // Work items are (sequence, group of heads): whole sequences when there are enough of them to keep every
+  // thread busy, else each sequence's heads split across threads.
+  const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, (2 * at::get_num_threads() + b_count - 1) / b_count));
+  const int64_t group = (heads + splits - 1) / splits;
+  at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_lat(group * rank), o_lat(group * rank), scores, rope_scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / heads, h = item % heads, len = lp[b];
-      if (len <= 0) continue;
-      const float* w_uk = w + h * (nope + v_dim) * rank;  // rows h*(nope+v) .. +nope
-      const float* qnh = qn + (b * heads + h) * nope;
+      const int64_t b = item / splits, h0 = (item % splits) * group, hn = std::min(heads, h0 + group) - h0;
+      const int64_t len = lp[b];
+      if (len <= 0 || hn <= 0) continue;
       std::fill(q_lat.begin(), q_lat.end(), 0.f);
-      for (int64_t n = 0; n < nope; ++n) {
-        const float qv = qnh[n];
-        const float* row = w_uk + n * rank;
+      for (int64_t i = 0; i < hn; ++i) {
+        const int64_t h = h0 + i;
+        const float* w_uk = w + h * (nope + v_dim) * rank;  // rows h*(nope+v) .. +nope
+        const float* qnh = qn + (b * heads + h) * nope;
+        float* ql = q_lat.data() + i * rank;
+        for (int64_t n = 0; n < nope; ++n) {
+          const float qv = qnh[n];
+          const float* row = w_uk + n * rank;
 #pragma omp simd
-        for (int64_t r = 0; r < rank; ++r) q_lat[r] += qv * row[r];
+          for (int64_t r = 0; r < rank; ++r) ql[r] += qv * row[r];
+        }
       }
-      const float* qph = qp + (b * heads + h) * dr;
-      scores.resize(len);
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tp[b * width + t / block] * block + t % block;
-        scores[t] = static_cast<float>(scale) * (dot(q_lat.data(), ckv + slot * rank, rank) + dot(qph, kpe + slot * dr, dr));
-        m = std::max(m, scores[t]);
+      // scores [hn, len]: these heads against each cache block's rows, block by block.
+      scores.assign(hn * len, 0.f);
+      rope_scores.assign(hn * len, 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block) {
+        const int64_t base = tp[b * width + t0 / block] * block, n = std::min(block, len - t0);
+        expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat.data(), rank, hn, scores.data() + t0, len);
+        expertmesh::rows_dot(kpe + base * dr, n, dr, qp + (b * heads + h0) * dr, dr, hn, rope_scores.data() + t0, len);
       }
-      float sum = 0.f;
-      for (int64_t t = 0; t < len; ++t) sum += (scores[t] = std::exp(scores[t] - m));
+      for (int64_t i = 0; i < hn; ++i) {
+        float* s = scores.data() + i * len;
+        const float* rs = rope_scores.data() + i * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t] = static_cast<float>(scale) * (s[t] + rs[t]));
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - m));
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
       std::fill(o_lat.begin(), o_lat.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tp[b * width + t / block] * block + t % block;
-        const float p = scores[t] / sum;
-        const float* c = ckv + slot * rank;
+        const float* c = ckv + (tp[b * width + t / block] * block + t % block) * rank;
+        for (int64_t i = 0; i < hn; ++i) {
+          const float p = scores[i * len + t];
+          float* o = o_lat.data() + i * rank;
 #pragma omp simd
-        for (int64_t r = 0; r < rank; ++r) o_lat[r] += p * c[r];
+          for (int64_t r = 0; r < rank; ++r) o[r] += p * c[r];
+        }
       }
-      const float* w_uv = w_uk + nope * rank;  // rows h*(nope+v)+nope .. +v
-      float* oh = op + (b * heads + h) * v_dim;
-      for (int64_t i = 0; i < v_dim; ++i) oh[i] = dot(w_uv + i * rank, o_lat.data(), rank);
+      for (int64_t i = 0; i < hn; ++i) {
+        const int64_t h = h0 + i;
+        const float* w_uv = w + (h * (nope + v_dim) + nope) * rank;  // rows h*(nope+v)+nope .. +v
+        expertmesh::rows_dot(w_uv, v_dim, rank, o_lat.data() + i * rank, rank, 1, op + (b * heads + h) * v_dim, v_dim);
+      }
     }
   });
   return out;

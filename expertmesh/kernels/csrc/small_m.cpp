@@ -13,46 +13,12 @@
 #include <cstring>
 #include <vector>
 
+#include "rows_dot.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;    // one AVX-512 register of fp32 (the compiler picks what the CPU has)
-constexpr int64_t kRowBlock = 4;  // rows dotted together: independent accumulators hide FMA latency
-
-// out[t * out_stride + r] = dot(w[r], x[t]) for r in [0, rows), t in [0, m).
-void rows_dot(const float* w, int64_t rows, int64_t k, const float* x, int64_t x_stride, int64_t m,
-              float* out, int64_t out_stride) {
-  const int64_t k_vec = k / kLanes * kLanes;
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    const float* w0 = w + r * k;
-    for (int64_t t = 0; t < m; ++t) {
-      const float* xt = x + t * x_stride;
-      float acc[kRowBlock][kLanes] = {};
-      for (int64_t i = 0; i < k_vec; i += kLanes) {
-        for (int64_t b = 0; b < kRowBlock; ++b) {
-          const float* wb = w0 + b * k + i;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) acc[b][j] += wb[j] * xt[i + j];
-        }
-      }
-      for (int64_t b = 0; b < kRowBlock; ++b) {
-        float s = 0.f;
-        for (int64_t j = 0; j < kLanes; ++j) s += acc[b][j];
-        for (int64_t i = k_vec; i < k; ++i) s += w0[b * k + i] * xt[i];
-        out[t * out_stride + r + b] = s;
-      }
-    }
-  }
-  for (; r < rows; ++r) {
-    const float* wr = w + r * k;
-    for (int64_t t = 0; t < m; ++t) {
-      const float* xt = x + t * x_stride;
-      float s = 0.f;
-      for (int64_t i = 0; i < k; ++i) s += wr[i] * xt[i];
-      out[t * out_stride + r] = s;
-    }
-  }
-}
+using expertmesh::kRowBlock;
+using expertmesh::rows_dot;
 
 // Rows per work item: about 256 KB of weights, a multiple of the row block.
 int64_t chunk_rows(int64_t k) {
