@@ -2,8 +2,9 @@
 
 Prints prefill and decode tokens/s at batch 1 and batch 32, the ratios, the machine's floors for the same
 work (FLOPs / measured matmul rate, bytes of active weights / measured read bandwidth) and the peak
-resident memory of loading the checkpoint. Decode is measured apart from prefill:
-decode step = (time(prompt -> N tokens) - time(prompt -> 1 token)) / (N - 1).
+resident memory of loading the checkpoint. Decode is measured apart from prefill, inside one generation:
+prefill = time until every request has its first token; decode step = (time of the last token - time of
+the first) / (N - 1), stamped per step (a logits processor in transformers, the engine's step loop here).
 
     python bench/engine_vs_hf.py [--quick] [--json out.json]
 """
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -43,13 +43,12 @@ def machine() -> dict:
 
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up: primitive caches, page faults
-    return min(_timed(fn) for _ in range(repeats))
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def floors() -> dict:
@@ -76,13 +75,22 @@ def load_peak_rss(path: Path) -> dict:
         "import resource, torch; from expertmesh import load_model; "
         f"m = load_model({str(path)!r}); "
         "n = sum(p.numel() * p.element_size() for p in m.parameters()); "
-        "base = 0; print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     baseline = "import resource, torch, expertmesh; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    # Every weight page touched: load, then one generation (a 64 MiB KV cache).
+    serving = (
+        "import resource, torch; from expertmesh import LLM, SamplingParams; "
+        f"llm = LLM({str(path)!r}, kv_cache_gib=1 / 16); "
+        "llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(max_tokens=2)); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
     base = int(subprocess.check_output([sys.executable, "-c", baseline], text=True).split()[-1])
     weights, peak = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split()[-2:])
+    served = int(subprocess.check_output([sys.executable, "-c", serving], text=True).split()[-1])
     return {"weights_bytes": weights, "peak_rss_bytes": peak, "import_rss_bytes": base,
-            "peak_over_weights": (peak - base) / weights}
+            "peak_over_weights": peak / weights, "peak_minus_import_over_weights": (peak - base) / weights,
+            "serving_peak_rss_bytes": served, "serving_peak_over_weights": served / weights}
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -90,42 +98,64 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (length,), generator=g).tolist() for _ in range(batch)]
 
 
-def time_hf(model, ids: list[list[int]], new_tokens: int) -> float:
+def stamps_hf(model, ids: list[list[int]], new_tokens: int) -> list[float]:
+    """Wall-clock time at each generated token of one `generate` call, from its start."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    times: list[float] = []
+
+    class Stamp(LogitsProcessor):  # called once per step, after that step's forward pass
+        def __call__(self, input_ids, scores):
+            times.append(time.perf_counter())
+            return scores
+
     input_ids = torch.tensor(ids)
-    mask = torch.ones_like(input_ids)
-
-    def run() -> None:
-        with torch.inference_mode():
-            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-    return best_of(run, 2)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([Stamp()]))
+    return [t - start for t in times]
 
 
-def time_ours(llm, ids: list[list[int]], new_tokens: int) -> float:
+def stamps_ours(llm, ids: list[list[int]], new_tokens: int) -> list[float]:
+    """Wall-clock time at each engine step that completed a token for every request, from the start."""
     from expertmesh import SamplingParams
 
+    engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    batch = [{"prompt_token_ids": p} for p in ids]
-    return best_of(lambda: llm.generate(batch, params), 2)
+    start = time.perf_counter()
+    for i, p in enumerate(ids):
+        engine.add_request(f"bench-{i}", {"prompt_token_ids": p}, params)
+    produced = dict.fromkeys(range(len(ids)), 0)
+    times: list[float] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            produced[int(out.request_id.split("-")[1])] = len(out.outputs[0].token_ids)
+        if min(produced.values()) > len(times):
+            times.append(time.perf_counter() - start)
+    return times
 
 
-def measure(name: str, timer, model, cases) -> dict:
+def measure(name: str, stamps, model, cases) -> dict:
+    """Prefill = time to every request's first token; decode step = mean time per later token (best of 2)."""
     out = {}
     for batch, length, n in cases:
         ids = prompts(batch, length, 32000)
-        t1 = timer(model, ids, 1)
-        tn = timer(model, ids, n)
-        step = (tn - t1) / (n - 1)
-        out[f"b{batch}"] = {"prompt_len": length, "prefill_s": t1, "prefill_tok_s": batch * length / t1,
+        stamps(model, ids, 2)  # warm-up
+        runs = [stamps(model, ids, n) for _ in range(2)]
+        prefill = min(r[0] for r in runs)
+        step = min((r[-1] - r[0]) / (len(r) - 1) for r in runs)
+        out[f"b{batch}"] = {"prompt_len": length, "prefill_s": prefill, "prefill_tok_s": batch * length / prefill,
                             "decode_step_s": step, "decode_tok_s": batch / step}
-        print(f"  {name} batch {batch}: prefill {batch * length / t1:8.1f} tok/s, decode step "
+        print(f"  {name} batch {batch}: prefill {batch * length / prefill:8.1f} tok/s, decode step "
               f"{step * 1e3:7.1f} ms = {batch / step:7.1f} tok/s", flush=True)
     return out
 
 
-def active_bytes(cfg: dict, batch: int) -> tuple[float, float]:
-    """(bytes of weights a decode step must read, FLOPs per token) for the DeepSeek-V3-shaped preset."""
+def active_bytes(cfg: dict, batch: int, context: int) -> tuple[float, float]:
+    """(bytes a decode step must read: active weights plus the latent cache, FLOPs per token) for the
+    DeepSeek-V3-shaped preset in float32."""
     h, v, e, k = cfg["hidden_size"], cfg["vocab_size"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     heads, qr, kvr = cfg["num_attention_heads"], cfg["q_lora_rank"], cfg["kv_lora_rank"]
     nope, rope, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
@@ -138,7 +168,8 @@ def active_bytes(cfg: dict, batch: int) -> tuple[float, float]:
                    + moe_layers * (cfg["n_shared_experts"] * expert + e * h + unique * expert) + v * h)
     flops_per_token = 2 * (layers * attn + dense * 3 * h * cfg["intermediate_size"]
                            + moe_layers * ((cfg["n_shared_experts"] + k) * expert + e * h) + v * h)
-    return params_read * 4, flops_per_token
+    latent_cache = layers * batch * context * (kvr + rope)
+    return (params_read + latent_cache) * 4, flops_per_token
 
 
 def main() -> None:
@@ -152,9 +183,11 @@ def main() -> None:
     print("machine:", json.dumps(info["machine"]), flush=True)
     path = ensure_checkpoint("small")
     info["memory"] = load_peak_rss(path)
-    print(f"load: peak RSS {info['memory']['peak_rss_bytes'] / 2**30:.2f} GiB (import alone "
-          f"{info['memory']['import_rss_bytes'] / 2**30:.2f} GiB) for {info['memory']['weights_bytes'] / 2**30:.2f} GiB "
-          f"of weights: {info['memory']['peak_over_weights']:.2f}x", flush=True)
+    mem = info["memory"]
+    print(f"load: peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB for {mem['weights_bytes'] / 2**30:.2f} GiB of "
+          f"weights = {mem['peak_over_weights']:.2f}x (python + torch alone: {mem['import_rss_bytes'] / 2**30:.2f} GiB); "
+          f"load + first generation: {mem['serving_peak_rss_bytes'] / 2**30:.2f} GiB = "
+          f"{mem['serving_peak_over_weights']:.2f}x", flush=True)
     info["floors"] = floors()
     print(f"floors: matmul {info['floors']['matmul_gflops']:.0f} GFLOP/s, read {info['floors']['read_gbs']:.1f} GB/s",
           flush=True)
@@ -164,10 +197,13 @@ def main() -> None:
     from expertmesh import LLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    info["transformers"] = measure("transformers", time_hf, hf, cases)
+    info["transformers"] = measure("transformers", stamps_hf, hf, cases)
     del hf
-    llm = LLM(str(path), dtype="float32", max_num_seqs=64, max_num_batched_tokens=2048, kv_cache_gib=1.0)
-    info["expertmesh"] = measure("expertmesh  ", time_ours, llm, cases)
+    # A token budget that holds the whole batch's prompts, so that (as with transformers' padded batch) every
+    # decode step is a pure decode step: decode is measured apart from prefill.
+    budget = max(b * p for b, p, _ in cases)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=64, max_num_batched_tokens=budget, kv_cache_gib=1.0)
+    info["expertmesh"] = measure("expertmesh  ", stamps_ours, llm, cases)
 
     cfg = json.loads((path / "config.json").read_text())
     print("\n| batch | metric | transformers | expertmesh | ratio | floor | expertmesh / floor |")
@@ -175,7 +211,7 @@ def main() -> None:
     for batch, length, _ in cases:
         key = f"b{batch}"
         hf_r, ours = info["transformers"][key], info["expertmesh"][key]
-        read_bytes, flops = active_bytes(cfg, batch)
+        read_bytes, flops = active_bytes(cfg, batch, length)
         decode_floor = max(read_bytes / (info["floors"]["read_gbs"] * 1e9),
                            batch * flops / (info["floors"]["matmul_gflops"] * 1e9))
         prefill_floor = batch * length * flops / (info["floors"]["matmul_gflops"] * 1e9)
