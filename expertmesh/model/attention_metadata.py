@@ -38,6 +38,13 @@ class AttentionMetadata:
         return not self.chunk_seqs
 
     @classmethod
+    def without_cache(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Whole sequences attending only to themselves, with no KV cache (training, scoring)."""
+        num_blocks = max(seq_lens, default=0)
+        return cls.build(query_lens=seq_lens, context_lens=seq_lens, block_size=1, device=device,
+                         block_tables=[list(range(num_blocks))] * len(seq_lens))
+
+    @classmethod
     def build(
         cls,
         *,
