@@ -9,6 +9,7 @@ from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.paged import (
+    attend_by_sequence,
     attention_mask,
     gather_batch,
     gather_context,
@@ -70,21 +71,20 @@ class GQAttention(nn.Module):
         if kv_cache is not None and meta.is_decode_only:  # the common serving step
             out = self._decode(q, kv_cache, meta.block_tables, meta.context_lens_t)
             return self.o_proj(out.flatten(1))
-        out = x.new_empty(T, self.num_heads, self.head_dim)
-        chunks = meta.chunk_seqs
-        if kv_cache is None:  # no cache (training): every sequence attends to its own tokens
-            chunks = range(meta.num_seqs)
-        elif len(meta.decode_seqs):
-            rows, seqs = meta.decode_rows, meta.decode_seqs
-            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])
-        for s in chunks:
-            rows = slice(meta.query_starts[s], meta.query_starts[s] + meta.query_lens[s])
+
+        def decode(rows, seqs):
+            return self._decode(q[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])
+
+        def chunk(s, rows):
             if kv_cache is None:
                 ctx_k, ctx_v = k[rows], v[rows]
             else:
                 ctx_k = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
                 ctx_v = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
-            out[rows] = self._attend(q[rows], ctx_k, ctx_v, meta.positions[rows])
+            return self._attend(q[rows], ctx_k, ctx_v, meta.positions[rows])
+
+        out = attend_by_sequence(meta, x.new_empty(T, self.num_heads, self.head_dim), cached=kv_cache is not None,
+                                 decode=decode, chunk=chunk)
         return self.o_proj(out.flatten(1))
 
     def _attend(self, q, ctx_k, ctx_v, query_pos) -> torch.Tensor:

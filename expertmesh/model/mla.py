@@ -15,7 +15,13 @@ from expertmesh import kernels
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import Linear, RMSNorm
-from expertmesh.model.paged import attention_mask, gather_context, masked_softmax_attention, write_cache
+from expertmesh.model.paged import (
+    attend_by_sequence,
+    attention_mask,
+    gather_context,
+    masked_softmax_attention,
+    write_cache,
+)
 from expertmesh.model.rope import RotaryEmbedding
 
 
@@ -70,23 +76,20 @@ class MLAttention(nn.Module):
         if kv_cache is not None and meta.is_decode_only:  # the common serving step
             out = self._decode(q_nope, q_pe, kv_cache, meta.block_tables, meta.context_lens_t)
             return self.o_proj(out.flatten(1))
-        out = x.new_empty(T, self.num_heads, self.v_dim)
-        chunks = meta.chunk_seqs
-        if kv_cache is None:  # no cache (training): every sequence attends to its own tokens
-            chunks = range(meta.num_seqs)
-        elif len(meta.decode_seqs):
-            rows, seqs = meta.decode_rows, meta.decode_seqs
-            out[rows] = self._decode(q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[seqs],
-                                     meta.context_lens_t[seqs])
-        for s in chunks:
-            rows = slice(meta.query_starts[s], meta.query_starts[s] + meta.query_lens[s])
+
+        def decode(rows, seqs):
+            return self._decode(q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])
+
+        def chunk(s, rows):
             if kv_cache is None:
                 ctx_ckv, ctx_kpe = c_kv[rows], k_pe[rows]
             else:
-                ctx_len = meta.context_lens[s]
-                ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], ctx_len)
-                ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], ctx_len)
-            out[rows] = self._prefill(q_nope[rows], q_pe[rows], ctx_ckv, ctx_kpe, meta.positions[rows])
+                ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
+                ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
+            return self._prefill(q_nope[rows], q_pe[rows], ctx_ckv, ctx_kpe, meta.positions[rows])
+
+        out = attend_by_sequence(meta, x.new_empty(T, self.num_heads, self.v_dim), cached=kv_cache is not None,
+                                 decode=decode, chunk=chunk)
         return self.o_proj(out.flatten(1))
 
     def _prefill(self, q_nope, q_pe, ctx_ckv, ctx_kpe, query_pos) -> torch.Tensor:

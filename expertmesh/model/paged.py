@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from expertmesh.model.attention_metadata import AttentionMetadata
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
@@ -51,3 +55,23 @@ def masked_softmax_attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+def attend_by_sequence(
+    meta: AttentionMetadata,
+    out: torch.Tensor,  # [T, H, D], filled in place
+    *,
+    cached: bool,
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunk: Callable[[int, slice], torch.Tensor],
+) -> torch.Tensor:
+    """Runs every single-token sequence through one batched `decode(rows, seqs)` call (when there is a
+    cache to read) and every other sequence through `chunk(seq, rows)`, one at a time. Without a cache,
+    every sequence is a chunk attending to its own tokens."""
+    chunks = meta.chunk_seqs if cached else range(meta.num_seqs)
+    if cached and len(meta.decode_seqs):
+        out[meta.decode_rows] = decode(meta.decode_rows, meta.decode_seqs)
+    for s in chunks:
+        rows = slice(meta.query_starts[s], meta.query_starts[s] + meta.query_lens[s])
+        out[rows] = chunk(s, rows)
+    return out
