@@ -8,7 +8,8 @@ non-CPU tensor, takes `F.linear`.
 oneDNN builds (and caches, up to 1024 entries) one primitive per input shape, which costs milliseconds the
 first time. Only small row counts take this path: they are where it wins, and they bound the number of
 shapes the cache must hold. Larger M is compute-bound, where MKL is as good. oneDNN also costs ~13 us more
-per call, so weights that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`.
+per call, so weights that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`. For the
+fewest rows (batch-1..8 decode) the compiled streaming kernel of `cpu_ext` goes faster still.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .cpu_ext import small_m_kernels
+
 ONEDNN_MAX_ROWS = 32
+# Up to this many rows the C++ weight-streaming kernel (csrc/small_m.cpp) beats oneDNN by 10-40%.
+STREAMING_MAX_ROWS = 8
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 
 
@@ -49,5 +54,9 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]."""
     if _use_onednn(x, weight):
+        if x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
+            kernels = small_m_kernels()
+            if kernels is not None:
+                return kernels.linear_small_m(x.contiguous(), weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
