@@ -4,7 +4,7 @@
 
 from .fused_moe import fused_moe_ref, moe_align_block_size
 from .gating import topk_gating_ref
-from .mla_absorbed import mla_decode_absorbed_ref
+from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import mla_decode_attention_ref
 from .registry import (
     BACKEND_ENV,
@@ -12,6 +12,7 @@ from .registry import (
     fused_moe_triton,
     kernel_backend,
     mla_decode_absorbed,
+    mla_decode_step,
     mla_decode_attention,
     mla_decode_attention_triton,
     rms_norm,
@@ -31,6 +32,8 @@ __all__ = [
     "kernel_backend",
     "mla_decode_absorbed",
     "mla_decode_absorbed_ref",
+    "mla_decode_step",
+    "mla_decode_step_ref",
     "mla_decode_attention",
     "mla_decode_attention_ref",
     "mla_decode_attention_triton",

@@ -36,3 +36,35 @@ def mla_decode_absorbed_ref(
         q_latent.contiguous(), q_pe.contiguous(), ckv_cache, kpe_cache, block_tables, context_lens, scale
     )  # [B, H, R]
     return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
+
+
+def mla_decode_step_ref(
+    q: torch.Tensor,  # [B, H, nope + Dr], q_b_proj (or q_proj) output
+    kv_a: torch.Tensor,  # [B, R + Dr], kv_a_proj_with_mqa output
+    kv_norm_weight: torch.Tensor,  # [R]
+    eps: float,
+    cos: torch.Tensor,  # [B, Dr/2]
+    sin: torch.Tensor,
+    interleave: bool,
+    kv_b_weight: torch.Tensor,  # [H * (nope + v), R]
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [B] int64, where this step's latent and rope key go
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One MLA decode step after the projections -> [B, H, v]: normalise the latent, rotate the rotary
+    parts, write both into the cache, attend in absorbed form. Writes the caches in place."""
+    from .registry import mla_decode_absorbed, rms_norm
+    from .rope import apply_rope
+
+    rank, rope_dim = ckv_cache.shape[2], kpe_cache.shape[2]
+    c_kv, k_pe = kv_a.split([rank, rope_dim], dim=-1)
+    c_kv = rms_norm(c_kv, kv_norm_weight, eps)  # [B, R]
+    k_pe = apply_rope(k_pe[:, None, :], cos, sin, interleave)[:, 0]  # [B, Dr]
+    ckv_cache.view(-1, rank).index_copy_(0, slot_mapping, c_kv.to(ckv_cache.dtype))
+    kpe_cache.view(-1, rope_dim).index_copy_(0, slot_mapping, k_pe.to(kpe_cache.dtype))
+    q_nope, q_pe = q.split([q.shape[-1] - rope_dim, rope_dim], dim=-1)
+    q_pe = apply_rope(q_pe, cos, sin, interleave)
+    return mla_decode_absorbed(q_nope, q_pe, kv_b_weight, ckv_cache, kpe_cache, block_tables, context_lens, scale)

@@ -20,7 +20,7 @@ from .cpu_fused_moe import fused_moe_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
 from .gating import check_gating_args, topk_gating_ref
-from .mla_absorbed import mla_decode_absorbed_ref
+from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import check_mla_decode_args, mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
 
@@ -201,6 +201,33 @@ def mla_decode_absorbed(
         return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
                                            ckv_cache, kpe_cache, block_tables, context_lens, scale)
     return mla_decode_absorbed_ref(*args, scale)
+
+
+def mla_decode_step(
+    q: torch.Tensor,
+    kv_a: torch.Tensor,
+    kv_norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleave: bool,
+    kv_b_weight: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One MLA decode step after the projections, ``[B, H, v]``; see ``mla_decode_step_ref``."""
+    args = (q, kv_a, kv_norm_weight, eps, cos, sin, interleave, kv_b_weight, ckv_cache, kpe_cache, slot_mapping,
+            block_tables, context_lens, scale)
+    ext = _fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, ckv_cache, kpe_cache)
+    if ext is not None and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
+        return ext.mla_decode_step_f32(q.contiguous(), kv_a.contiguous(), kv_norm_weight.contiguous(), eps,
+                                       cos.contiguous(), sin.contiguous(), interleave, kv_b_weight.contiguous(),
+                                       ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens, scale)
+    return mla_decode_step_ref(*args)
 
 
 def _fp32_cpu_kernels(*tensors: torch.Tensor | None):

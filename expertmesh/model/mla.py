@@ -63,19 +63,23 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.num_heads, self.nope + self.rope_dim)  # [T, H, nope + rope]
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)  # [T, R]
+        kv_a = self.kv_a_proj_with_mqa(x)  # [T, R + rope]
         cos, sin = cos_sin
+        if kv_cache is not None and meta.is_decode_only:  # the common serving step, fused after the projections
+            out = kernels.mla_decode_step(
+                q, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, self.rotary.interleave,
+                self.kv_b_proj.weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
+                meta.context_lens_t, self.scale,
+            )  # [T, H, v]
+            return self.o_proj(out.flatten(1))
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [T, R]
         q_pe = self.rotary(q_pe, cos, sin)  # [T, H, rope]
         k_pe = self.rotary(k_pe[:, None, :], cos, sin)[:, 0]  # [T, rope]
         if kv_cache is not None:
             write_cache(kv_cache[0], meta.slot_mapping, c_kv)
             write_cache(kv_cache[1], meta.slot_mapping, k_pe)
-
-        if kv_cache is not None and meta.is_decode_only:  # the common serving step
-            out = self._decode(q_nope, q_pe, kv_cache, meta.block_tables, meta.context_lens_t)
-            return self.o_proj(out.flatten(1))
 
         def decode(rows, seqs):
             return self._decode(q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from expertmesh.kernels.rope import apply_rope
 from expertmesh.model.config import RopeConfig, yarn_mscale
 
 
@@ -59,16 +60,5 @@ class RotaryEmbedding(torch.nn.Module):
         return cos, sin
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates x [T, heads, dim] with cos/sin [T, dim/2].
-
-        Interleaved layouts rotate pairs (x0, x1), (x2, x3), ... and return the rotated channels
-        de-interleaved (evens then odds); queries and keys share the layout, so their dot products equal
-        those of an in-place interleaved rotation.
-        """
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """Rotates x [T, heads, dim] with cos/sin [T, dim/2] (see kernels.rope.apply_rope)."""
+        return apply_rope(x, cos, sin, self.interleave)

@@ -157,3 +157,26 @@ def test_ext_mla_absorbed_matches_the_reference(ext, lens, block_size):
     expected = mla_decode_absorbed_ref(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3)
     torch.testing.assert_close(ext.mla_decode_absorbed_f32(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3),
                                expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_ext_mla_decode_step_matches_the_reference_including_cache_writes(ext, interleave):
+    from expertmesh.kernels import mla_decode_step_ref
+
+    lens = [9, 1, 17]
+    _, _, ckv, kpe, tables, ctx = _paged(len(lens), 5, 24, 8, 4, lens)
+    heads, nope, v, rank, rope = 5, 12, 10, 24, 8
+    q = torch.randn(len(lens), heads, nope + rope)
+    kv_a = torch.randn(len(lens), rank + rope)
+    norm_w, cos, sin = torch.rand(rank) + 0.5, torch.randn(len(lens), rope // 2), torch.randn(len(lens), rope // 2)
+    kv_b = torch.randn(heads * (nope + v), rank) / 5
+    # Each sequence's new token is its last context position.
+    slots = torch.tensor([int(tables[b, (n - 1) // 4]) * 4 + (n - 1) % 4 for b, n in enumerate(lens)])
+    caches_ref, caches_ext = (ckv.clone(), kpe.clone()), (ckv.clone(), kpe.clone())
+    expected = mla_decode_step_ref(q, kv_a, norm_w, 1e-6, cos, sin, interleave, kv_b, *caches_ref, slots, tables,
+                                   ctx, 0.3)
+    got = ext.mla_decode_step_f32(q, kv_a, norm_w, 1e-6, cos, sin, interleave, kv_b, *caches_ext, slots, tables,
+                                  ctx, 0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches_ext, caches_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -207,3 +207,51 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   });
   return out;
 }
+
+// One MLA decode step after the projections, for B single-token sequences: kv_a_layernorm on the latent,
+// RoPE on the query's and the key's rotary parts, both cache writes, then the absorbed attention above.
+// q [B, H, nope + Dr] (q_b_proj output), kv_a [B, R + Dr] (kv_a_proj_with_mqa output), cos/sin [B, Dr/2].
+torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
+                                  torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
+                                  torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  check_f32(q, "q");
+  check_f32(kv_a, "kv_a");
+  check_f32(kv_norm_weight, "kv_norm_weight");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  check_f32(ckv_cache, "ckv_cache");
+  check_f32(kpe_cache, "kpe_cache");
+  const int64_t b_count = q.size(0), heads = q.size(1), rank = ckv_cache.size(2), dr = kpe_cache.size(2);
+  const int64_t nope = q.size(2) - dr, half = dr / 2;
+  TORCH_CHECK(kv_a.size(1) == rank + dr, "kv_a must be [B, R + Dr]");
+  auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  auto q_nope = torch::empty({b_count, heads, nope}, q.options());
+  auto q_pe = torch::empty({b_count, heads, dr}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = kv_a.data_ptr<float>(), *nw = kv_norm_weight.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  float *ckv = ckv_cache.data_ptr<float>(), *kpe = kpe_cache.data_ptr<float>();
+  float *qn = q_nope.data_ptr<float>(), *qr = q_pe.data_ptr<float>();
+  // out[:half] = x1 c - x2 s, out[half:] = x2 c + x1 s, with (x1, x2) the even/odd or first/second halves.
+  auto rotate = [&](const float* x, const float* c, const float* s, float* out) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = interleave ? x[2 * i] : x[i], x2 = interleave ? x[2 * i + 1] : x[half + i];
+      out[i] = x1 * c[i] - x2 * s[i];
+      out[half + i] = x2 * c[i] + x1 * s[i];
+    }
+  };
+  for (int64_t b = 0; b < b_count; ++b) {
+    const float* latent = kp + b * (rank + dr);
+    const float inv = 1.f / std::sqrt(dot(latent, latent, rank) / rank + static_cast<float>(eps));
+    float* dst = ckv + slot[b] * rank;
+    for (int64_t r = 0; r < rank; ++r) dst[r] = nw[r] * (latent[r] * inv);
+    rotate(latent + rank, cp + b * half, sp + b * half, kpe + slot[b] * dr);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = qp + (b * heads + h) * (nope + dr);
+      std::copy(qh, qh + nope, qn + (b * heads + h) * nope);
+      rotate(qh + nope, cp + b * half, sp + b * half, qr + (b * heads + h) * dr);
+    }
+  }
+  return mla_decode_absorbed_f32(q_nope, q_pe, kv_b, ckv_cache, kpe_cache, block_tables, context_lens, scale);
+}

@@ -157,8 +157,13 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
 torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
                                       torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
                                       torch::Tensor context_lens, double scale);
+torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
+                                  torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
+                                  torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mla_decode_step_f32", &mla_decode_step_f32, "MLA decode step after the projections: norm, RoPE, cache writes, attention");
   m.def("rms_norm_f32", &rms_norm_f32, "RMSNorm over the last dimension");
   m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
