@@ -21,6 +21,9 @@ _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in ("small_m.cpp", "decode_ops.cpp")]
 _HEADERS = [_CSRC / "rows_dot.h"]
 DISABLE_ENV = "EXPERTMESH_CPU_EXT"
+# -fno-math-errno lets the compiler vectorise exp (softmax); reductions are reassociated only inside
+# explicit `omp simd` loops.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 
 
 def _cpu_flags() -> str:
@@ -35,7 +38,10 @@ def _cpu_flags() -> str:
 
 def _build_dir() -> Path:
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode() + _cpu_flags().encode()
+        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+        + " ".join(_CFLAGS).encode()
+        + torch.__version__.encode()
+        + _cpu_flags().encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
     path = root / "cpu_ext" / key
@@ -54,7 +60,7 @@ def small_m_kernels() -> ModuleType | None:
         return load(
             name="expertmesh_small_m",
             sources=[str(p) for p in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", f"-I{_CSRC}"],
+            extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),
             verbose=False,

@@ -43,6 +43,36 @@ std::vector<int64_t> top_indices(const float* v, int64_t n, int64_t k) {
   return idx;
 }
 
+// C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N (row strides given): 4 rows of A by 64 columns of B
+// per register block, so each loaded 16-lane piece of B feeds four FMAs.
+void small_gemm(const float* a, int64_t a_stride, const float* b, int64_t b_stride, float* c, int64_t c_stride,
+                int64_t m_count, int64_t n_count, int64_t k_count) {
+  constexpr int64_t kM = 4, kN = 64;
+  for (int64_t m0 = 0; m0 < m_count; m0 += kM) {
+    const int64_t mb = std::min(kM, m_count - m0);
+    int64_t n0 = 0;
+    for (; n0 + kN <= n_count; n0 += kN) {
+      float acc[kM][kN] = {};
+      for (int64_t k = 0; k < k_count; ++k) {
+        const float* brow = b + k * b_stride + n0;
+        for (int64_t i = 0; i < mb; ++i) {
+          const float av = a[(m0 + i) * a_stride + k];
+#pragma omp simd
+          for (int64_t j = 0; j < kN; ++j) acc[i][j] += av * brow[j];
+        }
+      }
+      for (int64_t i = 0; i < mb; ++i) std::copy(acc[i], acc[i] + kN, c + (m0 + i) * c_stride + n0);
+    }
+    for (; n0 < n_count; ++n0) {  // columns past the last full block
+      for (int64_t i = 0; i < mb; ++i) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < k_count; ++k) sum += a[(m0 + i) * a_stride + k] * b[k * b_stride + n0];
+        c[(m0 + i) * c_stride + n0] = sum;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // weight * x * rsqrt(mean(x^2) + eps) over the last dimension.
@@ -146,35 +176,36 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
   float* op = out.data_ptr<float>();
+  // Absorb W_UK into every query first, per head across all sequences: q_lat [B, H, R].
+  auto q_latent = torch::empty({b_count, heads, rank}, q_nope.options());
+  float* qlp = q_latent.data_ptr<float>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      small_gemm(qn + h * nope, heads * nope, w + h * (nope + v_dim) * rank, rank, qlp + h * rank, heads * rank,
+                 b_count, rank, nope);
+  });
   // Work items are (sequence, group of heads): whole sequences when there are enough of them to keep every
   // thread busy, else each sequence's heads split across threads.
   const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, (2 * at::get_num_threads() + b_count - 1) / b_count));
   const int64_t group = (heads + splits - 1) / splits;
+  auto o_latent = torch::empty({b_count, heads, rank}, q_nope.options());
+  float* olp = o_latent.data_ptr<float>();
   at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_lat(group * rank), o_lat(group * rank), scores, rope_scores;
+    std::vector<float> scores, rope_scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / splits, h0 = (item % splits) * group, hn = std::min(heads, h0 + group) - h0;
       const int64_t len = lp[b];
-      if (len <= 0 || hn <= 0) continue;
-      std::fill(q_lat.begin(), q_lat.end(), 0.f);
-      for (int64_t i = 0; i < hn; ++i) {
-        const int64_t h = h0 + i;
-        const float* w_uk = w + h * (nope + v_dim) * rank;  // rows h*(nope+v) .. +nope
-        const float* qnh = qn + (b * heads + h) * nope;
-        float* ql = q_lat.data() + i * rank;
-        for (int64_t n = 0; n < nope; ++n) {
-          const float qv = qnh[n];
-          const float* row = w_uk + n * rank;
-#pragma omp simd
-          for (int64_t r = 0; r < rank; ++r) ql[r] += qv * row[r];
-        }
-      }
+      if (hn <= 0) continue;
+      const float* q_lat = qlp + (b * heads + h0) * rank;
+      float* o_lat = olp + (b * heads + h0) * rank;
+      std::fill(o_lat, o_lat + hn * rank, 0.f);
+      if (len <= 0) continue;
       // scores [hn, len]: these heads against each cache block's rows, block by block.
       scores.assign(hn * len, 0.f);
       rope_scores.assign(hn * len, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block) {
         const int64_t base = tp[b * width + t0 / block] * block, n = std::min(block, len - t0);
-        expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat.data(), rank, hn, scores.data() + t0, len);
+        expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat, rank, hn, scores.data() + t0, len);
         expertmesh::rows_dot(kpe + base * dr, n, dr, qp + (b * heads + h0) * dr, dr, hn, rope_scores.data() + t0, len);
       }
       for (int64_t i = 0; i < hn; ++i) {
@@ -183,27 +214,31 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t] = static_cast<float>(scale) * (s[t] + rs[t]));
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - m));
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = std::exp(s[t] - m);
+          sum += s[t];
+        }
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
-      std::fill(o_lat.begin(), o_lat.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
         const float* c = ckv + (tp[b * width + t / block] * block + t % block) * rank;
         for (int64_t i = 0; i < hn; ++i) {
           const float p = scores[i * len + t];
-          float* o = o_lat.data() + i * rank;
+          float* o = o_lat + i * rank;
 #pragma omp simd
           for (int64_t r = 0; r < rank; ++r) o[r] += p * c[r];
         }
       }
-      for (int64_t i = 0; i < hn; ++i) {
-        const int64_t h = h0 + i;
-        const float* w_uv = w + (h * (nope + v_dim) + nope) * rank;  // rows h*(nope+v)+nope .. +v
-        expertmesh::rows_dot(w_uv, v_dim, rank, o_lat.data() + i * rank, rank, 1, op + (b * heads + h) * v_dim, v_dim);
-      }
     }
+  });
+  // W_UV per head across all sequences: out[b, h] = W_UV[h] o_lat[b, h].
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      expertmesh::rows_dot(w + (h * (nope + v_dim) + nope) * rank, v_dim, rank, olp + h * rank, heads * rank, b_count,
+                           op + h * v_dim, heads * v_dim);
   });
   return out;
 }
