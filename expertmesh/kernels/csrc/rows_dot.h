@@ -16,6 +16,9 @@ inline void dot_block(const float* w, int64_t k, const float* x, int64_t x_strid
   float acc[RB][TB][kLanes] = {};
   const int64_t k_vec = k / kLanes * kLanes;
   for (int64_t i = 0; i < k_vec; i += kLanes) {
+    // Pull the next row block toward L2 while this one is consumed: the streams of one work item are
+    // short enough that the hardware prefetchers otherwise lose time ramping up at each block.
+    for (int64_t b = 0; b < RB; ++b) __builtin_prefetch(w + (RB + b) * k + i, 0, 1);
     for (int64_t b = 0; b < RB; ++b) {
       for (int64_t t = 0; t < TB; ++t) {
 #pragma omp simd
