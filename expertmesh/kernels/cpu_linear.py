@@ -24,6 +24,7 @@ from .cpu_ext import small_m_kernels
 ONEDNN_MAX_ROWS = 32
 # Up to this many rows the C++ weight-streaming kernel (csrc/small_m.cpp) beats oneDNN by 10-40%.
 STREAMING_MAX_ROWS = 8
+STREAMING_MIN_WEIGHT_ELEMENTS = 64 * 1024
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 
 
@@ -39,24 +40,23 @@ def onednn_available() -> bool:
     return bool(torch.equal(out, F.linear(x, w)))
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _cpu_inference_f32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() == 2
-        and x.shape[0] <= ONEDNN_MAX_ROWS
-        and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and onednn_available()
     )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]."""
-    if _use_onednn(x, weight):
-        if x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
+    if _cpu_inference_f32(x, weight):
+        rows, size = x.shape[0], weight.numel()
+        if rows <= STREAMING_MAX_ROWS and size >= STREAMING_MIN_WEIGHT_ELEMENTS and weight.is_contiguous():
             kernels = small_m_kernels()
             if kernels is not None:
                 return kernels.linear_small_m(x.contiguous(), weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        if rows <= ONEDNN_MAX_ROWS and size >= ONEDNN_MIN_WEIGHT_ELEMENTS and onednn_available():
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
