@@ -31,6 +31,9 @@ LOW_PRECISION_CASES = [
     ("float16", ("olmoe", "default"), 0.02), ("float16", ("qwen3_moe", "mlp_only_top1"), 0.02),
 ]
 
+# Tiny models: a second thread only adds synchronisation (about 1.7x slower on 2 cores).
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
 
 class Originals:
     """Each case's transformers-written checkpoint and float32 reference logits, built once on first use."""
@@ -51,15 +54,6 @@ class Originals:
 
 def prompts_for(vocab: int) -> tuple[list[list[int]], list[list[int]]]:
     return make_prompts(vocab, TF_PROMPT_LENS, seed=1), make_prompts(vocab, TF_CONT_LENS, seed=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: a second thread only adds synchronisation (about 1.7x slower on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

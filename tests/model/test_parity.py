@@ -29,6 +29,9 @@ CHUNKED_CASES = [("deepseek_v3", "default"), ("mixtral", "sliding_window"), ("qw
 SMALL_BLOCK_CASES = [("deepseek_v2", "group_limited_yarn"), ("mixtral", "sliding_window"),
                      ("qwen3_moe", "default"), ("olmoe", "clip_qkv")]
 
+# Tiny models: a second thread only adds synchronisation (about 1.7x slower on 2 cores).
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Reference:
@@ -73,15 +76,6 @@ class References:
         if case not in self._refs:
             self._refs[case] = _compute_reference(case, self._root / case_id(case))
         return self._refs[case]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: a second thread only adds synchronisation (about 1.7x slower on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
