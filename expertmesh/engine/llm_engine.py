@@ -126,7 +126,11 @@ class LLMEngine:
                 f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate within max_model_len={self.max_model_len}"
             )
         # Like vLLM, a request whose max_tokens runs past max_model_len stops there with "length".
-        self.scheduler.add(seq, min(params.max_tokens or room, room))
+        try:
+            self.scheduler.add(seq, min(params.max_tokens or room, room))
+        except ValueError as e:  # name the prompt and the engine settings that would make it fit
+            hint = "raise num_kv_blocks (or kv_cache_gib) or lower max_tokens"
+            raise ValueError(f"prompts[{index}]: {e}; {hint}") from None
         self._requests[seq.seq_id] = _Request(
             request_id=request_id, prompt=text, seq=seq, params=params,
             generator=make_generator(params.seed, self.executor.device),
