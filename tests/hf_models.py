@@ -89,23 +89,33 @@ _VARIANTS: dict[tuple[str, str], dict] = {
         rope_interleave=False, n_routed_experts=7, n_group=1, topk_group=1, num_experts_per_tok=2,
         rope_parameters=_yarn(mscale=0.707, mscale_all_dim=0.707),
     ),
+    ("deepseek_v3", "attention_bias"): dict(attention_bias=True, num_hidden_layers=3),
     ("mixtral", "default"): {},
     ("mixtral", "sliding_window"): dict(sliding_window=8, head_dim=12),
     ("qwen2_moe", "default"): {},
     ("qwen2_moe", "sparse_step2"): dict(num_hidden_layers=3, decoder_sparse_step=2, norm_topk_prob=True),
     ("qwen2_moe", "mlp_only_layers"): dict(mlp_only_layers=[0], num_key_value_heads=1),
+    ("qwen2_moe", "sliding_window"): dict(
+        num_hidden_layers=3, use_sliding_window=True, sliding_window=6, max_window_layers=2,
+    ),
     ("qwen3_moe", "default"): {},
     ("qwen3_moe", "mlp_only_top1"): dict(
         num_hidden_layers=3, mlp_only_layers=[1], num_experts_per_tok=1, norm_topk_prob=False,
     ),
     ("olmoe", "default"): {},
     ("olmoe", "clip_qkv"): dict(clip_qkv=1.0),
+    ("olmoe", "gqa_bias"): dict(num_key_value_heads=2, attention_bias=True),
+    ("qwen3_moe", "attention_bias"): dict(attention_bias=True),
 }
 
 CASES: list[tuple[str, str]] = list(_VARIANTS)
 
 # Model seeds, 0 unless seed 0 gave the reference a near-tie (test_reference_is_decisive finds them).
-_CASE_SEEDS = {("olmoe", "clip_qkv"): 1, ("deepseek_v3", "plain_rope_tied"): 1}
+_CASE_SEEDS = {
+    ("olmoe", "clip_qkv"): 1,
+    ("deepseek_v3", "plain_rope_tied"): 1,
+    ("deepseek_v3", "attention_bias"): 1,
+}
 
 
 def case_id(case: tuple[str, str]) -> str:
