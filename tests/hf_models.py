@@ -280,7 +280,8 @@ def to_published_config(ckpt_dir) -> Path:
         cfg.pop("head_dim", None)
     if family == "qwen2_moe":  # transformers 5 derives these; Qwen1.5-MoE spells a window it does not use
         del cfg["layer_types"]
-        cfg["sliding_window"] = 4096
+        if not cfg.get("use_sliding_window"):
+            cfg["sliding_window"] = 4096
     if family in ("qwen2_moe", "qwen3_moe", "olmoe") and "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
