@@ -185,7 +185,8 @@ def main() -> None:
     info["memory"] = load_peak_rss(path)
     mem = info["memory"]
     print(f"load: peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB for {mem['weights_bytes'] / 2**30:.2f} GiB of "
-          f"weights = {mem['peak_over_weights']:.2f}x (python + torch alone: {mem['import_rss_bytes'] / 2**30:.2f} GiB); "
+          f"weights = {mem['peak_over_weights']:.2f}x "
+          f"(python + torch alone: {mem['import_rss_bytes'] / 2**30:.2f} GiB); "
           f"load + first generation: {mem['serving_peak_rss_bytes'] / 2**30:.2f} GiB = "
           f"{mem['serving_peak_over_weights']:.2f}x", flush=True)
     info["floors"] = floors()

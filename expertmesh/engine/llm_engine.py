@@ -66,7 +66,9 @@ class LLMEngine:
         max_pos = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or max_pos
         if self.max_model_len > max_pos:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_pos}")
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_pos}"
+            )
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         self.executor = LocalExecutor(self.model, num_blocks=num_blocks, block_size=config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -97,10 +99,13 @@ class LLMEngine:
             text = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            is_list = isinstance(ids, (list, tuple))
+            if not is_list or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise TypeError(f"{name}[{index}].prompt_token_ids must be a list of ints")
         else:
-            raise TypeError(f"{name}[{index}] must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+            raise TypeError(
+                f"{name}[{index}] must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError(f"{name}[{index}] is empty")
         vocab = self.model_config.vocab_size
@@ -123,7 +128,8 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(
-                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate within max_model_len={self.max_model_len}"
+                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}"
             )
         # Like vLLM, a request whose max_tokens runs past max_model_len stops there with "length".
         try:

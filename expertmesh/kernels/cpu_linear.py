@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .backend import kernel_backend
 from .cpu_ext import small_m_kernels
 
 ONEDNN_MAX_ROWS = 32
@@ -46,6 +47,7 @@ def _cpu_inference_f32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and x.dim() == 2
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and kernel_backend() == "auto"
     )
 
 

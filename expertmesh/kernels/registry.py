@@ -11,10 +11,10 @@ without triton.
 """
 
 import functools
-import os
 
 import torch
 
+from .backend import BACKEND_ENV, kernel_backend
 from .cpu_ext import small_m_kernels
 from .cpu_fused_moe import fused_moe_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
@@ -24,16 +24,6 @@ from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import check_mla_decode_args, mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
 
-BACKEND_ENV = "EXPERTMESH_KERNELS"
-BACKENDS = ("auto", "torch", "triton")
-
-
-def kernel_backend() -> str:
-    """The backend the environment asks for: ``auto`` (the default), ``torch`` or ``triton``."""
-    backend = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 @functools.cache

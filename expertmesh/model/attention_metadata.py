@@ -64,7 +64,8 @@ class AttentionMetadata:
             [torch.arange(c - q, c, dtype=torch.int64) for q, c in zip(query_lens, context_lens, strict=True)]
             or [torch.zeros(0, dtype=torch.int64)]
         )
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens, dtype=torch.int64))
+        lens = torch.tensor(query_lens, dtype=torch.int64)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), lens)  # [T]
         blocks = tables[seq_of_token, positions // block_size].to(torch.int64)
         slots = blocks * block_size + positions % block_size
         starts = [0]
