@@ -15,7 +15,7 @@ from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.stop import StopChecker
-from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
+from expertmesh.engine.tokenizer import ByteTokenizer, Tokenizer, load_eos_token_ids
 from expertmesh.model import load_model
 
 
@@ -111,7 +111,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"{name}[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            hint = ""
+            if isinstance(prompt, str) and isinstance(self.tokenizer, ByteTokenizer):
+                hint = ("; the checkpoint has no tokenizer.json and the byte-level fallback needs a vocabulary of at "
+                        "least 258 ids: pass {'prompt_token_ids': [...]} instead")
+            raise ValueError(f"{name}[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}{hint}")
         return text, list(ids)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams, index: int = 0) -> Sequence:

@@ -431,3 +431,14 @@ def test_teacher_forced_logits_errors_leave_nothing_behind(llm, tok, reference, 
         llm.teacher_forced_logits([tok.encode("a"), tok.encode("b")], conts)
     assert_idle(llm)
     assert token_ids(llm.generate(PROMPTS[0], greedy())) == [reference[PROMPTS[0]]]
+
+
+def test_text_prompt_without_a_tokenizer_and_a_small_vocabulary_says_what_to_do(tmp_path):
+    from tests.hf_models import build_hf_checkpoint
+
+    ckpt = build_hf_checkpoint("mixtral", tmp_path / "m")  # transformers writes no tokenizer; vocab 211 < 258
+    llm = LLM(str(ckpt), num_kv_blocks=8)
+    with pytest.raises(ValueError, match=r"no tokenizer\.json.*prompt_token_ids"):
+        llm.generate("hi", SamplingParams(max_tokens=2))
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 2
