@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,6 +216,3 @@ class LLMEngine:
         self.scheduler.postprocess(batch)
         return logits
 
-
-def engine_from_path(model: str | Path, **kwargs: Any) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), **kwargs))

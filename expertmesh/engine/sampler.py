@@ -111,11 +111,3 @@ def _add_logprobs(
             result.sampled_logprobs.append(sampled[i])
             result.top_logprobs.append(list(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs])))
 
-
-class Sampler:
-    """Callable wrapper over `sample`, for call sites that hold a sampler object."""
-
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> SampleResult:
-        return sample(logits, params, generators)
