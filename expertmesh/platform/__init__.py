@@ -1,9 +1,11 @@
 """Control plane: deployment config, graph builder, expert placement and rebalancing, autoscaling, serving.
 
-Landed so far: the versioned expert placement table (`placement.py`). The actor graph, the deployment
-config and the Ray Serve app come with the actor-graph and serving issues.
+Landed so far: the deployment config (`deployment.py`) and the versioned expert placement table
+(`placement.py`). The graph builder, the actors' wiring and the Ray Serve app come with the actor-graph and
+serving issues.
 """
 
+from expertmesh.platform.deployment import ActorResources, DeploymentConfig
 from expertmesh.platform.placement import PlacementTable
 
-__all__ = ["PlacementTable"]
+__all__ = ["ActorResources", "DeploymentConfig", "PlacementTable"]

@@ -1,0 +1,146 @@
+"""How one model replica is laid out on Ray: the deployment config, read from a dict or a YAML file.
+
+Everything is checked before anything starts, and each error names the field: a config that cannot work
+is refused, not discovered halfway through building the actor graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from expertmesh.model.config import ModelConfig
+from expertmesh.platform.placement import PlacementTable
+
+TRANSPORTS = ("inprocess", "grpc", "collective")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActorResources:
+    """Ray resources of one actor."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeploymentConfig:
+    attention_actors: int = 1
+    expert_shards: int = 1
+    # "balanced", or {shard: [[layer, expert], ...]} naming what each shard holds (shards from 0).
+    expert_placement: str | dict[int, list[tuple[int, int]]] = "balanced"
+    transport: str = "inprocess"
+    placement_strategy: str = "SPREAD"  # how the Ray placement group spreads the actors over nodes
+    attention_resources: ActorResources = field(default_factory=ActorResources)
+    router_resources: ActorResources = field(default_factory=ActorResources)
+    shard_resources: ActorResources = field(default_factory=ActorResources)
+    ray_address: str | None = None  # None: start a local cluster (or join RAY_ADDRESS)
+
+    def __post_init__(self) -> None:
+        for name in ("attention_actors", "expert_shards"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}; got {self.placement_strategy!r}"
+            )
+        if isinstance(self.expert_placement, str):
+            if self.expert_placement != "balanced":
+                raise ValueError(f"expert_placement must be 'balanced' or a mapping of shard to experts, "
+                                 f"got {self.expert_placement!r}")
+        elif isinstance(self.expert_placement, dict):
+            bad = [s for s in self.expert_placement if not isinstance(s, int) or not 0 <= s < self.expert_shards]
+            if bad:
+                raise ValueError(
+                    f"expert_placement names shards {bad} outside [0, expert_shards={self.expert_shards})"
+                )
+        else:
+            kind = type(self.expert_placement).__name__
+            raise ValueError(f"expert_placement must be 'balanced' or a mapping, got {kind}")
+
+    @property
+    def total_gpus(self) -> float:
+        return (self.attention_actors * self.attention_resources.num_gpus + self.router_resources.num_gpus
+                + self.expert_shards * self.shard_resources.num_gpus)
+
+    @property
+    def total_cpus(self) -> float:
+        return (self.attention_actors * self.attention_resources.num_cpus + self.router_resources.num_cpus
+                + self.expert_shards * self.shard_resources.num_cpus)
+
+    def placement_for(self, model: ModelConfig) -> PlacementTable:
+        """The initial placement table for a model; refused if any routed expert would have no shard."""
+        moe_layers = [i for i, is_moe in enumerate(model.moe_layers) if is_moe]
+        num_experts = model.routing.num_experts
+        if self.expert_placement == "balanced":
+            return PlacementTable.balanced(moe_layers, num_experts, self.expert_shards)
+        table = PlacementTable.from_assignment(moe_layers, num_experts, self.expert_placement)
+        empty = [s for s in range(self.expert_shards) if not table.shard_experts(s)]
+        if empty:
+            raise ValueError(f"expert_placement leaves expert shards {empty} with no experts")
+        return table
+
+    def check_cluster(self, resources: dict[str, float]) -> None:
+        """Refuses a deployment the cluster cannot hold (`resources` as `ray.cluster_resources()` gives)."""
+        for key, needed in (("GPU", self.total_gpus), ("CPU", self.total_cpus)):
+            have = resources.get(key, 0.0)
+            if needed > have:
+                raise ValueError(f"the deployment needs {needed:g} {key}s but the cluster has {have:g}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DeploymentConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a deployment config must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown deployment fields {unknown}; known: {sorted(known)}")
+        kwargs = dict(raw)
+        for name in ("attention_resources", "router_resources", "shard_resources"):
+            if name in kwargs:
+                kwargs[name] = _resources(name, kwargs[name])
+        placement = kwargs.get("expert_placement")
+        if isinstance(placement, dict):
+            kwargs["expert_placement"] = _placement(placement)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentConfig:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from e
+        return cls.from_dict(raw or {})
+
+
+def _resources(name: str, value: Any) -> ActorResources:
+    if isinstance(value, ActorResources):
+        return value
+    if not isinstance(value, dict) or set(value) - {"num_cpus", "num_gpus"}:
+        raise ValueError(f"{name} must be a mapping with num_cpus and/or num_gpus, got {value!r}")
+    return ActorResources(**value)
+
+
+def _placement(raw: dict) -> dict[int, list[tuple[int, int]]]:
+    out = {}
+    for shard, experts in raw.items():
+        try:
+            out[int(shard)] = [(int(layer), int(expert)) for layer, expert in experts]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"expert_placement[{shard!r}] must be a list of [layer, expert] pairs, got {experts!r}"
+            ) from None
+    return out
