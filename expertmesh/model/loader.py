@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +51,42 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.model.rotary.inv_freq = rope_inv_freq(config.rope)[0].to(device)
     model.checkpoint = checkpoint  # keeps the mapped files alive as long as the model's views of them
     return model.eval()
+
+
+@dataclass(frozen=True, slots=True)
+class LayerExperts:
+    """Some routed experts of one MoE layer, stacked in the order of `expert_ids`."""
+
+    expert_ids: tuple[int, ...]  # logical ids in the checkpoint
+    w13: torch.Tensor  # [n, 2I, H], gate rows then up
+    w2: torch.Tensor  # [n, H, I]
+
+
+def load_experts(
+    model_dir: str | Path, experts: Iterable[tuple[int, int]], dtype: str | torch.dtype = "float32"
+) -> dict[int, LayerExperts]:
+    """Only the given (layer, expert) pairs' weights, per layer: what an expert shard holds. Nothing else of
+    the checkpoint is read."""
+    config = ModelConfig.from_pretrained(model_dir)
+    dtype = resolve_dtype(dtype)
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in experts:
+        if not 0 <= layer < config.num_layers or not config.moe_layers[layer]:
+            raise ValueError(f"layer {layer} has no routed experts in this {config.model_type} checkpoint")
+        if not 0 <= expert < config.routing.num_experts:
+            raise ValueError(f"expert {expert} is out of range [0, {config.routing.num_experts})")
+        by_layer.setdefault(layer, []).append(expert)
+    adapter = StateDictAdapter(config, SafetensorsCheckpoint(model_dir))
+    e, h, i = config.routing.num_experts, config.hidden_size, config.moe_intermediate_size
+    out = {}
+    for layer, ids in sorted(by_layer.items()):
+        ids = sorted(set(ids))
+        out[layer] = LayerExperts(
+            expert_ids=tuple(ids),
+            w13=adapter.load_experts(layer, "w13", ids, (e, 2 * i, h), dtype),
+            w2=adapter.load_experts(layer, "w2", ids, (e, h, i), dtype),
+        )
+    return out
 
 
 def _set(model: nn.Module, dotted: str, value: torch.Tensor) -> None:

@@ -16,6 +16,11 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.weights import SafetensorsCheckpoint
 
 _MOE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.*)$")
+# Stacked expert tensor -> (fused spellings, per-expert parts in stacking order with their spellings).
+_EXPERT_NAMES = {
+    "w13": (("gate_up_proj",), (("gate_proj", "w1"), ("up_proj", "w3"))),
+    "w2": (("down_proj",), (("down_proj", "w2"),)),
+}
 
 
 class StateDictAdapter:
@@ -28,10 +33,8 @@ class StateDictAdapter:
         m = _MOE.match(name)
         if m and self.config.moe_layers[int(m.group(1))]:
             layer, rest = int(m.group(1)), m.group(2)
-            if rest == "experts.w13":
-                return self._experts(layer, ("gate_up_proj",), (("gate_proj", "w1"), ("up_proj", "w3")), shape, dtype)
-            if rest == "experts.w2":
-                return self._experts(layer, ("down_proj",), (("down_proj", "w2"),), shape, dtype)
+            if rest in ("experts.w13", "experts.w2"):
+                return self.load_experts(layer, rest.removeprefix("experts."), range(shape[0]), shape, dtype)
             return self._direct(self._moe_candidates(layer, rest), shape, dtype)
         return self._direct([name], shape, dtype)
 
@@ -62,18 +65,32 @@ class StateDictAdapter:
         self.ckpt.release(name)
         return out
 
-    def _experts(self, layer, fused_names, per_expert, shape, dtype) -> torch.Tensor:
+    def load_experts(self, layer: int, which: str, experts, full_shape: tuple[int, int, int],
+                     dtype: torch.dtype) -> torch.Tensor:
+        """`which` ("w13" or "w2") of the given experts of one layer, stacked in that order: [len(experts), ...].
+
+        `full_shape` is the stacked shape of all the layer's experts. Reads only those experts' tensors (or
+        rows of a fused tensor), so an expert shard never loads the rest of the model.
+        """
+        experts = list(experts)
+        fused_names, per_expert = _EXPERT_NAMES[which]
         for prefix in self._moe_prefixes(layer):
             for fused in fused_names:
-                if f"{prefix}.experts.{fused}" in self.ckpt:
-                    return self._checked(f"{prefix}.experts.{fused}", shape, dtype)
-        num_experts, rows, cols = shape
+                name = f"{prefix}.experts.{fused}"
+                if name in self.ckpt:
+                    full = self._checked(name, full_shape, self.ckpt.tensor(name).dtype)  # zero-copy view
+                    if experts == list(range(full_shape[0])) and full.dtype == dtype:
+                        return full
+                    out = full[experts].to(dtype)  # a copy of just these rows, in the asked dtype
+                    self.ckpt.release(name)
+                    return out
+        _, rows, cols = full_shape
         part_rows = rows // len(per_expert)
-        out = torch.empty(shape, dtype=dtype)
-        for e in range(num_experts):
+        out = torch.empty((len(experts), rows, cols), dtype=dtype)
+        for i, e in enumerate(experts):
             for part, spellings in enumerate(per_expert):
                 src = self._find_expert_tensor(layer, e, spellings, (part_rows, cols))
-                out[e, part * part_rows : (part + 1) * part_rows].copy_(self.ckpt.tensor(src))
+                out[i, part * part_rows : (part + 1) * part_rows].copy_(self.ckpt.tensor(src))
                 self.ckpt.release(src)  # the stacked copy replaces the mapped pages
         return out
 
