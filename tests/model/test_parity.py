@@ -142,22 +142,20 @@ def test_greedy_with_8_prompts_in_one_call_matches_transformers(llm, ref):
 @pytest.mark.parametrize("case", CHUNKED_CASES, ids=case_id)
 def test_chunked_prefill_matches_transformers(case, references):
     """A 16-token budget splits every prompt over 13 tokens into several prefill chunks."""
-    from expertmesh import LLM
-
-    ref = references[case]
-    llm = LLM(model=str(ref.ckpt_dir), **{**ENGINE_KWARGS, "max_num_batched_tokens": 16})
-    got = llm.teacher_forced_logits(prompt_token_ids=ref.tf_prompts, continuation_token_ids=ref.tf_conts)
-    assert_logits_close(got, ref.logits)
-    _assert_same_tokens(_generate_ids(llm, ref.gen_prompts), ref.tokens)
+    _assert_engine_matches(references[case], max_num_batched_tokens=16)
 
 
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=case_id)
 def test_block_size_4_matches_transformers(case, references):
     """Sequences span many small cache blocks, so block-table indexing is exercised on every step."""
+    _assert_engine_matches(references[case], block_size=4)
+
+
+def _assert_engine_matches(ref, **engine_overrides) -> None:
+    """Logits and greedy tokens of an engine configured with `engine_overrides` equal transformers'."""
     from expertmesh import LLM
 
-    ref = references[case]
-    llm = LLM(model=str(ref.ckpt_dir), **{**ENGINE_KWARGS, "block_size": 4})
+    llm = LLM(model=str(ref.ckpt_dir), **{**ENGINE_KWARGS, **engine_overrides})
     got = llm.teacher_forced_logits(prompt_token_ids=ref.tf_prompts, continuation_token_ids=ref.tf_conts)
     assert_logits_close(got, ref.logits)
     _assert_same_tokens(_generate_ids(llm, ref.gen_prompts), ref.tokens)
