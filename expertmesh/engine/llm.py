@@ -16,12 +16,25 @@ from expertmesh.engine.tokenizer import Tokenizer
 
 
 class LLM:
-    """An in-process engine over one checkpoint directory."""
+    """An engine over one checkpoint directory: in this process, or on an actor graph when given a
+    `deployment` (a dict, a YAML path or a DeploymentConfig); both give the same outputs."""
 
-    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **engine_kwargs: Any):
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, deployment: Any = None,
+                 **engine_kwargs: Any):
         torch.manual_seed(seed)  # unseeded sampling draws from the global generator, as in vLLM
-        self.llm_engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, **engine_kwargs))
+        self.llm_engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, deployment=deployment,
+                                                 **engine_kwargs))
         self._counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the actor graph, if any (and the Ray cluster it started)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.tokenizer

@@ -3,9 +3,9 @@
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from expertmesh.model.decoder import MoECausalLM
-from expertmesh.model.loader import LayerExperts, load_experts, load_model, resolve_dtype
+from expertmesh.model.loader import LayerExperts, LayerGate, load_experts, load_gates, load_model, resolve_dtype
 
 __all__ = [
-    "AttentionMetadata", "LayerExperts", "ModelConfig", "MoECausalLM", "SUPPORTED_MODEL_TYPES", "load_experts",
-    "load_model", "resolve_dtype",
+    "AttentionMetadata", "LayerExperts", "LayerGate", "ModelConfig", "MoECausalLM", "SUPPORTED_MODEL_TYPES",
+    "load_experts", "load_gates", "load_model", "resolve_dtype",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.moe import MoEBlock
 from expertmesh.model.rope import rope_inv_freq
 from expertmesh.model.state_dict_adapter import StateDictAdapter
 from expertmesh.model.weights import SafetensorsCheckpoint
@@ -29,13 +30,26 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> MoECausalLM:
-    """Loads a Hugging Face MoE checkpoint (safetensors) of any supported family, in eval mode, frozen."""
+def load_model(
+    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", *, routed_experts: bool = True
+) -> MoECausalLM:
+    """Loads a Hugging Face MoE checkpoint (safetensors) of any supported family, in eval mode, frozen.
+
+    With `routed_experts=False` the MoE blocks keep only their shared experts: the gates and routed experts
+    are neither read nor allocated (what an attention actor holds; the router and the expert shards own the
+    rest), and each block's `backend` must be set before a forward pass.
+    """
     config = ModelConfig.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype)
     checkpoint = SafetensorsCheckpoint(model_dir)
     with torch.device("meta"):
         model = MoECausalLM(config)
+    if not routed_experts:
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.gate = None
+                layer.mlp.experts = None
+                layer.mlp.backend = _missing_backend
     adapter = StateDictAdapter(config, checkpoint)
     tied = config.tie_word_embeddings or "lm_head.weight" not in checkpoint
     for name, param in list(model.named_parameters(remove_duplicate=False)):
@@ -51,6 +65,36 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", devi
     model.model.rotary.inv_freq = rope_inv_freq(config.rope)[0].to(device)
     model.checkpoint = checkpoint  # keeps the mapped files alive as long as the model's views of them
     return model.eval()
+
+
+def _missing_backend(layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError(f"layer {layer_idx}'s routed experts were not loaded and no backend was set for them")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerGate:
+    """One MoE layer's router weights: what the router actor holds."""
+
+    weight: torch.Tensor  # [E, H]
+    correction_bias: torch.Tensor | None  # [E] float32
+
+
+def load_gates(model_dir: str | Path, dtype: str | torch.dtype = "float32") -> tuple[ModelConfig, dict[int, LayerGate]]:
+    """The gate weight (and correction bias) of every MoE layer, and nothing else of the checkpoint."""
+    config = ModelConfig.from_pretrained(model_dir)
+    dtype = resolve_dtype(dtype)
+    adapter = StateDictAdapter(config, SafetensorsCheckpoint(model_dir))
+    e, h = config.routing.num_experts, config.hidden_size
+    gates = {}
+    for layer, is_moe in enumerate(config.moe_layers):
+        if not is_moe:
+            continue
+        prefix = f"model.layers.{layer}.mlp.gate"
+        bias = None
+        if config.routing.correction_bias:
+            bias = adapter.load(f"{prefix}.e_score_correction_bias", (e,), torch.float32).clone()
+        gates[layer] = LayerGate(weight=adapter.load(f"{prefix}.weight", (e, h), dtype).clone(), correction_bias=bias)
+    return config, gates
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,8 +62,18 @@ class RoutedExperts(nn.Module):
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
+class PendingRouted(Protocol):
+    """Routed-expert output still being computed elsewhere; `wait` returns it, [T, H]."""
+
+    def wait(self) -> torch.Tensor: ...
+
+
 class RoutedExpertsBackend(Protocol):
-    def __call__(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor: ...
+    """Returns the routed output, or a `PendingRouted` so the block computes its shared experts meanwhile."""
+
+    def __call__(
+        self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor
+    ) -> torch.Tensor | PendingRouted: ...
 
 
 def local_backend(layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -85,10 +95,11 @@ class MoEBlock(nn.Module):
         self.backend: RoutedExpertsBackend = local_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        out = self.backend(self.layer_idx, self, x)
-        if self.shared_experts is not None:
+        routed = self.backend(self.layer_idx, self, x)
+        shared = None
+        if self.shared_experts is not None:  # while a remote backend's experts run
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        out = routed if isinstance(routed, torch.Tensor) else routed.wait()
+        return out if shared is None else out + shared

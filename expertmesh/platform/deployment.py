@@ -37,6 +37,8 @@ class DeploymentConfig:
     expert_shards: int = 1
     # "balanced", or {shard: [[layer, expert], ...]} naming what each shard holds (shards from 0).
     expert_placement: str | dict[int, list[tuple[int, int]]] = "balanced"
+    # "inprocess": the shards' experts run inside the router's process; "grpc": shard actors behind gRPC
+    # streams; "collective": shard actors in a torch.distributed group (gloo on CPUs, NCCL on GPUs)
     transport: str = "inprocess"
     placement_strategy: str = "SPREAD"  # how the Ray placement group spreads the actors over nodes
     attention_resources: ActorResources = field(default_factory=ActorResources)
@@ -70,14 +72,20 @@ class DeploymentConfig:
             raise ValueError(f"expert_placement must be 'balanced' or a mapping, got {kind}")
 
     @property
+    def shard_actors(self) -> int:
+        """Expert-shard actors started: none for "inprocess", whose shards live in the router's process (size
+        `router_resources` for them)."""
+        return 0 if self.transport == "inprocess" else self.expert_shards
+
+    @property
     def total_gpus(self) -> float:
         return (self.attention_actors * self.attention_resources.num_gpus + self.router_resources.num_gpus
-                + self.expert_shards * self.shard_resources.num_gpus)
+                + self.shard_actors * self.shard_resources.num_gpus)
 
     @property
     def total_cpus(self) -> float:
         return (self.attention_actors * self.attention_resources.num_cpus + self.router_resources.num_cpus
-                + self.expert_shards * self.shard_resources.num_cpus)
+                + self.shard_actors * self.shard_resources.num_cpus)
 
     def placement_for(self, model: ModelConfig) -> PlacementTable:
         """The initial placement table for a model; refused if any routed expert would have no shard."""

@@ -67,6 +67,10 @@ class PlacementTable:
         """What a shard must load, in (layer, expert) order."""
         return sorted(e for e, shards in self.replicas.items() if shard in shards)
 
+    def holds_layer(self, shard: int, layer: int) -> bool:
+        """Whether `shard` holds a replica of any expert of `layer`."""
+        return any(shard in self.replicas[layer, e] for e in range(self.num_experts))
+
     def shards_for(self, layer: int, expert: int) -> tuple[int, ...]:
         return self.replicas[layer, expert]
 

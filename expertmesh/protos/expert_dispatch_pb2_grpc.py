@@ -97,3 +97,77 @@ class ExpertShard:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MoERouterStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Route = channel.stream_stream(
+                '/expertmesh.dispatch.v1.MoERouter/Route',
+                request_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteResponse.FromString,
+                _registered_method=True)
+
+
+class MoERouterServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Route(self, request_iterator, context):
+        """One stream per attention actor, opened once; the call's metadata names the actor's rank as
+        `attention-rank`. Responses come back in the order the router finishes them, not the request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MoERouterServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Route': grpc.stream_stream_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteRequest.FromString,
+                    response_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'expertmesh.dispatch.v1.MoERouter', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('expertmesh.dispatch.v1.MoERouter', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MoERouter:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Route(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/expertmesh.dispatch.v1.MoERouter/Route',
+            expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteRequest.SerializeToString,
+            expertmesh_dot_protos_dot_expert__dispatch__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -31,6 +31,8 @@ def test_yaml_with_explicit_placement_and_resources(tmp_path):
     table = d.placement_for(MODEL)
     assert table.shards_for(2, 0) == (0, 1) and table.shards_for(4, 7) == (1,)
     assert d.total_gpus == 2 and d.total_cpus == 2 * 1 + 1 + 2 * 0.5
+    inprocess = DeploymentConfig.from_dict({"expert_shards": 3, "transport": "inprocess", "shard_resources": {"num_cpus": 4}})
+    assert inprocess.shard_actors == 0 and inprocess.total_cpus == 2  # its shards live in the router
     d.check_cluster({"CPU": 4.0, "GPU": 2.0})
     with pytest.raises(ValueError, match="needs 2 GPUs but the cluster has 1"):
         d.check_cluster({"CPU": 8.0, "GPU": 1.0})

@@ -1,0 +1,115 @@
+"""The router: gate weights, the expert placement table, live load counts, and the conduct of each step.
+
+`RouterCore` is the math, usable in any process: per MoE layer it routes the hidden states with the same
+`route` function local mode calls, groups the routed (token, expert) pairs by the shard holding a replica,
+has a `Dispatch` run them, and sums the shards' weighted outputs per token. `run_step` walks one step's
+(layer, micro-batch) slots in order, taking each micro-batch's hidden states from the attention actors and
+handing back the routed output, so attention of one micro-batch overlaps the experts of the other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from expertmesh.actors.dispatch import Dispatch, ShardWork
+from expertmesh.model import load_gates, resolve_dtype
+from expertmesh.model.moe import route
+from expertmesh.platform.placement import PlacementTable
+
+# One step's plan: per micro-batch, {attention rank: number of tokens}.
+StepPlan = Sequence[dict[int, int]]
+
+
+class RouterCore:
+    def __init__(self, model_dir: str | Path, placement: PlacementTable, *, dtype: str | torch.dtype = "float32"):
+        self.config, self.gates = load_gates(model_dir, dtype)
+        self.dtype = resolve_dtype(dtype)
+        self.hidden_size = self.config.hidden_size
+        self.num_experts = self.config.routing.num_experts
+        self.moe_layers = sorted(self.gates)
+        self.load = {layer: torch.zeros(self.num_experts, dtype=torch.int64) for layer in self.moe_layers}
+        # (tokens, seconds) of recent dispatch round trips: sending a layer's work to the shards until the
+        # last output is back
+        self.round_trips: deque[tuple[int, float]] = deque(maxlen=4096)
+        self.set_placement(placement)
+
+    def set_placement(self, table: PlacementTable) -> None:
+        """Swaps in a placement table (between steps); it must cover this model's MoE layers and experts."""
+        if tuple(table.moe_layers) != tuple(self.moe_layers) or table.num_experts != self.num_experts:
+            raise ValueError(f"placement table is for MoE layers {list(table.moe_layers)} x {table.num_experts} "
+                             f"experts; this model has {self.moe_layers} x {self.num_experts}")
+        self.placement = table
+        self._primary: dict[int, torch.Tensor] = {}
+        self._replicated: dict[int, bool] = {}
+        self.layer_shards: dict[int, list[int]] = {}
+        for layer in self.moe_layers:
+            replicas = [table.shards_for(layer, e) for e in range(self.num_experts)]
+            self._primary[layer] = torch.tensor([r[0] for r in replicas], dtype=torch.int64)
+            self._replicated[layer] = any(len(r) > 1 for r in replicas)
+            self.layer_shards[layer] = sorted({s for r in replicas for s in r})
+
+    def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.gates[layer]
+        return route(hidden, gate.weight, gate.correction_bias, self.config.routing)
+
+    def split(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> list[ShardWork]:
+        """The work of each shard that received any pair, in shard order."""
+        if self._replicated[layer]:  # a hot expert's pairs are dealt over its replicas in turn
+            shard_of = torch.tensor(self.placement.assign(layer, ids.reshape(-1).tolist())).view_as(ids)
+        else:
+            shard_of = self._primary[layer][ids]
+        works = []
+        for shard in self.layer_shards[layer]:
+            mine = shard_of == shard  # [T, K]
+            tokens = mine.any(dim=1).nonzero().squeeze(1)
+            if tokens.numel() == 0:
+                continue
+            works.append(ShardWork(
+                shard=shard, tokens=tokens, hidden_states=hidden[tokens],
+                expert_ids=torch.where(mine, ids, -1)[tokens], weights=torch.where(mine, weights, 0.0)[tokens],
+            ))
+        return works
+
+    def combine(self, hidden: torch.Tensor, works: Sequence[ShardWork], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(hidden.shape, dtype=torch.float32)
+        for work, y in zip(works, outputs):
+            out.index_add_(0, work.tokens, y.float())
+        return out.to(hidden.dtype)
+
+    @torch.inference_mode()
+    def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """The routed-expert output of one layer for [T, H] hidden states, computed on the shards."""
+        weights, ids = self.route(layer, hidden)
+        self.load[layer] += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        works = self.split(layer, hidden, weights, ids)
+        start = time.perf_counter()
+        outputs = dispatch.dispatch(step, layer, self.placement.version, works)
+        self.round_trips.append((hidden.shape[0], time.perf_counter() - start))
+        return self.combine(hidden, works, outputs)
+
+    def run_step(self, step: int, plan: StepPlan, attention, dispatch: Dispatch, on_micro_batch=None) -> None:
+        """Serves every MoE layer of every micro-batch of one step. `attention` is the router side of the
+        attention link (`receive`/`reply`); `on_micro_batch(mb)` lets a transport tag its messages."""
+        attention.start_step(step)
+        for layer in self.moe_layers:
+            for mb, counts in enumerate(plan):
+                ranks = [r for r, n in sorted(counts.items()) if n > 0]
+                if not ranks:
+                    continue
+                parts = [attention.receive(step, mb, layer, r, counts[r], self.hidden_size) for r in ranks]
+                hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if on_micro_batch is not None:
+                    on_micro_batch(mb)
+                out = self.moe(step, layer, hidden, dispatch)
+                for r, piece in zip(ranks, out.split([counts[r] for r in ranks])):
+                    attention.reply(step, mb, layer, r, piece)
+        attention.finish_step()
+
+    def load_counts(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of each MoE layer since the router started (or was reset)."""
+        return {layer: counts.tolist() for layer, counts in self.load.items()}
