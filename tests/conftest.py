@@ -1,9 +1,14 @@
 """Fixtures shared by every test directory."""
 
-import pytest
-import torch
+import os
 
-from expertmesh.model.init_model import write_random_checkpoint
+# Before anything imports Ray: otherwise Ray on Linux rewrites 127.0.0.1 to another interface.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from expertmesh.model.init_model import write_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0  # how long the cluster gets to place every actor's bundle
 PING_TIMEOUT_S = 30.0
-ABORT_GRACE_S = 30.0  # how long a failed step's other calls get to return once told to abort
+ABORT_GRACE_S = 30.0
+RECOVERY_ROUNDS = 10  # how long a failed step's other calls get to return once told to abort
 
 
 class StepFailed(RuntimeError):
@@ -297,29 +299,47 @@ class ActorGraphExecutor:
             return False
 
     def _recover(self) -> None:
-        restart_all = self._needs_restart
-        self._needs_restart = False
+        """Replaces every dead actor (all of them for a collective graph that failed) and rewires. A replacement
+        can itself die before it is up, e.g. when its node was lost and the bundle is still being re-placed:
+        then it goes round again."""
+        everything, self._needs_restart = self._needs_restart, False
+        replaced: list[str] = []
+        for attempt in range(RECOVERY_ROUNDS):
+            replaced += self._replace_dead(everything)
+            everything = False
+            try:
+                self._wait_started()
+                if replaced:
+                    self._wire()  # new actors: new addresses (or a new process group)
+                break
+            except (RayActorError, GetTimeoutError) as e:
+                log.warning("a replacement actor failed to start (%s); trying again", _short(e))
+                time.sleep(min(2.0 * (attempt + 1), 10.0))
+                # collective: the survivors may be stuck joining a group that will never complete
+                everything = self.deployment.transport == "collective"
+        else:
+            raise RuntimeError(f"could not replace the graph's dead actors in {RECOVERY_ROUNDS} rounds")
+        self.recoveries.append(", ".join(dict.fromkeys(replaced)) or "retried the step with every actor alive")
+        log.warning("actor graph recovered: %s", self.recoveries[-1])
+
+    def _replace_dead(self, everything: bool) -> list[str]:
         replaced = []
         for rank, actor in enumerate(self.attention):
-            if restart_all or not self._alive(actor):
+            if everything or not self._alive(actor):
                 ray.kill(actor, no_restart=True)
                 self.attention[rank] = self._start_attention(rank)
                 self._lost.update(i for i, s in self._seqs.items() if s.rank == rank)
                 replaced.append(f"attention actor {rank}")
-        if restart_all or not self._alive(self.router):
+        if everything or not self._alive(self.router):
             ray.kill(self.router, no_restart=True)
             self.router = self._start_router()
             replaced.append("router")
         for s, actor in enumerate(self.shards):
-            if restart_all or not self._alive(actor):
+            if everything or not self._alive(actor):
                 ray.kill(actor, no_restart=True)
                 self.shards[s] = self._start_shard(s)
                 replaced.append(f"expert shard {s}")
-        self._wait_started()
-        if replaced:
-            self._wire()  # new actors: new addresses (or a new process group)
-        self.recoveries.append(", ".join(replaced) or "retried the step with every actor alive")
-        log.warning("actor graph recovered: %s", self.recoveries[-1])
+        return replaced
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def load_counts(self) -> dict[int, list[int]]:
