@@ -157,18 +157,54 @@ def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
     return out
 
 
+def expert_floor(path: Path, sizes: tuple[int, ...], reps: int = 21) -> dict:
+    """What one MoE layer's routed experts cost with no transport and no other process on the cores: the
+    shards' runtime holding every expert, in this process with torch's threads, on the tokens a dispatch
+    carries (routed by the checkpoint's own gates). The dispatch round trip's floor on this machine, since
+    the shards share its cores."""
+    from expertmesh.actors.expert_shard import ExpertShard
+    from expertmesh.actors.router import RouterCore
+    from expertmesh.kernels.cpu_ext import small_m_kernels
+    from expertmesh.model.config import ModelConfig
+    from expertmesh.platform.placement import PlacementTable
+
+    small_m_kernels()
+    cfg = ModelConfig.from_pretrained(path)
+    layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
+    table = PlacementTable.balanced(layers, cfg.routing.num_experts, 1)
+    router, shard = RouterCore(path, table), ExpertShard(path, table.shard_experts(0))
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for size in sizes:
+        times, unique = [], []
+        for rep in range(reps + len(layers)):  # the first pass over the layers is a warm-up
+            layer = layers[rep % len(layers)]  # a new layer each time: its experts are not in the caches
+            hidden = torch.randn(size, cfg.hidden_size, generator=g)
+            weights, ids = router.route(layer, hidden)
+            start = time.perf_counter()
+            shard.forward(layer, hidden, ids, weights)
+            if rep >= len(layers):
+                times.append(time.perf_counter() - start)
+                unique.append(ids.unique().numel())
+        out[size] = {"median_s": statistics.median(times), "min_s": min(times),
+                     "experts_hit": statistics.fmean(unique)}
+    del router, shard
+    gc.collect()
+    return out
+
+
 def _deployment(transport: str, shards: int, args) -> dict:
-    router_cpus, shard_cpus = args.router_cpus, args.shard_cpus
+    router_cpus = args.router_cpus
     if transport == "inprocess":
-        # no shard actors: the router process runs every shard's experts, with int(router + shards x shard)
-        # threads; keep that at the machine's cores
-        router_cpus, shard_cpus = 0.0, float(os.cpu_count() or 2) / shards
+        # no shard actors: the router's process runs every shard's experts, with int(router num_cpus)
+        # threads: give it the machine's cores, as local mode's experts have
+        router_cpus = float(os.cpu_count() or 2)
     return {
         "attention_actors": 1, "expert_shards": shards, "transport": transport,
         "placement_strategy": "PACK",  # one node: SPREAD would place them on it anyway
         "attention_resources": {"num_cpus": args.attention_cpus},
         "router_resources": {"num_cpus": router_cpus},
-        "shard_resources": {"num_cpus": shard_cpus},
+        "shard_resources": {"num_cpus": args.shard_cpus},
     }
 
 
@@ -190,7 +226,7 @@ def main() -> None:
     shard_counts = [int(s) for s in args.shards.split(",")]
     # (batch, prompt length, new tokens): decode steps = new tokens - 1
     cases = [(1, 32, 33), (32, 128, 17)] if not args.quick else [(1, 32, 9), (32, 64, 5)]
-    repeats = args.repeats or (2 if not args.quick else 1)
+    repeats = args.repeats or (3 if not args.quick else 2)
 
     from expertmesh import LLM
 
@@ -209,6 +245,11 @@ def main() -> None:
     info["local"] = measure("local        ", llm, cases, repeats)
     del llm
     gc.collect()
+    sizes = sorted({1, *(b // 2 for b, _, _ in cases if b > 1), *(b for b, _, _ in cases)})  # 1, 16 and 32
+    info["expert_floor"] = expert_floor(path, tuple(sizes))
+    print("expert compute per MoE layer, in this process, no transport (%d threads): " % torch.get_num_threads()
+          + ", ".join(f"{t} tokens {v['median_s'] * 1e3:.2f} ms ({v['experts_hit']:.0f} experts hit)"
+                      for t, v in info["expert_floor"].items()), flush=True)
 
     import ray
 
@@ -225,6 +266,8 @@ def main() -> None:
                     print(f"  started in {start_s:.1f} s", flush=True)
                     res = measure(f"{key:13s}", llm, cases, repeats, router=llm.llm_engine.executor.router)
                     res["recoveries"] = list(llm.llm_engine.executor.recoveries)
+                    if res["recoveries"]:
+                        print(f"  !!! the graph recovered from failed steps during the run: {res['recoveries']}")
             except Exception as e:  # report and go on with the other graphs
                 print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
                 info["graphs"][key] = {"deployment": dep, "error": f"{type(e).__name__}: {e}"}
@@ -238,16 +281,17 @@ def main() -> None:
     print(f"\n(total {time.perf_counter() - wall:.0f} s; decode = best of {repeats}; round trips = per MoE layer "
           "dispatch, router-side, decode steps only)\n")
     local = info["local"]
-    head = "| mode | batch | prompt | decode ms/step | decode tok/s | vs local | dispatch RT median | RT p90 | RT tokens |"
+    head = ("| mode | batch | prompt | decode ms/step | decode tok/s | vs local | dispatch RT median | RT p90 | "
+            "RT tokens | dispatch ms/step |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for batch, length, _ in cases:
         r = local[f"b{batch}"]
-        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | - | - | - |")
+        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | - | - | - | - |")
     mismatches = []
     for key, res in info["graphs"].items():
         if "error" in res:
-            print(f"| {key} | - | - | FAILED | - | - | - | - | - |")
+            print(f"| {key} | - | - | FAILED | - | - | - | - | - | - |")
             continue
         for batch, length, _ in cases:
             r, base = res[f"b{batch}"], local[f"b{batch}"]
@@ -256,15 +300,19 @@ def main() -> None:
             med = f"{rt['median_s'] * 1e3:.2f} ms" if rt.get("median_s") is not None else "-"
             p90 = f"{rt['p90_s'] * 1e3:.2f} ms" if rt.get("p90_s") is not None else "-"
             sizes = "/".join(map(str, rt.get("micro_batch_tokens", []))) or "-"
+            per_step = f"{rt['per_step_s'] * 1e3:.1f}" if rt.get("per_step_s") is not None else "-"
             print(f"| {key} | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | "
-                  f"**{ratio:.2f}x** | {med} | {p90} | {sizes} |")
+                  f"**{ratio:.2f}x** | {med} | {p90} | {sizes} | {per_step} |")
             same = r["tokens"] == base["tokens"]
             r["tokens_equal_local"] = same
             r["ratio_vs_local"] = ratio
             if not same:
                 diff = sum(a != b for a, b in zip(r["tokens"], base["tokens"]))
                 mismatches.append(f"{key} batch {batch}: {diff}/{batch} prompts differ")
-    print()
+    floor = info["expert_floor"]
+    print("\nexpert compute floor of one dispatch (every expert in one process, no transport, "
+          f"{info['machine']['torch_threads']} threads): "
+          + ", ".join(f"{t} tokens {v['median_s'] * 1e3:.2f} ms" for t, v in floor.items()))
     ok_graphs = [k for k, v in info["graphs"].items() if "error" not in v]
     if not mismatches and ok_graphs:
         print(f"greedy tokens: every actor graph ({', '.join(ok_graphs)}) matches local mode on every benchmark prompt")

@@ -32,6 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--deployment", default=None,
+                     help="YAML deployment config: run on a Ray actor graph instead of in this process")
     return parser
 
 
@@ -50,13 +52,15 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
     )
-    llm = LLM(model=args.model, dtype=args.dtype)
-    start = time.perf_counter()
-    if args.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
-    else:
-        outs = llm.generate(args.prompt, params)
-    elapsed = time.perf_counter() - start
+    if args.deployment is not None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
+    with LLM(model=args.model, dtype=args.dtype, deployment=args.deployment) as llm:
+        start = time.perf_counter()
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+        else:
+            outs = llm.generate(args.prompt, params)
+        elapsed = time.perf_counter() - start
     for prompt, out in zip(args.prompt, outs):
         completion = out.outputs[0]
         if args.json:

@@ -99,3 +99,22 @@ def test_user_errors_return_nonzero_with_a_one_line_message(tiny_model_dir, tmp_
     assert len(err.splitlines()) == 1 and err.startswith("expertmesh ")
     for needle in needles:
         assert needle in err
+
+
+def test_generate_on_an_actor_graph_prints_what_local_mode_prints(tiny_model_dir, reference, tmp_path):
+    """`--deployment` starts a private local Ray cluster (none is running here), runs the prompts on the actor
+    graph, and shuts it all down: same output as in process."""
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("attention_actors: 1\nexpert_shards: 2\ntransport: grpc\n")
+    proc = run("generate", "--model", tiny_model_dir, "--prompt", "Hello", "--prompt", "The cat",
+               "--max-tokens", 5, "--json", "--deployment", deployment)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["text"], r["token_ids"]) for r in rows] == [(c.text, c.token_ids) for c in reference]
+
+
+def test_bad_deployment_file_is_a_one_line_error(tiny_model_dir, tmp_path):
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("expert_shards: 2\ntransport: smoke-signals\n")
+    proc = run("generate", "--model", tiny_model_dir, "--prompt", "Hi", "--deployment", deployment)
+    assert_one_line_error(proc, "expertmesh generate: error:", "transport must be one of")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from expertmesh import kernels
-from expertmesh.model import load_experts, resolve_dtype
+from expertmesh.model import LayerExperts, load_experts, resolve_dtype
 from expertmesh.model.config import ModelConfig
 from expertmesh.protos import expert_dispatch_pb2 as pb
 from expertmesh.protos.tensor_codec import from_proto, to_proto
@@ -35,14 +35,19 @@ class ExpertShard:
         dtype: str | torch.dtype = "float32",
         shard_index: int = 0,
         placement_version: int = 0,
+        device: str | torch.device = "cpu",
     ):
         config = ModelConfig.from_pretrained(model_dir)
+        self.device = torch.device(device)
         self.shard_index = shard_index
         self.placement_version = placement_version
         self.dtype = resolve_dtype(dtype)
         self.hidden_size = config.hidden_size
         self.num_experts = config.routing.num_experts
-        self.layers = load_experts(model_dir, experts, self.dtype)  # {layer: LayerExperts}
+        self.layers = {  # {layer: LayerExperts}; on a GPU the registry runs them with the Triton fused-MoE kernel
+            layer: LayerExperts(held.expert_ids, held.w13.to(self.device), held.w2.to(self.device))
+            for layer, held in load_experts(model_dir, experts, self.dtype).items()
+        }
         # logical expert id -> row of the stacked weights, or -1 where this shard does not hold it
         self._local: dict[int, torch.Tensor] = {}
         for layer, held in self.layers.items():
@@ -92,15 +97,18 @@ class ExpertShard:
 
     @torch.inference_mode()
     def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert_k(hidden[t]) over the slots this shard holds (ids >= 0): [T, H]."""
+        """sum_k weights[t, k] * expert_k(hidden[t]) over the slots this shard holds (ids >= 0): [T, H], on the
+        device the inputs came from."""
         held = self.layers[layer]
         tokens, slots = (expert_ids >= 0).nonzero(as_tuple=True)  # one row per routed (token, expert) pair
         out = torch.zeros(hidden.shape, dtype=torch.float32)
         if tokens.numel() == 0:
             return out.to(hidden.dtype)
         local = self._local[layer][expert_ids[tokens, slots]].unsqueeze(1)  # [P, 1]
-        pair_out = kernels.fused_moe(hidden[tokens], held.w13, held.w2, weights[tokens, slots].unsqueeze(1), local)
-        return out.index_add_(0, tokens, pair_out.float()).to(hidden.dtype)
+        dev = self.device
+        pair_out = kernels.fused_moe(hidden[tokens].to(dev), held.w13, held.w2,
+                                     weights[tokens, slots].unsqueeze(1).to(dev), local.to(dev))
+        return out.index_add_(0, tokens, pair_out.float().cpu()).to(hidden.dtype)
 
     def handle(self, request: pb.ExpertRequest) -> pb.ExpertResponse:
         """One gRPC request in, its response out; ShardRequestError (or ValueError from the codec) if bad."""

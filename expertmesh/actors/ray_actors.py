@@ -40,11 +40,18 @@ def _node() -> dict:
             "pid": os.getpid()}
 
 
+def _device() -> str:
+    """The actor's GPU when Ray gave it one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def _join_group(init_method: str, rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    # gloo on host tensors everywhere: the data plane's tensors are staged on the CPU (see DESIGN notes)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
@@ -53,7 +60,7 @@ class ExpertShardActor:
                  placement_version: int, num_threads: int | None = None):
         _setup(num_threads)
         self.shard = ExpertShard(model_dir, experts, dtype=dtype, shard_index=shard_index,
-                                 placement_version=placement_version)
+                                 placement_version=placement_version, device=_device())
         self._server = None
 
     def ping(self) -> dict:

@@ -1,8 +1,8 @@
 """Control plane: deployment config, graph builder, expert placement and rebalancing, autoscaling, serving.
 
-Landed so far: the deployment config (`deployment.py`) and the versioned expert placement table
-(`placement.py`). The graph builder, the actors' wiring and the Ray Serve app come with the actor-graph and
-serving issues.
+Landed so far: the deployment config (`deployment.py`), the versioned expert placement table
+(`placement.py`) and the graph builder with its executor (`graph.py`: imports Ray, so it is not imported
+here). The Ray Serve app comes with the serving issue.
 """
 
 from expertmesh.platform.deployment import ActorResources, DeploymentConfig

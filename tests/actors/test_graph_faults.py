@@ -7,6 +7,7 @@ Deployments that cannot work are refused before anything starts."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
@@ -106,6 +107,32 @@ def test_collective_graph_recovers_from_a_killed_shard(cluster, model):
         assert any("expert shard 0" in r for r in executor.recoveries)
 
 
+def settled_cpus() -> float:
+    """Available CPUs once every earlier graph's actors have given theirs back."""
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, "an earlier test's actors still hold CPUs"
+        time.sleep(0.2)
+    return ray.available_resources()["CPU"]
+
+
+@pytest.mark.parametrize("deployment,needle", [
+    ({"expert_shards": 2, "expert_placement": {0: [[1, 0], [1, 1]], 1: [[2, 0]]}}, "held by no shard"),
+    ({"expert_shards": 2, "transport": "grpc", "shard_resources": {"num_gpus": 2}},
+     "needs 4 GPUs but the cluster has 0"),
+    ({"expert_shards": 64, "transport": "grpc"}, r"needs 66 CPUs but the cluster has \d+"),
+    ({"transport": "pigeon"}, "transport must be one of"),
+    ({"expert_shards": 0}, "expert_shards must be an integer >= 1"),
+])
+def test_unworkable_deployment_is_refused_before_anything_starts(cluster, model, deployment, needle):
+    ckpt, _, _ = model
+    before = settled_cpus()
+    with pytest.raises(ValueError, match=needle):
+        LLM(ckpt, deployment=deployment)
+    time.sleep(0.5)  # an actor started by mistake would hold a CPU by now
+    assert ray.available_resources()["CPU"] == before  # nothing was started
+
+
 def test_lost_node_is_survived(cluster, model):
     """The node under a shard goes away (its actors become unreachable): the placement group re-places the
     bundle on the spare node and the shard is replaced there."""
@@ -123,18 +150,3 @@ def test_lost_node_is_survived(cluster, model):
         assert generate_with(llm, prompts, before_step) == local
         assert executor.recoveries
         assert all(node_of(s) != victim_node.node_id for s in executor.shards)
-
-
-@pytest.mark.parametrize("deployment,needle", [
-    ({"expert_shards": 2, "expert_placement": {0: [[1, 0], [1, 1]], 1: [[2, 0]]}}, "held by no shard"),
-    ({"expert_shards": 2, "shard_resources": {"num_gpus": 2}}, "needs 4 GPUs but the cluster has 0"),
-    ({"expert_shards": 64, "transport": "grpc"}, "needs 66 CPUs but the cluster has 8"),
-    ({"transport": "pigeon"}, "transport must be one of"),
-    ({"expert_shards": 0}, "expert_shards must be an integer >= 1"),
-])
-def test_unworkable_deployment_is_refused_before_anything_starts(cluster, model, deployment, needle):
-    ckpt, _, _ = model
-    before = ray.available_resources()
-    with pytest.raises(ValueError, match=needle):
-        LLM(ckpt, deployment=deployment)
-    assert ray.available_resources().get("CPU") == before.get("CPU")  # no actor was started

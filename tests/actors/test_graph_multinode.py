@@ -49,6 +49,8 @@ def test_local_mode_matches_transformers(checkpoints):
 def test_same_tokens_as_local_mode(cluster, checkpoints, family, transport):
     ckpt, prompts, local = checkpoints[family]
     deployment = {"attention_actors": 1, "expert_shards": 3, "transport": transport}
+    if transport == "inprocess":  # two actors: make sure they land on two nodes
+        deployment["placement_strategy"] = "STRICT_SPREAD"
     with LLM(str(ckpt), deployment=deployment) as llm:
         executor = llm.llm_engine.executor
         assert token_ids(llm.generate(prompts, GREEDY)) == local
