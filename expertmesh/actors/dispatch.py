@@ -13,6 +13,7 @@ Every transport sends all shards their work before waiting for any answer, so th
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,9 @@ class ShardWork:
 
 
 class Dispatch(Protocol):
+    # the longest any shard spent on its experts in the last dispatch (0.0 where a transport cannot tell)
+    last_compute_s: float
+
     def dispatch(self, step: int, layer: int, version: int, works: Sequence[ShardWork]) -> list[torch.Tensor]:
         """Each work's weighted expert output [Ts, H], in the order of `works`."""
         ...
@@ -50,13 +54,16 @@ class Dispatch(Protocol):
 class InProcessDispatch:
     def __init__(self, shards: Sequence[ExpertShard]):
         self.shards = list(shards)
+        self.last_compute_s = 0.0
 
     def dispatch(self, step, layer, version, works):
         outs = []
+        start = time.perf_counter()
         for w in works:
             shard = self.shards[w.shard]
             shard.check(layer, w.hidden_states, w.expert_ids, w.weights, version)
             outs.append(shard.forward(layer, w.hidden_states, w.expert_ids, w.weights))
+        self.last_compute_s = time.perf_counter() - start  # one after the other: all of it is compute
         return outs
 
     def close(self) -> None:
@@ -112,6 +119,7 @@ class _ShardStream:
 class GrpcDispatch:
     def __init__(self, addresses: Sequence[str]):
         self.streams = [_ShardStream(i, a) for i, a in enumerate(addresses)]
+        self.last_compute_s = 0.0
 
     def dispatch(self, step, layer, version, works):
         for w in works:
@@ -119,13 +127,15 @@ class GrpcDispatch:
                 step=step, layer=layer, placement_version=version, hidden_states=to_proto(w.hidden_states),
                 expert_ids=to_proto(w.expert_ids), weights=to_proto(w.weights),
             ))
-        outs, error = [], None
+        outs, error, compute = [], None, 0.0
         for w in works:  # read every answer even after an error, so no stream is left out of step
             try:
                 response = self.streams[w.shard].receive()
                 outs.append(from_proto(response.output, name=f"expert shard {w.shard}'s output"))
+                compute = max(compute, response.compute_seconds)
             except DataPlaneError as e:
                 error = error or e
+        self.last_compute_s = compute
         if error is not None:
             raise error
         return outs
@@ -136,7 +146,8 @@ class GrpcDispatch:
 
 
 # torch.distributed tags of the point-to-point messages, per (layer, micro-batch) slot.
-_TAG_KINDS = ("attn_hidden", "attn_out", "shard_header", "shard_hidden", "shard_ids", "shard_weights", "shard_out")
+_TAG_KINDS = ("attn_hidden", "attn_out", "shard_header", "shard_hidden", "shard_ids", "shard_weights", "shard_out",
+              "shard_time")
 
 
 def tag(layer: int, micro_batch: int, kind: str) -> int:
@@ -152,12 +163,14 @@ class CollectiveDispatch:
         self.layer_shards = layer_shards  # layer -> the shards holding any of its experts
         self.hidden_size, self.dtype = hidden_size, dtype
         self.micro_batch = 0  # set by the router before each dispatch: part of the message tags
+        self.last_compute_s = 0.0
 
     def dispatch(self, step, layer, version, works):
         import torch.distributed as dist
 
         mb = self.micro_batch
         by_shard = {w.shard: w for w in works}
+        self.last_compute_s = 0.0
         sends = []  # (handle, tensor): each tensor kept alive until its send completes
         for shard in self.layer_shards[layer]:  # every shard holding experts of this layer expects a header
             rank, w = self.shard_ranks[shard], by_shard.get(shard)
@@ -170,11 +183,13 @@ class CollectiveDispatch:
                             ("shard_weights", w.weights.contiguous())]
             for kind, t in messages:
                 sends.append((dist.isend(t, rank, tag=tag(layer, mb, kind)), t))
-        outs = []
+        outs, compute = [], torch.zeros(1, dtype=torch.float64)
         for w in works:
             out = torch.empty(w.hidden_states.shape[0], self.hidden_size, dtype=self.dtype)
             dist.recv(out, self.shard_ranks[w.shard], tag=tag(layer, mb, "shard_out"))
+            dist.recv(compute, self.shard_ranks[w.shard], tag=tag(layer, mb, "shard_time"))
             outs.append(out)
+            self.last_compute_s = max(self.last_compute_s, compute.item())
         for handle, _ in sends:
             handle.wait()
         return outs
@@ -203,5 +218,8 @@ def serve_collective_layer(shard: ExpertShard, layer: int, micro_batch: int, rou
     dist.recv(ids, router_rank, tag=tag(layer, micro_batch, "shard_ids"))
     dist.recv(weights, router_rank, tag=tag(layer, micro_batch, "shard_weights"))
     shard.check(layer, hidden, ids, weights, version)
+    start = time.perf_counter()
     out = shard.forward(layer, hidden, ids, weights)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     dist.send(out.contiguous(), router_rank, tag=tag(layer, micro_batch, "shard_out"))
+    dist.send(elapsed, router_rank, tag=tag(layer, micro_batch, "shard_time"))

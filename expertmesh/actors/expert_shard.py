@@ -10,6 +10,7 @@ that serves the gRPC data plane or takes part in a torch.distributed group.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -116,8 +117,10 @@ class ExpertShard:
         expert_ids = from_proto(request.expert_ids, name="expert_ids")
         weights = from_proto(request.weights, name="weights")
         self.check(request.layer, hidden, expert_ids, weights, request.placement_version)
+        start = time.perf_counter()
         out = self.forward(request.layer, hidden, expert_ids, weights)
-        return pb.ExpertResponse(step=request.step, layer=request.layer, output=to_proto(out))
+        return pb.ExpertResponse(step=request.step, layer=request.layer, output=to_proto(out),
+                                 compute_seconds=time.perf_counter() - start)
 
 
 class ExpertShardServicer:

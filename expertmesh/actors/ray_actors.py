@@ -146,8 +146,8 @@ class RouterActor:
     def load_counts(self) -> dict[int, list[int]]:
         return self.core.load_counts()
 
-    def round_trips(self, clear: bool = False) -> list[tuple[int, float]]:
-        """(tokens, seconds) of recent per-layer dispatch round trips."""
+    def round_trips(self, clear: bool = False) -> list[tuple[int, float, float]]:
+        """(tokens, seconds, slowest shard's compute seconds) of recent per-layer dispatch round trips."""
         out = list(self.core.round_trips)
         if clear:
             self.core.round_trips.clear()

@@ -33,9 +33,9 @@ class RouterCore:
         self.num_experts = self.config.routing.num_experts
         self.moe_layers = sorted(self.gates)
         self.load = {layer: torch.zeros(self.num_experts, dtype=torch.int64) for layer in self.moe_layers}
-        # (tokens, seconds) of recent dispatch round trips: sending a layer's work to the shards until the
-        # last output is back
-        self.round_trips: deque[tuple[int, float]] = deque(maxlen=4096)
+        # (tokens, seconds, shard compute seconds) of recent dispatch round trips: from sending a layer's work
+        # to the shards until the last output is back; the slowest shard's time on its experts is inside it
+        self.round_trips: deque[tuple[int, float, float]] = deque(maxlen=4096)
         self.set_placement(placement)
 
     def set_placement(self, table: PlacementTable) -> None:
@@ -89,7 +89,7 @@ class RouterCore:
         works = self.split(layer, hidden, weights, ids)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)
-        self.round_trips.append((hidden.shape[0], time.perf_counter() - start))
+        self.round_trips.append((hidden.shape[0], time.perf_counter() - start, dispatch.last_compute_s))
         return self.combine(hidden, works, outputs)
 
     def run_step(self, step: int, plan: StepPlan, attention, dispatch: Dispatch, on_micro_batch=None) -> None:

@@ -83,6 +83,7 @@ def test_round_trip_equals_forward_over_one_persistent_stream(shards, dispatch):
         work = make_work(0, ids, tokens, seed=step)
         (out,) = dispatch.dispatch(step, 1, VERSION, [work])
         assert torch.equal(out, forward(shards, 1, work))
+        assert dispatch.last_compute_s > 0  # the shard reports its time on the experts
         if step == 1:
             responses = stream._responses
         assert stream._responses is responses, "each dispatch must reuse the stream opened by the first"

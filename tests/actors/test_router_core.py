@@ -138,7 +138,8 @@ def test_load_counts_are_the_routed_pairs(tiny_model_dir, balanced):
         assert sum(counts[layer]) - before == num_tokens * TINY_TOP_K
         assert counts[layer] == want.tolist()
     assert core.load_counts()[1] == [0] * TINY_EXPERTS and core.load_counts()[2] == [0] * TINY_EXPERTS
-    assert len(core.round_trips) == 3 and [t for t, _ in core.round_trips] == [9, 1, 14]
+    assert len(core.round_trips) == 3 and [t for t, _, _ in core.round_trips] == [9, 1, 14]
+    assert all(0 < compute <= total for _, total, compute in core.round_trips)  # in-process: the shards' math
 
 
 @pytest.fixture(scope="module")
