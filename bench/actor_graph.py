@@ -37,16 +37,17 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray` (graph.py does the same)
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import gc
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -126,7 +127,7 @@ def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
             ray.get(router.round_trips.remote(clear=True))
         runs = [stamps(llm, ids, n) for _ in range(repeats)]
         steps = [(t[-1] - t[0]) / (len(t) - 1) for t, _ in runs]
-        medians = [statistics.median(b - a for a, b in zip(t, t[1:])) for t, _ in runs]
+        medians = [statistics.median(b - a for a, b in itertools.pairwise(t)) for t, _ in runs]
         step = min(steps)
         prefill = min(t[0] for t, _ in runs)
         tokens = runs[0][1]
@@ -139,19 +140,28 @@ def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
                 f"{', '.join(f'{s * 1e3:.1f}' for s in steps)} ms)")
         if router is not None:
             trips = ray.get(router.round_trips.remote(clear=True))
-            decode = [(t, s) for t, s in trips if t <= batch]  # prefill dispatches carry whole prompts
-            secs = [s for _, s in decode]
-            sizes = sorted({t for t, _ in decode})
+            # (tokens, seconds[, slowest shard's compute seconds]); prefill dispatches carry whole prompts
+            decode = [rec for rec in trips if rec[0] <= batch]
+            secs = [rec[1] for rec in decode]
+            compute = [rec[2] for rec in decode if len(rec) > 2 and rec[2] > 0]  # 0: the transport cannot tell
+            rest = [rec[1] - rec[2] for rec in decode if len(rec) > 2 and rec[2] > 0]
+            sizes = sorted({rec[0] for rec in decode})
+            med = (lambda xs: statistics.median(xs) if xs else None)
             r["round_trip"] = {
-                "count": len(secs), "micro_batch_tokens": sizes,
-                "median_s": statistics.median(secs) if secs else None,
-                "p90_s": _pct(secs, 0.9) if secs else None,
-                "min_s": min(secs) if secs else None, "mean_s": statistics.fmean(secs) if secs else None,
+                "count": len(secs), "micro_batch_tokens": sizes, "median_s": med(secs),
+                "p90_s": _pct(secs, 0.9) if secs else None, "min_s": min(secs) if secs else None,
+                "mean_s": statistics.fmean(secs) if secs else None,
                 "per_step_s": sum(secs) / (repeats * (n - 1)) if secs else None,
+                # the slowest shard's time on its experts inside each round trip, and the rest (transport,
+                # queueing, waiting for a core)
+                "shard_compute_median_s": med(compute), "outside_compute_median_s": med(rest),
             }
             if secs:
                 line += (f"; dispatch round trip ({'/'.join(map(str, sizes))} tokens) median "
                          f"{r['round_trip']['median_s'] * 1e3:.2f} ms, p90 {r['round_trip']['p90_s'] * 1e3:.2f} ms")
+            if compute:
+                line += (f" (shard compute {med(compute) * 1e3:.2f} ms + {med(rest) * 1e3:.2f} ms outside it, "
+                         "medians)")
         print(line, flush=True)
         out[f"b{batch}"] = r
     return out
@@ -236,18 +246,18 @@ def main() -> None:
     print("machine:", json.dumps(info["machine"]), flush=True)
     path = ensure_checkpoint("small")
     # A token budget that holds the whole batch's prompts: every decode step is a pure decode step.
-    engine_kwargs = dict(dtype="float32", max_num_seqs=64, max_num_batched_tokens=max(b * p for b, p, _ in cases),
-                         kv_cache_gib=1.0)
+    engine_kwargs = {"dtype": "float32", "max_num_seqs": 64, "kv_cache_gib": 1.0,
+                     "max_num_batched_tokens": max(b * p for b, p, _ in cases)}
     wall = time.perf_counter()
 
-    print("local mode (torch threads: %d)" % torch.get_num_threads(), flush=True)
+    print(f"local mode (torch threads: {torch.get_num_threads()})", flush=True)
     llm = LLM(str(path), **engine_kwargs)
     info["local"] = measure("local        ", llm, cases, repeats)
     del llm
     gc.collect()
     sizes = sorted({1, *(b // 2 for b, _, _ in cases if b > 1), *(b for b, _, _ in cases)})  # 1, 16 and 32
     info["expert_floor"] = expert_floor(path, tuple(sizes))
-    print("expert compute per MoE layer, in this process, no transport (%d threads): " % torch.get_num_threads()
+    print(f"expert compute per MoE layer, in this process, no transport ({torch.get_num_threads()} threads): "
           + ", ".join(f"{t} tokens {v['median_s'] * 1e3:.2f} ms ({v['experts_hit']:.0f} experts hit)"
                       for t, v in info["expert_floor"].items()), flush=True)
 
@@ -268,7 +278,7 @@ def main() -> None:
                     res["recoveries"] = list(llm.llm_engine.executor.recoveries)
                     if res["recoveries"]:
                         print(f"  !!! the graph recovered from failed steps during the run: {res['recoveries']}")
-            except Exception as e:  # report and go on with the other graphs
+            except Exception as e:  # noqa: BLE001 -- report it and go on with the other graphs
                 print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
                 info["graphs"][key] = {"deployment": dep, "error": f"{type(e).__name__}: {e}"}
                 if ray.is_initialized():
@@ -282,16 +292,16 @@ def main() -> None:
           "dispatch, router-side, decode steps only)\n")
     local = info["local"]
     head = ("| mode | batch | prompt | decode ms/step | decode tok/s | vs local | dispatch RT median | RT p90 | "
-            "RT tokens | dispatch ms/step |")
+            "RT tokens | shard compute / rest (medians) | dispatch ms/step |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for batch, length, _ in cases:
         r = local[f"b{batch}"]
-        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | - | - | - | - |")
+        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | - | - | - | - | - |")
     mismatches = []
     for key, res in info["graphs"].items():
         if "error" in res:
-            print(f"| {key} | - | - | FAILED | - | - | - | - | - | - |")
+            print(f"| {key} | - | - | FAILED | - | - | - | - | - | - | - |")
             continue
         for batch, length, _ in cases:
             r, base = res[f"b{batch}"], local[f"b{batch}"]
@@ -301,8 +311,11 @@ def main() -> None:
             p90 = f"{rt['p90_s'] * 1e3:.2f} ms" if rt.get("p90_s") is not None else "-"
             sizes = "/".join(map(str, rt.get("micro_batch_tokens", []))) or "-"
             per_step = f"{rt['per_step_s'] * 1e3:.1f}" if rt.get("per_step_s") is not None else "-"
+            split = "-"
+            if rt.get("shard_compute_median_s") is not None:
+                split = f"{rt['shard_compute_median_s'] * 1e3:.2f} / {rt['outside_compute_median_s'] * 1e3:.2f} ms"
             print(f"| {key} | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | "
-                  f"**{ratio:.2f}x** | {med} | {p90} | {sizes} | {per_step} |")
+                  f"**{ratio:.2f}x** | {med} | {p90} | {sizes} | {split} | {per_step} |")
             same = r["tokens"] == base["tokens"]
             r["tokens_equal_local"] = same
             r["ratio_vs_local"] = ratio

@@ -77,3 +77,19 @@ def test_two_attention_actors_and_replicated_experts(cluster, checkpoints):
         assert executor.placement.shards_for(0, 0) == (0, 1)
         assert token_ids(llm.generate(prompts, GREEDY)) == local
         assert {s.rank for s in executor._seqs.values()} == {0, 1}  # both actors held sequences
+
+
+def test_chunked_prefill_and_teacher_forcing(cluster, checkpoints):
+    """A token budget of 16 splits the long prompts into chunks mixed with other sequences' decode steps;
+    teacher-forced logits (every row, incremental decode for the continuation) match local mode's."""
+    ckpt, prompts, local = checkpoints["deepseek_v3"]
+    ids = [p["prompt_token_ids"] for p in prompts]
+    conts = [[5, 6, 7], [], [9], [11, 12], [13]]
+    want = LLM(str(ckpt), max_num_batched_tokens=16).teacher_forced_logits(ids, conts)
+    deployment = {"expert_shards": 2, "transport": "grpc"}
+    with LLM(str(ckpt), deployment=deployment, max_num_batched_tokens=16) as llm:
+        assert token_ids(llm.generate(prompts, GREEDY)) == local
+        got = llm.teacher_forced_logits(ids, conts)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
