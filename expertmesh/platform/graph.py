@@ -205,7 +205,7 @@ class ActorGraphExecutor:
         order: list[tuple[int, int]] = []  # (batch index, output rows) to put rows back in batch order
         plan: list[dict[int, int]] = [{}, {}]
         for rank, items in per_rank.items():
-            halves = _split_two(items) if len(items) > 1 else [items]
+            halves = _split_two(items) if len(items) > 1 and self.deployment.micro_batches == 2 else [items]
             inputs[rank] = [None, None]
             for mb, part in enumerate(halves):
                 ids, qlens, clens, tables, logits_rows = [], [], [], [], []

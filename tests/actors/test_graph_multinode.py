@@ -81,12 +81,13 @@ def test_two_attention_actors_and_replicated_experts(cluster, checkpoints):
 
 def test_chunked_prefill_and_teacher_forcing(cluster, checkpoints):
     """A token budget of 16 splits the long prompts into chunks mixed with other sequences' decode steps;
-    teacher-forced logits (every row, incremental decode for the continuation) match local mode's."""
+    teacher-forced logits (every row, incremental decode for the continuation) match local mode's. One
+    micro-batch per step here (the other tests run two)."""
     ckpt, prompts, local = checkpoints["deepseek_v3"]
     ids = [p["prompt_token_ids"] for p in prompts]
     conts = [[5, 6, 7], [], [9], [11, 12], [13]]
     want = LLM(str(ckpt), max_num_batched_tokens=16).teacher_forced_logits(ids, conts)
-    deployment = {"expert_shards": 2, "transport": "grpc"}
+    deployment = {"expert_shards": 2, "transport": "grpc", "micro_batches": 1}
     with LLM(str(ckpt), deployment=deployment, max_num_batched_tokens=16) as llm:
         assert token_ids(llm.generate(prompts, GREEDY)) == local
         got = llm.teacher_forced_logits(ids, conts)
