@@ -10,22 +10,29 @@ Decode is measured apart from prefill, inside one generation, as in `bench/engin
 until every request has its first token; decode step = (time of the last token - time of the first) /
 (N - 1), stamped per engine step; best of `--repeats` generations after a short warm-up one. Every batch-32
 prompt fits the token budget, so every decode step is a pure decode step. Round trips are the router's
-(tokens, seconds) records of those same generations, decode steps only (records with at most `batch`
-tokens: a batch-32 decode step goes out as two micro-batches of 16 tokens, so each MoE layer's dispatch
-carries 16 tokens; prefill records carry whole prompts and are left out). Greedy decoding with ignore_eos;
-the actor graph's tokens are checked against local mode's for every prompt.
+records of those same generations (`RouterActor.round_trips`: tokens, seconds and, where the transport
+reports it, the slowest shard's compute seconds inside the round trip), decode steps only: records of at
+most `batch` tokens. With `--micro-batches 2` a batch-32 decode step goes out as two micro-batches of 16
+tokens (each MoE layer's dispatch carries 16 tokens); with 1, and with the default "auto" on one machine
+(the attention actor shares the node with the shards, so ping-pong cannot overlap anything), one of 32.
+Prefill records carry whole prompts and are left out. "dispatch ms/step" is the
+sum of a decode step's round trips (7 MoE layers x micro-batches), which the router runs one after another.
+Greedy decoding with ignore_eos; the actor graph's tokens are checked against local mode's for every prompt.
+For scale, the script also times one MoE layer's routed experts in this process with nothing else running
+(every expert held, no transport, torch's threads, tokens routed by the checkpoint's gates): the floor of a
+dispatch round trip on this machine, whatever the transport.
 
 Resources (a 2-core machine). Local mode uses torch's default threads (2). The executor gives each actor
 torch threads = int(num_cpus) of its Ray resources, and the local cluster it starts declares at least as
-many logical CPUs as the deployment asks for, so the actors' num_cpus set their threads, not where they run:
-every actor shares the same two cores. Defaults, picked by trying the alternatives with this script
-(`--attention-cpus`, `--shard-cpus`, `--router-cpus`): the attention actor gets 2 (it does the
-attention, shared experts, dense layer and LM head: most of a step's work, as local mode does with 2
-threads), the router 1 (gating, split, combine of <= 16 tokens) and each shard 1 thread (with 2 shards the
-two run side by side on the two cores; giving each shard 2 threads oversubscribes the cores while both
-compute, and OpenMP teams that lose a core to another process slow down sharply). With `inprocess` the
-router hosts every shard's experts and gets their threads too (router + shards x shard cpus, capped by the
-executor at int(num_cpus)); the script gives that router 2 threads (see `_deployment`).
+many logical CPUs as the deployment asks for, so num_cpus sets an actor's threads, not where it runs: every
+actor shares the same two cores. Defaults (`--attention-cpus 2 --router-cpus 1 --shard-cpus 1`): the
+attention actor gets 2 threads (attention, shared experts, the dense layer and the LM head: most of a
+step's work, which local mode does with 2 threads), the router 1 (gating, split and combine of <= 16
+tokens), each shard 1. Tried with `--quick` on this machine (noisy: other work shares it): shard cpus 2
+instead of 1 made no measurable difference with 2 shards (batch-32 step 217 against 226 ms, back to back)
+and was slower with 4 (8 shard threads on 2 cores); attention cpus 1 was slower at batch 32 (0.25-0.28x of
+local against 0.35-0.42x). With `inprocess` there are no shard actors: the router's process runs every
+shard's experts with int(router num_cpus) threads, so the script gives that router the machine's cores.
 
     python bench/actor_graph.py [--quick] [--transport grpc|collective|inprocess|all] [--shards 2,4]
                                 [--json bench/actor_graph_results.json]
@@ -115,7 +122,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
+def measure(name: str, llm, cases, repeats: int, router=None, attention=None) -> dict:
     """Per case: prefill, decode step (best of `repeats`), tokens; with a router, its decode round trips."""
     import ray
 
@@ -125,6 +132,8 @@ def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
         stamps(llm, ids, 2)  # warm-up: caches, page faults, streams
         if router is not None:
             ray.get(router.round_trips.remote(clear=True))
+            ray.get(router.step_timings.remote(clear=True))
+            ray.get(attention.step_timings.remote(clear=True))
         runs = [stamps(llm, ids, n) for _ in range(repeats)]
         steps = [(t[-1] - t[0]) / (len(t) - 1) for t, _ in runs]
         medians = [statistics.median(b - a for a, b in itertools.pairwise(t)) for t, _ in runs]
@@ -162,6 +171,22 @@ def measure(name: str, llm, cases, repeats: int, router=None) -> dict:
             if compute:
                 line += (f" (shard compute {med(compute) * 1e3:.2f} ms + {med(rest) * 1e3:.2f} ms outside it, "
                          "medians)")
+        if router is not None:
+            # where a step's time goes: the attention actor's own compute, its wait for routed experts, and
+            # what is left of the engine step (Ray calls, logits transfer, scheduling, sampling)
+            att = [a for a in ray.get(attention.step_timings.remote(clear=True)) if a[0] < 10 * step]
+            rtr = ray.get(router.step_timings.remote(clear=True))
+            med = (lambda xs: statistics.median(xs) if xs else None)
+            if att:
+                r["breakdown"] = {
+                    "attention_step_s": med([a for a, _ in att]), "attention_compute_s": med([a - b for a, b in att]),
+                    "attention_blocked_s": med([b for _, b in att]), "router_dispatch_s": med([c for _, _, c in rtr]),
+                }
+                b = r["breakdown"]
+                line += (f"\n    step breakdown (medians over prefill and decode steps): attention compute "
+                         f"{b['attention_compute_s'] * 1e3:.1f} ms, waiting for routed experts "
+                         f"{b['attention_blocked_s'] * 1e3:.1f} ms (router dispatching {b['router_dispatch_s'] * 1e3:.1f}"
+                         f" ms of it)")
         print(line, flush=True)
         out[f"b{batch}"] = r
     return out
@@ -215,6 +240,7 @@ def _deployment(transport: str, shards: int, args) -> dict:
         "attention_resources": {"num_cpus": args.attention_cpus},
         "router_resources": {"num_cpus": router_cpus},
         "shard_resources": {"num_cpus": args.shard_cpus},
+        "micro_batches": args.micro_batches if args.micro_batches == "auto" else int(args.micro_batches),
     }
 
 
@@ -228,6 +254,8 @@ def main() -> None:
     parser.add_argument("--attention-cpus", type=float, default=2.0)
     parser.add_argument("--router-cpus", type=float, default=1.0)
     parser.add_argument("--shard-cpus", type=float, default=1.0)
+    parser.add_argument("--micro-batches", default="auto", choices=["auto", "1", "2"],
+                        help="micro-batches per step (deployment micro_batches)")
     args = parser.parse_args()
     transports = TRANSPORTS if args.transport == "all" else tuple(args.transport.split(","))
     bad = [t for t in transports if t not in TRANSPORTS]
@@ -274,8 +302,10 @@ def main() -> None:
                 with LLM(str(path), deployment=dep, **engine_kwargs) as llm:
                     start_s = time.perf_counter() - started
                     print(f"  started in {start_s:.1f} s", flush=True)
-                    res = measure(f"{key:13s}", llm, cases, repeats, router=llm.llm_engine.executor.router)
+                    res = measure(f"{key:13s}", llm, cases, repeats, router=llm.llm_engine.executor.router,
+                                  attention=llm.llm_engine.executor.attention[0])
                     res["recoveries"] = list(llm.llm_engine.executor.recoveries)
+                    res["micro_batches_used"] = llm.llm_engine.executor.micro_batches
                     if res["recoveries"]:
                         print(f"  !!! the graph recovered from failed steps during the run: {res['recoveries']}")
             except Exception as e:  # noqa: BLE001 -- report it and go on with the other graphs
@@ -297,7 +327,8 @@ def main() -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for batch, length, _ in cases:
         r = local[f"b{batch}"]
-        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | - | - | - | - | - |")
+        print(f"| local | {batch} | {length} | {r['decode_step_s'] * 1e3:.1f} | {r['decode_tok_s']:.1f} | 1.00x | "
+              "- | - | - | - | - |")
     mismatches = []
     for key, res in info["graphs"].items():
         if "error" in res:

@@ -36,6 +36,8 @@ class RouterCore:
         # (tokens, seconds, shard compute seconds) of recent dispatch round trips: from sending a layer's work
         # to the shards until the last output is back; the slowest shard's time on its experts is inside it
         self.round_trips: deque[tuple[int, float, float]] = deque(maxlen=4096)
+        # (step seconds, of which waiting for the attention actors' hidden states, of which dispatching)
+        self.step_timings: deque[tuple[float, float, float]] = deque(maxlen=1024)
         self.set_placement(placement)
 
     def set_placement(self, table: PlacementTable) -> None:
@@ -96,12 +98,16 @@ class RouterCore:
         """Serves every MoE layer of every micro-batch of one step. `attention` is the router side of the
         attention link (`receive`/`reply`); `on_micro_batch(mb)` lets a transport tag its messages."""
         attention.start_step(step)
+        started, waited = time.perf_counter(), 0.0
+        dispatched = len(self.round_trips)
         for layer in self.moe_layers:
             for mb, counts in enumerate(plan):
                 ranks = [r for r, n in sorted(counts.items()) if n > 0]
                 if not ranks:
                     continue
+                t = time.perf_counter()
                 parts = [attention.receive(step, mb, layer, r, counts[r], self.hidden_size) for r in ranks]
+                waited += time.perf_counter() - t
                 hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
                 if on_micro_batch is not None:
                     on_micro_batch(mb)
@@ -109,6 +115,8 @@ class RouterCore:
                 for r, piece in zip(ranks, out.split([counts[r] for r in ranks])):
                     attention.reply(step, mb, layer, r, piece)
         attention.finish_step()
+        dispatch_s = sum(rt for _, rt, _ in list(self.round_trips)[dispatched:])
+        self.step_timings.append((time.perf_counter() - started, waited, dispatch_s))
 
     def load_counts(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of each MoE layer since the router started (or was reset)."""

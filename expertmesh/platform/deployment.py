@@ -42,9 +42,10 @@ class DeploymentConfig:
     transport: str = "inprocess"
     placement_strategy: str = "SPREAD"  # how the Ray placement group spreads the actors over nodes
     # 2: each attention actor splits a step's sequences into two micro-batches that ping-pong, so attention
-    # of one overlaps the routed experts of the other (pays where they run on different devices or nodes);
-    # 1: one micro-batch, i.e. fewer and larger expert calls (better where every actor shares a few cores)
-    micro_batches: int = 2
+    # of one overlaps the routed experts of the other: pays where they run on different nodes. 1: one
+    # micro-batch, i.e. half the expert-weight reads per token: better where they share a node's cores.
+    # "auto": 2 when no attention actor shares a node with the experts, else 1.
+    micro_batches: int | str = "auto"
     attention_resources: ActorResources = field(default_factory=ActorResources)
     router_resources: ActorResources = field(default_factory=ActorResources)
     shard_resources: ActorResources = field(default_factory=ActorResources)
@@ -55,8 +56,8 @@ class DeploymentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.micro_batches not in (1, 2) or isinstance(self.micro_batches, bool):
-            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches!r}")
+        if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
+            raise ValueError(f"micro_batches must be 1, 2 or 'auto', got {self.micro_batches!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:

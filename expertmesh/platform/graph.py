@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # else Ray rewrites 127.0.0.1 on Linux
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.exceptions import GetTimeoutError, RayActorError  # noqa: E402
@@ -154,7 +155,13 @@ class ActorGraphExecutor:
         return [*self.attention, self.router, *self.shards]
 
     def _wait_started(self) -> None:
-        ray.get([a.ping.remote() for a in self._actors()])
+        """Waits for every actor to be up, and settles the number of micro-batches from where they run."""
+        info = ray.get([a.ping.remote() for a in self._actors()])
+        attention_nodes = {i["node_id"] for i in info[: len(self.attention)]}
+        expert_nodes = {i["node_id"] for i in (info[len(self.attention) + 1 :] or info[len(self.attention) :])}
+        self.micro_batches = self.deployment.micro_batches
+        if self.micro_batches == "auto":  # ping-pong only pays where attention and experts use different cores
+            self.micro_batches = 1 if attention_nodes & expert_nodes else 2
 
     def _wire(self) -> None:
         """Sets up the data plane between every actor (again after a replacement)."""
@@ -205,7 +212,7 @@ class ActorGraphExecutor:
         order: list[tuple[int, int]] = []  # (batch index, output rows) to put rows back in batch order
         plan: list[dict[int, int]] = [{}, {}]
         for rank, items in per_rank.items():
-            halves = _split_two(items) if len(items) > 1 and self.deployment.micro_batches == 2 else [items]
+            halves = _split_two(items) if len(items) > 1 and self.micro_batches == 2 else [items]
             inputs[rank] = [None, None]
             for mb, part in enumerate(halves):
                 ids, qlens, clens, tables, logits_rows = [], [], [], [], []
@@ -247,12 +254,12 @@ class ActorGraphExecutor:
     @staticmethod
     def _assemble(results, rows, order) -> torch.Tensor:
         """Logits rows back in the batch's order (`rows` and `order` follow the micro-batch layout)."""
-        picked = [results[rank][mb][row] for rank, mb, row in rows]
-        if not picked:
+        if not rows:
             return torch.empty(0, 0)
         starts = list(itertools.accumulate((n for _, n in order), initial=0))
         index = [r for (_, n), start in sorted(zip(order, starts)) for r in range(start, start + n)]
-        return torch.stack(picked)[index]
+        picked = [results[rank][mb][row] for rank, mb, row in (rows[i] for i in index)]
+        return torch.from_numpy(np.stack(picked))  # a fresh, writable array: the sampler bans tokens in place
 
     def _run(self, step: int, inputs: dict[int, list[MicroBatch | None]], plan: list[dict[int, int]]):
         calls: dict = {self.router.step.remote(step, plan): ("router", None)}

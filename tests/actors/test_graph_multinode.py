@@ -48,7 +48,7 @@ def test_local_mode_matches_transformers(checkpoints):
 @pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
 def test_same_tokens_as_local_mode(cluster, checkpoints, family, transport):
     ckpt, prompts, local = checkpoints[family]
-    deployment = {"attention_actors": 1, "expert_shards": 3, "transport": transport}
+    deployment = {"attention_actors": 1, "expert_shards": 3, "transport": transport, "micro_batches": 2}
     if transport == "inprocess":  # two actors: make sure they land on two nodes
         deployment["placement_strategy"] = "STRICT_SPREAD"
     with LLM(str(ckpt), deployment=deployment) as llm:
@@ -76,6 +76,9 @@ def test_two_attention_actors_and_replicated_experts(cluster, checkpoints):
         executor = llm.llm_engine.executor
         assert executor.placement.shards_for(0, 0) == (0, 1)
         assert token_ids(llm.generate(prompts, GREEDY)) == local
+        # micro_batches "auto": ping-pong only where no attention actor shares a node with a shard
+        shared = {node_of(a) for a in executor.attention} & {node_of(s) for s in executor.shards}
+        assert executor.micro_batches == (1 if shared else 2)
         assert {s.rank for s in executor._seqs.values()} == {0, 1}  # both actors held sequences
 
 

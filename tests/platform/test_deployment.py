@@ -39,7 +39,7 @@ def test_yaml_with_explicit_placement_and_resources(tmp_path):
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"micro_batches": 3}, "micro_batches must be 1 or 2, got 3"),
+    ({"micro_batches": 3}, "micro_batches must be 1, 2 or 'auto', got 3"),
     ({"transport": "carrier-pigeon"}, "transport must be one of inprocess, grpc, collective"),
     ({"expert_shards": 0}, "expert_shards"),
     ({"attention_actors": 1.5}, "attention_actors"),
