@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/tiny
 
-.PHONY: serve test venv test-venv bench clean
+.PHONY: serve test venv test-venv bench bench-graph clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/engine_vs_hf.py
+
+# The actor graph (1 attention actor, 1 router, 2 and 4 expert shards) against local mode.
+bench-graph: $(VENV)/.installed-test
+	$(PY) bench/actor_graph.py --transport all
 
 clean:
 	rm -rf $(VENV) models
