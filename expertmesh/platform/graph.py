@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0  # how long the cluster gets to place every actor's bundle
 PING_TIMEOUT_S = 30.0
 ABORT_GRACE_S = 30.0
-RECOVERY_ROUNDS = 10  # how long a failed step's other calls get to return once told to abort
+RECOVERY_ROUNDS = 10
+MIN_BUNDLE_CPU = 0.01  # how long a failed step's other calls get to return once told to abort
 
 
 class StepFailed(RuntimeError):
@@ -77,7 +78,13 @@ class ActorGraphExecutor:
         model_config = ModelConfig.from_pretrained(model_dir)
         self.placement = deployment.placement_for(model_config)  # refused here if experts are left out
         self.moe_layers = list(self.placement.moe_layers)
-        self._owns_ray = connect_ray(deployment.ray_address, deployment.total_cpus)
+        # an actor that asks for no resources still needs a bundle: it gets a sliver of a CPU
+        self._bundle_resources = self._bundles()
+        self._bundle_specs = [
+            {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0} or {"CPU": MIN_BUNDLE_CPU}
+            for r in self._bundle_resources
+        ]
+        self._owns_ray = connect_ray(deployment.ray_address, sum(b.get("CPU", 0) for b in self._bundle_specs))
         self.pg = None
         try:
             deployment.check_cluster(ray.cluster_resources())
@@ -105,10 +112,7 @@ class ActorGraphExecutor:
         return [d.attention_resources] * d.attention_actors + [d.router_resources] + [d.shard_resources] * shards
 
     def _reserve(self) -> None:
-        resources = self._bundles()
-        bundles = [{k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0} or {"CPU": 0.01}
-                   for r in resources]
-        self._bundle_resources = resources
+        bundles = self._bundle_specs
         self.pg = placement_group(bundles, strategy=self.deployment.placement_strategy, name="")
         try:
             ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)

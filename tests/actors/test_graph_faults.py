@@ -99,6 +99,17 @@ def test_killed_attention_actor_re_prefills_its_sequences(cluster, model):
         assert any("attention actor 0" in r for r in executor.recoveries)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "inprocess"])
+def test_killed_router_is_replaced(cluster, model, transport):
+    """The router holds the gates and the placement; with "inprocess" it also holds every expert."""
+    ckpt, prompts, local = model
+    deployment = {"expert_shards": 2, "transport": transport, "router_resources": {"num_cpus": 0}}
+    with LLM(ckpt, deployment=deployment) as llm:
+        executor = llm.llm_engine.executor
+        assert generate_with(llm, prompts, kill_at(2, lambda: executor.router)) == local
+        assert any("router" in r for r in executor.recoveries)
+
+
 def test_collective_graph_recovers_from_a_killed_shard(cluster, model):
     ckpt, prompts, local = model
     with LLM(ckpt, deployment={"expert_shards": 2, "transport": "collective"}) as llm:
