@@ -11,6 +11,7 @@ are re-prefilled from their token history when next scheduled), rewires, and ret
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import math
 import os
@@ -104,6 +105,8 @@ class ActorGraphExecutor:
         self._lost: set[int] = set()  # sequences whose cache died with an attention actor
         self.recoveries: list[str] = []  # what recovery did, for operators and tests
         self._needs_restart = False
+        # Ray calls made by each step (the per-layer traffic goes over the data plane, never through Ray)
+        self.calls_per_step: deque[int] = deque(maxlen=1024)
 
     # -- building ------------------------------------------------------------------------------------
     def _bundles(self) -> list[ActorResources]:
@@ -275,6 +278,7 @@ class ActorGraphExecutor:
                 slots = [(layer, mb) for layer in self.moe_layers if self.placement.holds_layer(s, layer)
                          for mb in active]
                 calls[shard.serve_step.remote(slots)] = ("shard", s)
+        self.calls_per_step.append(len(calls))
         pending = list(calls)
         results: dict[int, list] = {}
         while pending:

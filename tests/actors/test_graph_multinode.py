@@ -4,9 +4,12 @@ a Mixtral-shaped checkpoint written by transformers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import expertmesh.actors
 from expertmesh import LLM
 from tests.actors.graph_fixtures import GREEDY, local_tokens, node_of, start_cluster, stop_cluster, token_ids
 from tests.hf_models import build_hf_checkpoint, load_reference, make_prompts, reference_greedy
@@ -97,3 +100,18 @@ def test_chunked_prefill_and_teacher_forcing(cluster, checkpoints):
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
+
+
+def test_one_ray_call_per_actor_per_step(cluster, checkpoints):
+    """Per step the executor calls each actor once (the router, the attention actors with work, and for the
+    collective transport each shard); the per-layer traffic never goes through Ray: the data-plane modules
+    do not even import it."""
+    ckpt, prompts, local = checkpoints["mixtral"]
+    for transport, per_step in (("grpc", 2), ("collective", 2 + 3)):
+        with LLM(str(ckpt), deployment={"expert_shards": 3, "transport": transport}) as llm:
+            assert token_ids(llm.generate(prompts[:2], GREEDY)) == local[:2]
+            calls = list(llm.llm_engine.executor.calls_per_step)
+        assert len(calls) >= GREEDY.max_tokens and set(calls) == {per_step}
+    for module in ("attention", "dispatch", "expert_shard", "router", "router_link"):
+        source = (Path(expertmesh.actors.__file__).parent / f"{module}.py").read_text()
+        assert "import ray" not in source, f"expertmesh/actors/{module}.py imports Ray"
