@@ -115,3 +115,11 @@ def test_one_ray_call_per_actor_per_step(cluster, checkpoints):
     for module in ("attention", "dispatch", "expert_shard", "router", "router_link"):
         source = (Path(expertmesh.actors.__file__).parent / f"{module}.py").read_text()
         assert "import ray" not in source, f"expertmesh/actors/{module}.py imports Ray"
+
+
+def test_bfloat16_weights_over_the_collective_transport(cluster, tiny_model_dir):
+    """bf16 hidden states cross gloo and the shards run bf16 experts: the tokens of local bf16 mode."""
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 11, 7, 20)]
+    want = token_ids(LLM(str(tiny_model_dir), dtype="bfloat16").generate(prompts, GREEDY))
+    with LLM(str(tiny_model_dir), dtype="bfloat16", deployment={"expert_shards": 2, "transport": "collective"}) as llm:
+        assert token_ids(llm.generate(prompts, GREEDY)) == want
