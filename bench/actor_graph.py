@@ -27,15 +27,15 @@ torch threads = int(num_cpus) of its Ray resources, and the local cluster it sta
 many logical CPUs as the deployment asks for, so num_cpus sets an actor's threads, not where it runs: every
 actor shares the same two cores. Defaults (`--attention-cpus 2 --router-cpus 1 --shard-cpus 1`): the
 attention actor gets 2 threads (attention, shared experts, the dense layer and the LM head: most of a
-step's work, which local mode does with 2 threads), the router 1 (gating, split and combine of <= 16
-tokens), each shard 1. Tried with `--quick` on this machine (noisy: other work shares it): shard cpus 2
-instead of 1 made no measurable difference with 2 shards (batch-32 step 217 against 226 ms, back to back)
-and was slower with 4 (8 shard threads on 2 cores); attention cpus 1 was slower at batch 32 (0.25-0.28x of
-local against 0.35-0.42x). With `inprocess` there are no shard actors: the router's process runs every
+step's work, which local mode does with 2 threads), the router 1 (gating, split and combine of <= 32
+tokens), each shard 1. Tried with `--quick --micro-batches 2` on this machine (noisy: other work shares it):
+shard cpus 2 instead of 1 made no measurable difference with 2 shards (batch-32 step 217 against 226 ms,
+back to back) and was slower with 4 (8 shard threads on 2 cores); attention cpus 1 was slower at batch 32
+(0.25-0.28x of local against 0.35-0.42x). With `inprocess` there are no shard actors: the router's process runs every
 shard's experts with int(router num_cpus) threads, so the script gives that router the machine's cores.
 
     python bench/actor_graph.py [--quick] [--transport grpc|collective|inprocess|all] [--shards 2,4]
-                                [--json bench/actor_graph_results.json]
+                                [--micro-batches auto|1|2] [--json bench/actor_graph_results.json]
 """
 
 from __future__ import annotations
