@@ -24,6 +24,7 @@ from expertmesh.actors.router_link import (
     CollectiveAttentionSide, CollectiveRouterLink, GrpcAttentionSide, GrpcRouterLink, start_router_server,
 )
 from expertmesh.kernels.cpu_ext import small_m_kernels
+from expertmesh.platform.expert_health import expert_health
 from expertmesh.platform.placement import PlacementTable
 
 COLLECTIVE_TIMEOUT_S = 120
@@ -154,8 +155,13 @@ class RouterActor:
         if self.attention is not None:
             self.attention.fail(step, reason, self._ranks)
 
-    def load_counts(self) -> dict[int, list[int]]:
-        return self.core.load_counts()
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        return self.core.load_counts(window)
+
+    def health(self) -> list[dict]:
+        """Expert-load health per MoE layer over the recent window (see platform/expert_health.py)."""
+        counts = self.core.load_counts(window=True)
+        return [h.to_dict() for h in expert_health(counts, self.core.config.routing.top_k)]
 
     def step_timings(self, clear: bool = False) -> list[tuple[float, float, float]]:
         """(seconds, waiting for hidden states, dispatching) of recent steps."""

@@ -26,13 +26,17 @@ StepPlan = Sequence[dict[int, int]]
 
 
 class RouterCore:
-    def __init__(self, model_dir: str | Path, placement: PlacementTable, *, dtype: str | torch.dtype = "float32"):
+    def __init__(self, model_dir: str | Path, placement: PlacementTable, *, dtype: str | torch.dtype = "float32",
+                 window_steps: int = 256):
         self.config, self.gates = load_gates(model_dir, dtype)
         self.dtype = resolve_dtype(dtype)
         self.hidden_size = self.config.hidden_size
         self.num_experts = self.config.routing.num_experts
         self.moe_layers = sorted(self.gates)
         self.load = {layer: torch.zeros(self.num_experts, dtype=torch.int64) for layer in self.moe_layers}
+        # the same counts over the last `window_steps` steps: what the load looks like now
+        self._step_load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.int64)
+        self._window: deque[torch.Tensor] = deque(maxlen=window_steps)
         # (tokens, seconds, shard compute seconds) of recent dispatch round trips: from sending a layer's work
         # to the shards until the last output is back; the slowest shard's time on its experts is inside it
         self.round_trips: deque[tuple[int, float, float]] = deque(maxlen=4096)
@@ -87,7 +91,9 @@ class RouterCore:
     def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """The routed-expert output of one layer for [T, H] hidden states, computed on the shards."""
         weights, ids = self.route(layer, hidden)
-        self.load[layer] += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        self.load[layer] += counts
+        self._step_load[self.moe_layers.index(layer)] += counts
         works = self.split(layer, hidden, weights, ids)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)
@@ -115,9 +121,19 @@ class RouterCore:
                 for r, piece in zip(ranks, out.split([counts[r] for r in ranks])):
                     attention.reply(step, mb, layer, r, piece)
         attention.finish_step()
+        self.finish_step()
         dispatch_s = sum(rt for _, rt, _ in list(self.round_trips)[dispatched:])
         self.step_timings.append((time.perf_counter() - started, waited, dispatch_s))
 
-    def load_counts(self) -> dict[int, list[int]]:
-        """Tokens routed to each expert of each MoE layer since the router started (or was reset)."""
-        return {layer: counts.tolist() for layer, counts in self.load.items()}
+    def finish_step(self) -> None:
+        """Closes a step's counts into the sliding window."""
+        self._window.append(self._step_load)
+        self._step_load = torch.zeros_like(self._step_load)
+
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        """(token, expert) pairs routed to each expert of each MoE layer since the router started, or with
+        `window` over the last `window_steps` finished steps."""
+        if not window:
+            return {layer: counts.tolist() for layer, counts in self.load.items()}
+        total = torch.stack(list(self._window)).sum(0) if self._window else torch.zeros_like(self._step_load)
+        return {layer: total[i].tolist() for i, layer in enumerate(self.moe_layers)}

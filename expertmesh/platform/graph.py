@@ -357,8 +357,13 @@ class ActorGraphExecutor:
         return replaced
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def load_counts(self) -> dict[int, list[int]]:
-        return ray.get(self.router.load_counts.remote())
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        """Pairs routed to each expert per MoE layer: since the start, or over the router's recent window."""
+        return ray.get(self.router.load_counts.remote(window))
+
+    def expert_health(self) -> list[dict]:
+        """Busiest expert's share, max/mean load and routing entropy per MoE layer, over the recent window."""
+        return ray.get(self.router.health.remote())
 
     def shutdown(self) -> None:
         for actor in getattr(self, "attention", []) + [getattr(self, "router", None)] + getattr(self, "shards", []):

@@ -64,8 +64,11 @@ def test_same_tokens_as_local_mode(cluster, checkpoints, family, transport):
             assert len({node_of(s) for s in executor.shards}) >= 2  # experts spread over the nodes
             assert len(nodes) == 3  # SPREAD: the graph uses every node
         counts = executor.load_counts()
-        num_moe = sum(executor.placement.holds_layer(s, layer) for s in range(3) for layer in executor.moe_layers)
-        assert num_moe > 0 and all(sum(c) > 0 for c in counts.values())
+        assert sorted(counts) == executor.moe_layers and all(sum(c) > 0 for c in counts.values())
+        health = executor.expert_health()  # over the router's recent window: every step of this run
+        assert [h["layer"] for h in health] == executor.moe_layers
+        assert [h["routed_pairs"] for h in health] == [sum(counts[layer]) for layer in executor.moe_layers]
+        assert all(0 < h["entropy"] <= 1 and 0 < h["busiest_share"] <= 1 for h in health)
 
 
 def test_two_attention_actors_and_replicated_experts(cluster, checkpoints):

@@ -182,3 +182,18 @@ def test_set_placement_refuses_a_table_for_another_model(tiny_model_dir, balance
     assert core.placement is balanced  # the old table stays
     with pytest.raises(ValueError, match=needle):
         RouterCore(tiny_model_dir, table)
+
+
+def test_window_counts_cover_the_last_steps_only(tiny_model_dir, balanced):
+    core = RouterCore(tiny_model_dir, balanced, window_steps=2)
+    dispatch = InProcessDispatch(build_shards(tiny_model_dir, balanced))
+    per_step = []
+    for step, num_tokens in enumerate([5, 3, 7]):
+        x = hidden_states(num_tokens, seed=40 + step)
+        _, ids = core.route(2, x)
+        per_step.append(torch.bincount(ids.reshape(-1), minlength=TINY_EXPERTS))
+        core.moe(step, 2, x, dispatch)
+        core.finish_step()
+    assert core.load_counts(window=True)[2] == (per_step[1] + per_step[2]).tolist()  # step 0 left the window
+    assert core.load_counts()[2] == sum(per_step).tolist()
+    assert core.load_counts(window=True)[1] == [0] * TINY_EXPERTS
