@@ -6,6 +6,7 @@ Deployments that cannot work are refused before anything starts."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -55,21 +56,31 @@ def generate_with(llm: LLM, prompts, before_step) -> list[list[int]]:
 
 def kill_at(step: int, actor_of, *, concurrently: bool = False):
     """A `before_step` that kills `actor_of()` at `step`: right away, or from another thread while the step
-    runs."""
-    killed = []
+    runs. Before the step after that, it waits for the process to be gone (a killed actor's process takes a
+    moment to exit and keeps serving its data plane meanwhile), so the run always meets the loss."""
+    killed, pids = [], []
 
     def before_step(i: int) -> None:
-        if i != step:
-            return
-        actor = actor_of()
-        killed.append(actor)
-        if concurrently:
-            threading.Timer(0.005, ray.kill, args=(actor,), kwargs={"no_restart": True}).start()
-        else:
+        if i == step:
+            actor = actor_of()
+            killed.append(actor)
+            pids.append(ray.get(actor.ping.remote())["pid"])
+            if concurrently:
+                threading.Timer(0.005, ray.kill, args=(actor,), kwargs={"no_restart": True}).start()
+                return
             ray.kill(actor, no_restart=True)
+        if i in (step, step + 1) and pids and not (concurrently and i == step):
+            wait_for_exit(pids[0])
 
     before_step.killed = killed
     return before_step
+
+
+def wait_for_exit(pid: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive_pid(pid):
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.05)
 
 
 def test_killed_shard_is_replaced_and_the_step_retried(cluster, model):
@@ -153,11 +164,23 @@ def test_lost_node_is_survived(cluster, model):
         head = cluster.head_node.node_id
         victim = next(s for s in executor.shards if node_of(s) != head)
         victim_node = next(n for n in cluster.worker_nodes if n.node_id == node_of(victim))
+        victim_pid = ray.get(victim.ping.remote())["pid"]
 
         def before_step(i: int) -> None:
             if i == 4:
                 cluster.remove_node(victim_node, allow_graceful=False)
+                # the node's worker processes outlive its raylet for a moment (still serving gRPC): go on
+                # once the shard's process is really gone, so a step meets the loss
+                wait_for_exit(victim_pid)
 
         assert generate_with(llm, prompts, before_step) == local
         assert executor.recoveries
         assert all(node_of(s) != victim_node.node_id for s in executor.shards)
+
+
+def _alive_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
