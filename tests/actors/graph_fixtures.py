@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: keep 127.0.0.1
 
@@ -32,6 +33,15 @@ def stop_cluster(cluster: Cluster) -> None:
     if ray.is_initialized():
         ray.shutdown()
     cluster.shutdown()
+
+
+def settle(timeout_s: float = 60) -> None:
+    """Waits until every CPU of the cluster is free again: actors of an earlier graph give theirs back a
+    moment after they are killed, and a placement group made meanwhile would be squeezed onto fewer nodes."""
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, "an earlier test's actors still hold CPUs"
+        time.sleep(0.1)
 
 
 def node_of(actor) -> str:

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from expertmesh import LLM, SamplingParams
-from tests.actors.graph_fixtures import local_tokens, node_of, start_cluster, stop_cluster
+from tests.actors.graph_fixtures import local_tokens, node_of, settle, start_cluster, stop_cluster
 from tests.hf_models import build_hf_checkpoint, make_prompts
 
 pytestmark = pytest.mark.timeout(600)
@@ -28,6 +28,11 @@ def cluster():
     cluster = start_cluster(num_nodes=4)  # one node more than a graph needs: room to replace a lost node
     yield cluster
     stop_cluster(cluster)
+
+
+@pytest.fixture(autouse=True)
+def free_cluster(cluster):
+    settle()  # each graph is placed on an idle cluster
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +136,7 @@ def test_collective_graph_recovers_from_a_killed_shard(cluster, model):
 
 def settled_cpus() -> float:
     """Available CPUs once every earlier graph's actors have given theirs back."""
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        assert time.monotonic() < deadline, "an earlier test's actors still hold CPUs"
-        time.sleep(0.2)
+    settle()
     return ray.available_resources()["CPU"]
 
 

@@ -11,7 +11,9 @@ import torch
 
 import expertmesh.actors
 from expertmesh import LLM
-from tests.actors.graph_fixtures import GREEDY, local_tokens, node_of, start_cluster, stop_cluster, token_ids
+from tests.actors.graph_fixtures import (
+    GREEDY, local_tokens, node_of, settle, start_cluster, stop_cluster, token_ids,
+)
 from tests.hf_models import build_hf_checkpoint, load_reference, make_prompts, reference_greedy
 
 pytestmark = pytest.mark.timeout(600)
@@ -24,6 +26,12 @@ def cluster():
     cluster = start_cluster(num_nodes=3)
     yield cluster
     stop_cluster(cluster)
+
+
+@pytest.fixture(autouse=True)
+def free_cluster(cluster):
+    """Each test's graph is placed on an idle cluster, so SPREAD really spreads it."""
+    settle()
 
 
 @pytest.fixture(scope="module")
