@@ -170,6 +170,14 @@ class GrpcAttentionSide:
             old = self._outboxes.get(rank)
             self._outboxes[rank] = outbox  # a restarted attention actor takes over its rank
         if old is not None:
+            # hand over what was queued before this stream opened (a step's failure, say), then end the old one
+            while True:
+                try:
+                    item = old.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    outbox.put(item)
             old.put(None)
 
         def read() -> None:

@@ -259,6 +259,19 @@ def test_fail_before_the_wait_starts_still_raises_it(router):
     assert time.monotonic() - start < 5
 
 
+def test_fail_reported_before_the_stream_opens_is_delivered(router):
+    """A failure the router reports for a rank whose stream is not open yet reaches that rank once it
+    connects (it is not dropped when the stream takes over the rank)."""
+    side, connect, _ = router
+    side.fail(6, "router gave up on step 6", [2])
+    link = connect(2)
+    pending = link.submit(6, 0, 1, torch.randn(3, HIDDEN))
+    start = time.monotonic()
+    with pytest.raises(DataPlaneError, match="router gave up on step 6"):
+        pending.wait()
+    assert time.monotonic() - start < 5
+
+
 def test_fail_leaves_other_steps_alone(router):
     side, connect, _ = router
     link = connect(0)
