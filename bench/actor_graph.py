@@ -48,13 +48,13 @@ import argparse
 import gc
 import itertools
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine_info import machine as base_machine  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -64,20 +64,10 @@ BAR_ROUND_TRIP_S = 2e-3  # per-layer dispatch round trip at batch 32
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     import grpc
     import ray
 
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_gib, 1), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-        "grpc": grpc.__version__, "loadavg_at_start": list(os.getloadavg()),
-    }
+    return base_machine(ray=ray.__version__, grpc=grpc.__version__) | {"loadavg_at_start": list(os.getloadavg())}
 
 
 def ensure_checkpoint(preset: str) -> Path:

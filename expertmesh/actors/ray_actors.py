@@ -80,9 +80,6 @@ class ExpertShardActor:
             self._server, self._address = start_grpc_server(self.shard, _node()["ip"])
         return self._address
 
-    def set_placement_version(self, version: int) -> None:
-        self.shard.placement_version = version
-
     def join_collective(self, init_method: str, rank: int, world_size: int) -> None:
         _join_group(init_method, rank, world_size)
 
@@ -140,9 +137,6 @@ class RouterActor:
         self.dispatch = dispatch
         self.attention = CollectiveAttentionSide(attention_ranks, self.core.dtype)
         self._on_micro_batch = lambda mb: setattr(dispatch, "micro_batch", mb)
-
-    def set_placement(self, placement: dict) -> None:
-        self.core.set_placement(PlacementTable.from_dict(placement))
 
     def step(self, step: int, plan: StepPlan) -> None:
         if self.dispatch is None or self.attention is None:

@@ -33,6 +33,7 @@ class RouterCore:
         self.hidden_size = self.config.hidden_size
         self.num_experts = self.config.routing.num_experts
         self.moe_layers = sorted(self.gates)
+        self._layer_row = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.load = {layer: torch.zeros(self.num_experts, dtype=torch.int64) for layer in self.moe_layers}
         # the same counts over the last `window_steps` steps: what the load looks like now
         self._step_load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.int64)
@@ -93,7 +94,7 @@ class RouterCore:
         weights, ids = self.route(layer, hidden)
         counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
         self.load[layer] += counts
-        self._step_load[self.moe_layers.index(layer)] += counts
+        self._step_load[self._layer_row[layer]] += counts
         works = self.split(layer, hidden, weights, ids)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)

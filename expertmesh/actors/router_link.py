@@ -35,7 +35,8 @@ class Mailbox:
         self._futures: dict[tuple, Future] = {}
         self._failed: dict[int | None, Exception] = {}  # failed steps (None: every step), by step
 
-    def _future(self, key: tuple) -> Future:
+    def register(self, key: tuple) -> Future:
+        """The future of `key`, created if new (already failed if its step has failed)."""
         with self._lock:
             fut = self._futures.get(key)
             if fut is None:
@@ -46,12 +47,12 @@ class Mailbox:
             return fut
 
     def put(self, key: tuple, value) -> None:
-        fut = self._future(key)
+        fut = self.register(key)
         if not fut.done():
             fut.set_result(value)
 
     def take(self, key: tuple, what: str):
-        fut = self._future(key)
+        fut = self.register(key)
         try:
             return fut.result(timeout=WAIT_TIMEOUT_S)
         except TimeoutError:
@@ -126,7 +127,7 @@ class GrpcRouterLink:
             raise self._broken
         key = (step, micro_batch, layer)
         pending = _Pending(self._mailbox, key, f"routed output of layer {layer} from the router at {self.address}")
-        self._mailbox._future(key)  # registered before the answer can arrive
+        self._mailbox.register(key)  # registered before the answer can arrive
         self._requests.put(pb.RouteRequest(step=step, micro_batch=micro_batch, layer=layer,
                                            hidden_states=to_proto(hidden)))
         return pending

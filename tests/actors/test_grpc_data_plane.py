@@ -334,7 +334,7 @@ def test_mailbox_either_side_first_and_failures_kept_for_late_waiters():
     box = Mailbox()
     box.put((1, 0, 1), "early")  # the message before the waiter
     assert box.take((1, 0, 1), "x") == "early"
-    box._future((1, 0, 2))  # a waiter registered, then its step fails
+    box.register((1, 0, 2))  # a waiter registered, then its step fails
     box.fail(DataPlaneError("step 1 failed"), step=1)
     box.put((1, 0, 2), "late")  # a late message of the failed step is dropped
     with pytest.raises(DataPlaneError, match="step 1 failed"):
