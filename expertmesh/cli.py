@@ -34,7 +34,46 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--deployment", default=None,
                      help="YAML deployment config: run on a Ray actor graph instead of in this process")
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (Ray Serve)")
+    srv.add_argument("--model", default=None,
+                     help="checkpoint directory; default: the built-in tiny model (written to models/tiny)")
+    srv.add_argument("--deployment", default=None,
+                     help="YAML deployment config: run on a Ray actor graph (default: the engine in the replica)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-file", default=None,
+                     help="file of API keys, one per line; also read from $EXPERTMESH_API_KEY")
+    srv.add_argument("--no-api-key", action="store_true",
+                     help="serve without keys when none is configured (default: generate one and print it)")
+    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: dir name)")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--kv-cache-gib", type=float, default=None)
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond it get 429")
+    srv.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    srv.add_argument("--print-serve-config", action="store_true",
+                     help="print a Serve config file for `serve deploy`/`serve run` with these settings and exit")
+    srv.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.model is None:
+        from expertmesh.model.init_model import write_random_checkpoint
+
+        default = os.path.join("models", "tiny")
+        if not os.path.exists(os.path.join(default, "config.json")):
+            write_random_checkpoint("tiny", default, seed=0, dtype="float32")
+        args.model = default
+    if not os.path.exists(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory)")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    from expertmesh.platform.server.runner import run
+
+    return run(args)
 
 
 def _init_model(args: argparse.Namespace) -> int:
@@ -76,7 +115,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handlers = {"init-model": _init_model, "generate": _generate}
+    handlers = {"init-model": _init_model, "generate": _generate, "serve": _serve}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing, unreadable or unwritable path

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.actors.dispatch import Dispatch, ShardWork
+from expertmesh.engine.expert_load import ExpertLoad
 from expertmesh.model import load_gates, resolve_dtype
 from expertmesh.model.moe import route
 from expertmesh.platform.placement import PlacementTable
@@ -33,11 +34,8 @@ class RouterCore:
         self.hidden_size = self.config.hidden_size
         self.num_experts = self.config.routing.num_experts
         self.moe_layers = sorted(self.gates)
-        self._layer_row = {layer: i for i, layer in enumerate(self.moe_layers)}
-        self.load = {layer: torch.zeros(self.num_experts, dtype=torch.int64) for layer in self.moe_layers}
-        # the same counts over the last `window_steps` steps: what the load looks like now
-        self._step_load = torch.zeros(len(self.moe_layers), self.num_experts, dtype=torch.int64)
-        self._window: deque[torch.Tensor] = deque(maxlen=window_steps)
+        # tokens per expert per layer, since the start and over the last `window_steps` steps
+        self.load = ExpertLoad(self.moe_layers, self.num_experts, window_steps=window_steps)
         # (tokens, seconds, shard compute seconds) of recent dispatch round trips: from sending a layer's work
         # to the shards until the last output is back; the slowest shard's time on its experts is inside it
         self.round_trips: deque[tuple[int, float, float]] = deque(maxlen=4096)
@@ -92,9 +90,7 @@ class RouterCore:
     def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """The routed-expert output of one layer for [T, H] hidden states, computed on the shards."""
         weights, ids = self.route(layer, hidden)
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        self.load[layer] += counts
-        self._step_load[self._layer_row[layer]] += counts
+        self.load.add(layer, ids)
         works = self.split(layer, hidden, weights, ids)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)
@@ -128,13 +124,9 @@ class RouterCore:
 
     def finish_step(self) -> None:
         """Closes a step's counts into the sliding window."""
-        self._window.append(self._step_load)
-        self._step_load = torch.zeros_like(self._step_load)
+        self.load.finish_step()
 
     def load_counts(self, window: bool = False) -> dict[int, list[int]]:
         """(token, expert) pairs routed to each expert of each MoE layer since the router started, or with
         `window` over the last `window_steps` finished steps."""
-        if not window:
-            return {layer: counts.tolist() for layer, counts in self.load.items()}
-        total = torch.stack(list(self._window)).sum(0) if self._window else torch.zeros_like(self._step_load)
-        return {layer: total[i].tolist() for i, layer in enumerate(self.moe_layers)}
+        return self.load.counts(window)

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import torch
 
+from expertmesh.engine.expert_load import ExpertLoad
 from expertmesh.engine.scheduler import ScheduledBatch
 from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.model import AttentionMetadata, MoECausalLM
+from expertmesh.model.moe import MoEBlock
 
 
 class LocalExecutor:
-    """Owns the model and its paged KV cache."""
+    """Owns the model and its paged KV cache, and counts the tokens routed to each expert."""
 
     def __init__(self, model: MoECausalLM, *, num_blocks: int, block_size: int):
         self.model = model
+        blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+        config = model.config
+        self.load = ExpertLoad([b.layer_idx for b in blocks], config.routing.num_experts)
+        for block in blocks:
+            block.backend = self._counting_backend
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.device = model.lm_head.weight.device
@@ -45,4 +52,16 @@ class LocalExecutor:
             ends = torch.tensor(query_lens).cumsum(0) - 1  # last row of each sequence
             logits_indices = ends[torch.tensor(batch.sample_mask, dtype=torch.bool)].to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        return self.model(ids, meta, self.kv_caches, logits_indices)
+        logits = self.model(ids, meta, self.kv_caches, logits_indices)
+        self.load.finish_step()
+        return logits
+
+    def _counting_backend(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The local backend (gate and experts in this process), counting the routing decisions."""
+        topk_weights, topk_ids = block.gate(hidden_states)
+        self.load.add(layer_idx, topk_ids)
+        return block.experts(hidden_states, topk_weights, topk_ids)
+
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        """Pairs routed to each expert per MoE layer: since the start, or over the recent window."""
+        return self.load.counts(window)

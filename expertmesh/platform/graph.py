@@ -313,6 +313,33 @@ class ActorGraphExecutor:
         except (RayActorError, GetTimeoutError):
             return False
 
+    def unhealthy(self, timeout_s: float = 5.0) -> list[str]:
+        """The actors that do not answer a ping within `timeout_s` (all pinged at once); [] when all do."""
+        named = [(f"attention actor {r}", a) for r, a in enumerate(self.attention)]
+        named += [("router", self.router)] if self.router is not None else [("router", None)]
+        named += [(f"expert shard {s}", a) for s, a in enumerate(self.shards)]
+        refs = {}
+        bad = [name for name, actor in named if actor is None]
+        for name, actor in named:
+            if actor is not None:
+                refs[actor.ping.remote()] = name
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in refs:
+            if ref not in ready:
+                bad.append(refs[ref] + " (no answer)")
+                continue
+            try:
+                ray.get(ref)
+            except Exception as e:
+                bad.append(f"{refs[ref]} ({type(e).__name__})")
+        return bad
+
+    def placement(self) -> dict:
+        """The placement table: version, shards, and the shards holding each (layer, expert)."""
+        table = self.placement
+        return {"version": table.version, "num_shards": table.num_shards, "moe_layers": list(table.moe_layers),
+                "replicas": {f"{layer}:{e}": list(s) for (layer, e), s in sorted(table.replicas.items())}}
+
     def _recover(self) -> None:
         """Replaces every dead actor (all of them for a collective graph that failed) and rewires. A replacement
         can itself die before it is up, e.g. when its node was lost and the bundle is still being re-placed:

@@ -1,0 +1,231 @@
+"""The engine behind the HTTP server: one thread steps the `LLMEngine`; requests stream out to asyncio.
+
+`LLMEngine` is not thread-safe, so only the engine thread touches it. Handlers on the event loop queue
+their adds and aborts; the engine thread applies them between steps, then runs a step (continuous
+batching: every running request advances one token per step), and hands each request's new output to
+its stream through `loop.call_soon_threadsafe`. A request is accepted or refused by the engine thread
+itself (a prompt that can never fit is refused there), so the handler knows before it answers 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.outputs import RequestOutput
+from expertmesh.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_ACCEPTED = object()  # first item of a stream whose request the engine took
+IDLE_WAIT_S = 0.5  # how long the engine thread sleeps with nothing to do before looking again
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: the client should retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: int):
+        super().__init__(f"the server has {waiting} requests waiting (limit {limit}); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped (shut down, or a step failed beyond recovery)."""
+
+
+@dataclass
+class EngineStats:
+    """What the engine thread has done, for /metrics."""
+
+    steps: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    failed_steps: int = 0
+    # (time, generated tokens) after recent steps: tokens/s over the last few seconds
+    recent: deque = field(default_factory=lambda: deque(maxlen=512))
+
+    def tokens_per_second(self, horizon_s: float = 10.0) -> float:
+        now = time.monotonic()
+        points = [(t, n) for t, n in list(self.recent) if now - t <= horizon_s]
+        if len(points) < 2 or points[-1][0] <= points[0][0]:
+            return 0.0
+        return (points[-1][1] - points[0][1]) / (now - points[0][0])
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:  # from the engine thread
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    stream: _Stream
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, max_waiting: int = 256, retry_after_s: int = 1):
+        if max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
+        self.stats = EngineStats()
+        self._adds: deque[_Add] = deque()
+        self._aborts: deque[str] = deque()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
+        self._thread.start()
+
+    # -- the event-loop side ---------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def num_waiting(self) -> int:
+        return len(self._adds) + self.engine.scheduler.num_waiting
+
+    def num_running(self) -> int:
+        return self.engine.scheduler.num_running
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queues a request and yields its outputs (cumulative) until it finishes.
+
+        Raises before the first output: `QueueFull`, `EngineDead`, or the engine's own ValueError/TypeError
+        for a prompt it refuses. Cancelling the consumer (a client gone) aborts the request and frees its
+        cache blocks."""
+        stream = await self.submit(request_id, prompt, params)
+        return self.outputs(request_id, stream)
+
+    async def submit(self, request_id: str, prompt: Any, params: SamplingParams) -> _Stream:
+        if not self.alive:
+            raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
+        waiting = self.num_waiting()
+        if waiting >= self.max_waiting:
+            raise QueueFull(waiting, self.max_waiting, self.retry_after_s)
+        stream = _Stream(asyncio.get_running_loop())
+        self._adds.append(_Add(request_id, prompt, params, stream))
+        self._wake.set()
+        try:
+            first = await stream.queue.get()
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        if first is not _ACCEPTED:
+            raise first
+        return stream
+
+    async def outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # cancelled, closed early or failed: free the request's cache blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops the engine thread (failing what is still streaming) and the engine's actor graph, if any."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self.engine.shutdown()
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_aborts()
+            self._apply_adds()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the executor gave up (recovery failed): fail what is running, go on
+                logger.exception("engine step failed")
+                self.stats.failed_steps += 1
+                self._fail_all(EngineDead(f"a step failed and the requests in it were dropped: {e}"))
+                continue
+            self._deliver(outputs)
+        self._fail_all(EngineDead("the server is shutting down"))
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            request_id = self._aborts.popleft()
+            if self._streams.pop(request_id, None) is not None:
+                self.engine.abort_request(request_id)
+                self.stats.aborted_requests += 1
+
+    def _apply_adds(self) -> None:
+        while self._adds:
+            add = self._adds.popleft()
+            try:
+                seq = self.engine.add_request(add.request_id, add.prompt, add.params)
+            except (ValueError, TypeError) as e:  # the prompt or its parameters: the client's to fix
+                add.stream.put(e)
+                continue
+            except Exception as e:  # anything else is ours: say so, but keep the loop alive
+                logger.exception("add_request failed")
+                add.stream.put(EngineDead(f"the engine could not take the request: {e}"))
+                continue
+            self.stats.prompt_tokens += len(seq.prompt_token_ids)
+            self._streams[add.request_id] = add.stream
+            add.stream.put(_ACCEPTED)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        self.stats.steps += 1
+        self.stats.generated_tokens += len(outputs)
+        self.stats.recent.append((time.monotonic(), self.stats.generated_tokens))
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted while the step ran
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                self.stats.finished_requests += 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            stream.put(error)
+        self._streams.clear()
+        while self._adds:
+            self._adds.popleft().stream.put(error)

@@ -1,0 +1,3 @@
+"""The /dashboard page (being written)."""
+
+DASHBOARD_HTML = "<!doctype html><title>expertmesh</title><p>dashboard</p>"

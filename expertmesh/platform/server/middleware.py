@@ -1,0 +1,108 @@
+"""ASGI middleware that guards every route before FastAPI parses anything: API keys, body size, JSON depth.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so streaming responses pass straight through and a client
+that disconnects is seen by the handler.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+
+from expertmesh.platform.server.errors import error_body
+
+OPEN_PATHS = frozenset({"/health"})  # no key needed: load balancers and Kubernetes probe it
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+async def _send_error(send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRING.sub(b'""', body)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer KEY` on every route but /health, when keys are configured. The dashboard page
+    also takes `?key=KEY`, since a browser cannot send a header when it opens a link."""
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _ok(self, candidate: bytes) -> bool:
+        return any(hmac.compare_digest(candidate, k) for k in self.keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and self._ok(token.strip()):
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/dashboard":
+            for pair in scope.get("query_string", b"").split(b"&"):
+                name, _, value = pair.partition(b"=")
+                if name == b"key" and self._ok(value):
+                    return await self.app(scope, receive, send)
+        message = ("missing API key: send 'Authorization: Bearer <key>'" if not auth
+                   else "invalid API key in the Authorization header")
+        await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])
+
+
+class BodyLimitMiddleware:
+    """Reads a request body up to `max_bytes` (413 past it) and refuses JSON nested deeper than
+    `max_depth` (400), then hands the buffered body on."""
+
+    def __init__(self, app, max_bytes: int, max_depth: int):
+        self.app, self.max_bytes, self.max_depth = app, max_bytes, max_depth
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = f"the request body is larger than the server's limit of {self.max_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_error(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _send_error(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if json_depth(body) > self.max_depth:
+            return await _send_error(send, 400, f"the JSON body is nested deeper than {self.max_depth} levels")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)

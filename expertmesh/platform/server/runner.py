@@ -1,0 +1,132 @@
+"""`expertmesh serve`: start (or join) Ray, deploy the Serve app, print how to reach it, wait for a signal.
+
+With no RAY_ADDRESS it starts a private Ray of its own on 127.0.0.1 (`address="local"`, never a stale
+cluster) and on SIGTERM or Ctrl-C takes Serve and that Ray down again before exiting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from expertmesh.platform.server.settings import ServerSettings, generate_api_key, read_api_keys
+
+DEFAULT_PORT = 8000
+SHUTDOWN_DEADLINE_S = 60
+
+
+def settings_from_args(args) -> ServerSettings:
+    keys = read_api_keys(args.api_key_file)
+    if not keys and not args.no_api_key:
+        keys = (generate_api_key(),)
+    engine_kwargs = {}
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib"):
+        value = getattr(args, name, None)
+        if value is not None:
+            engine_kwargs[name] = value
+    return ServerSettings(
+        model=str(Path(args.model).resolve()), served_model_name=args.served_model_name, dtype=args.dtype,
+        deployment=str(Path(args.deployment).resolve()) if args.deployment else None,
+        engine_kwargs=engine_kwargs, api_keys=keys, max_waiting=args.max_waiting,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+
+
+def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
+    """A Serve config file for `serve deploy` / `serve run` on an existing cluster, with these settings
+    (API keys left out: give the cluster `EXPERTMESH_API_KEY` or an `api_key_file`)."""
+    args = {"model": settings.model, "dtype": settings.dtype}
+    if settings.served_model_name:
+        args["served_model_name"] = settings.served_model_name
+    if settings.deployment is not None:
+        args["deployment"] = settings.deployment
+    if settings.engine_kwargs:
+        args["engine_kwargs"] = dict(settings.engine_kwargs)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": "expertmesh", "route_prefix": "/",
+            "import_path": "expertmesh.platform.server.serve_app:app_builder", "args": args,
+        }],
+    }
+
+
+def _cluster_cpus(settings: ServerSettings) -> int:
+    """Logical CPUs for the Ray we start: the machine's, or enough for the deployment's actors plus the
+    replica (they spend much of a step waiting on one another)."""
+    need = 1.0
+    if settings.deployment is not None:
+        from expertmesh.platform.deployment import DeploymentConfig
+
+        need += DeploymentConfig.from_yaml(settings.deployment).total_cpus
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
+def run(args) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`
+    settings = settings_from_args(args)
+    if args.print_serve_config:
+        print(yaml.safe_dump(serve_config(settings, args.host, args.port), sort_keys=False), end="")
+        return 0
+    import ray
+    from ray import serve
+
+    from expertmesh.platform.server.serve_app import APP_NAME, build_application
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    address = os.environ.get("RAY_ADDRESS")
+    owns_ray = not address
+    if owns_ray:
+        ray.init(address="local", num_cpus=_cluster_cpus(settings), include_dashboard=False,
+                 log_to_driver=args.verbose)
+    else:
+        ray.init(address=address, log_to_driver=args.verbose)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"loading {settings.model} ...", flush=True)
+        serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        _print_banner(settings, args.host, args.port)
+        while not stop.is_set():
+            stop.wait(0.5)
+        print("shutting down ...", flush=True)
+    finally:
+        _shutdown(serve, ray, owns_ray)
+    return 0
+
+
+def _shutdown(serve, ray, owns_ray: bool) -> None:
+    def force_exit():  # a hung shutdown must not keep the process past the deadline
+        time.sleep(SHUTDOWN_DEADLINE_S - 5)
+        print("shutdown took too long; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=force_exit, daemon=True).start()
+    try:
+        serve.shutdown()
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _print_banner(settings: ServerSettings, host: str, port: int) -> None:
+    url = f"http://{host}:{port}"
+    auth = f" -H 'Authorization: Bearer {settings.api_keys[0]}'" if settings.api_keys else ""
+    print(f"expertmesh is serving {settings.model_name!r} at {url}/v1", flush=True)
+    if settings.api_keys:
+        print(f"API key: {settings.api_keys[0]}")
+    key_q = f"?key={settings.api_keys[0]}" if settings.api_keys else ""
+    print(f"dashboard: {url}/dashboard{key_q}")
+    print("try:")
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{settings.model_name}\", \"prompt\": \"The mixture of experts\", \"max_tokens\": 16}}'")
+    print("Ctrl-C stops it.", flush=True)

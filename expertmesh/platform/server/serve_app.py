@@ -1,0 +1,89 @@
+"""The Ray Serve deployment: one replica owns an engine (local, or driving an actor graph) and serves the app.
+
+For `serve run` / `serve deploy` on an existing cluster, `app_builder` takes the same settings as
+`expertmesh serve` (see `expertmesh serve --print-serve-config`):
+
+    serve run expertmesh.platform.server.serve_app:app_builder model=/models/tiny
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: keep 127.0.0.1
+
+from ray import serve  # noqa: E402
+
+from expertmesh.platform.server.settings import ServerSettings  # noqa: E402
+
+DEPLOYMENT_NAME = "ExpertmeshServer"
+APP_NAME = "expertmesh"
+MAX_ONGOING_REQUESTS = 1024  # per replica; the engine's own queue (max_waiting) answers 429 first
+
+
+@serve.ingress()
+class ExpertmeshServer:
+    """Owns an `AsyncEngine` and builds the FastAPI app around it when the replica starts."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import torch
+
+        from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
+        from expertmesh.platform.server.async_engine import AsyncEngine
+
+        self.settings = ServerSettings(**settings)
+        s = self.settings
+        # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; local mode computes here, so use the machine's cores
+        torch.set_num_threads(int(s.num_threads or os.cpu_count() or 1))
+        torch.manual_seed(0)  # as the offline LLM does: unseeded sampling draws from the global generator
+        engine = LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, deployment=s.deployment, **s.engine_kwargs))
+        self.engine = AsyncEngine(engine, max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
+
+    def __serve_build_asgi_app__(self):
+        from expertmesh.platform.server.app import build_app
+
+        return build_app(self.engine, self.settings)
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: the engine thread runs and every actor of the graph answers."""
+        if not self.engine.alive:
+            raise RuntimeError(f"engine stopped: {self.engine.error or 'shut down'}")
+        check = getattr(self.engine.engine.executor, "unhealthy", None)
+        problems = check() if check is not None else []
+        if problems:
+            raise RuntimeError("actors not answering: " + "; ".join(problems))
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_application(settings: ServerSettings, *, num_cpus: float = 1.0):
+    """The Serve application for `serve.run`."""
+    deployment = serve.deployment(
+        ExpertmeshServer, name=DEPLOYMENT_NAME, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": num_cpus}, health_check_period_s=10, health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=20,
+    )
+    return deployment.bind(asdict(settings))
+
+
+def app_builder(args: dict[str, Any]):
+    """`serve run expertmesh.platform.server.serve_app:app_builder model=DIR [deployment=deploy.yaml] ...`:
+    the fields of ServerSettings, plus `api_key_file`."""
+    from expertmesh.platform.server.settings import read_api_keys
+
+    args = dict(args)
+    key_file = args.pop("api_key_file", None)
+    keys = tuple(args.pop("api_keys", ())) + read_api_keys(key_file)
+    num_cpus = float(args.pop("replica_num_cpus", 1.0))
+    known = set(ServerSettings.__dataclass_fields__)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {sorted(known | {'api_key_file', 'replica_num_cpus'})}")
+    if "model" not in args:
+        raise ValueError("the application needs model=DIR (a checkpoint directory)")
+    return build_application(ServerSettings(**args, api_keys=keys), num_cpus=num_cpus)
