@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
+	# The dashboard test renders the page in Debian's headless Chromium; installed when we can (root + apt).
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
+		|| echo "note: chromium not installed; the dashboard browser test will be skipped"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,8 +29,9 @@ test-venv: $(VENV)/.installed-test
 $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(PY) -m expertmesh init-model --preset tiny --out $(MODEL_DIR)
 
+# The OpenAI-compatible server on 127.0.0.1:8000 (Ray Serve); prints the URL, an API key and a curl line.
 serve: $(VENV)/.installed $(MODEL_DIR)/config.json
-	$(PY) -m expertmesh generate --model $(MODEL_DIR) --prompt "The mixture of experts" --max-tokens 32
+	$(PY) -m expertmesh serve --model $(MODEL_DIR)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

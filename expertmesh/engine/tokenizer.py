@@ -22,6 +22,15 @@ __all__ = ["ByteTokenizer", "IncrementalDetokenizer", "Tokenizer", "load_eos_tok
 _REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for bytes that are not (yet) valid UTF-8
 
 
+# For checkpoints that ship no chat template (base models): one "role: content" line per message, then
+# "assistant:" to prompt the reply. The BOS text leads when the tokenizer has one, as chat templates do.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token is defined %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 class Tokenizer:
     """Encode, decode and render chat prompts for one checkpoint.
 
@@ -94,15 +103,12 @@ class Tokenizer:
         return sorted(ids)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}, ...]) to the prompt text."""
-        if self.chat_template is None:
-            raise ValueError(
-                "this checkpoint has no chat template (no `chat_template` in tokenizer_config.json and no "
-                "chat_template.jinja); send a plain prompt instead of chat messages"
-            )
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) to the prompt text, with the checkpoint's
+        chat template, or `DEFAULT_CHAT_TEMPLATE` (plain "role: content" lines) when it has none."""
         _validate_messages(messages)
         if self._compiled_template is None:
-            self._compiled_template = _jinja_environment().from_string(self.chat_template)
+            template = self.chat_template if self.chat_template is not None else DEFAULT_CHAT_TEMPLATE
+            self._compiled_template = _jinja_environment().from_string(template)
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         return self._compiled_template.render(
             messages=messages,

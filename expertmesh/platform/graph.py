@@ -11,11 +11,12 @@ are re-prefilled from their token history when next scheduled), rewires, and ret
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import logging
 import math
 import os
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ PING_TIMEOUT_S = 30.0
 ABORT_GRACE_S = 30.0
 RECOVERY_ROUNDS = 10
 MIN_BUNDLE_CPU = 0.01  # how long a failed step's other calls get to return once told to abort
+
+
+ACTOR_NAMESPACE = "expertmesh"
 
 
 class StepFailed(RuntimeError):
@@ -81,6 +85,7 @@ class ActorGraphExecutor:
         self.moe_layers = list(self.placement.moe_layers)
         # an actor that asks for no resources still needs a bundle: it gets a sliver of a CPU
         self._bundle_resources = self._bundles()
+        self._graph_id, self._generation = uuid.uuid4().hex[:8], itertools.count()
         self._bundle_specs = [
             {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0} or {"CPU": MIN_BUNDLE_CPU}
             for r in self._bundle_resources
@@ -126,9 +131,13 @@ class ActorGraphExecutor:
                 f"cluster resources {ray.cluster_resources()}"
             ) from None
 
-    def _options(self, bundle: int) -> dict:
+    def _options(self, bundle: int, role: str) -> dict:
+        """Ray options of the actor in `bundle`. Actors are named `expertmesh-<graph>-<role>-<n>` in the
+        "expertmesh" namespace, so operators (and tests) can find them with `ray.util.list_named_actors`;
+        `n` counts up, since a replacement may start before Ray has released the dead actor's name."""
         r = self._bundle_resources[bundle]
         return {
+            "name": f"expertmesh-{self._graph_id}-{role}-{next(self._generation)}", "namespace": ACTOR_NAMESPACE,
             "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_concurrency": 4, "max_restarts": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
         }
@@ -139,7 +148,7 @@ class ActorGraphExecutor:
 
     def _start_attention(self, rank: int):
         r = self._bundle_resources[rank]
-        return ray.remote(AttentionActor).options(**self._options(rank)).remote(
+        return ray.remote(AttentionActor).options(**self._options(rank, f"attention{rank}")).remote(
             self.model_dir, rank=rank, dtype=self.dtype, num_blocks=self.num_blocks, block_size=self.block_size,
             num_threads=self._threads(r))
 
@@ -148,13 +157,13 @@ class ActorGraphExecutor:
 
     def _start_router(self):
         b = self._router_bundle()
-        return ray.remote(RouterActor).options(**self._options(b)).remote(
+        return ray.remote(RouterActor).options(**self._options(b, "router")).remote(
             self.model_dir, self.placement.to_dict(), dtype=self.dtype, transport=self.deployment.transport,
             num_threads=self._threads(self._bundle_resources[b]))
 
     def _start_shard(self, shard: int):
         b = self._router_bundle() + 1 + shard
-        return ray.remote(ExpertShardActor).options(**self._options(b)).remote(
+        return ray.remote(ExpertShardActor).options(**self._options(b, f"shard{shard}")).remote(
             self.model_dir, self.placement.shard_experts(shard), shard_index=shard, dtype=self.dtype,
             placement_version=self.placement.version, num_threads=self._threads(self._bundle_resources[b]))
 

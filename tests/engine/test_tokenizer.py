@@ -108,11 +108,15 @@ def test_chat_template_rejects_bad_messages_naming_the_field(tok, messages, matc
         tok.apply_chat_template(messages)
 
 
-def test_checkpoint_without_chat_template_raises_clear_error(tmp_path, tiny_dir):
+def test_checkpoint_without_chat_template_gets_the_plain_default(tmp_path, tiny_dir):
     (tmp_path / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())
     tok = Tokenizer.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="no chat template"):
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tok.chat_template is None
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages) == "system: be brief\nuser: hi\nassistant:"
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == "system: be brief\nuser: hi\n"
+    with pytest.raises(ValueError, match="role"):  # the messages are still checked
+        tok.apply_chat_template([{"content": "hi"}])
 
 
 def test_chat_template_list_form_dict_tokens_and_jinja_file(tmp_path, tiny_dir):
@@ -149,8 +153,7 @@ def test_byte_fallback_round_trips_utf8(tmp_path):
         assert tok.decode(ids) == text
     assert tok.decode([*"héllo".encode(), 256, 257, 700]) == "héllo"  # ids >= 256 decode to nothing
     assert tok.all_special_ids == [256, 257]
-    with pytest.raises(ValueError, match="no chat template"):
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"  # the default
 
 
 def _stream(tok, ids, prompt_ids=None):

@@ -18,6 +18,7 @@ MAX_STOP = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # seeds: torch.Generator.manual_seed overflows past these
 
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -42,7 +43,7 @@ class _SamplingFields(BaseModel):
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM's extension; 0 or -1 disables it
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -81,9 +81,6 @@ def run(args) -> int:
 
     from expertmesh.platform.server.serve_app import APP_NAME, build_application
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     address = os.environ.get("RAY_ADDRESS")
     owns_ray = not address
     if owns_ray:
@@ -91,6 +88,9 @@ def run(args) -> int:
                  log_to_driver=args.verbose)
     else:
         ray.init(address=address, log_to_driver=args.verbose)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"loading {settings.model} ...", flush=True)
