@@ -343,7 +343,7 @@ class ActorGraphExecutor:
                 bad.append(f"{refs[ref]} ({type(e).__name__})")
         return bad
 
-    def placement(self) -> dict:
+    def placement_info(self) -> dict:
         """The placement table: version, shards, and the shards holding each (layer, expert)."""
         table = self.placement
         return {"version": table.version, "num_shards": table.num_shards, "moe_layers": list(table.moe_layers),

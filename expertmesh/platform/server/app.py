@@ -60,15 +60,17 @@ class ServerState:
     def experts(self) -> dict:
         executor = self.llm.executor
         config = self.llm.model_config
-        placement = getattr(executor, "placement", None)
-        if callable(placement):
-            table = placement()
+        placement_info = getattr(executor, "placement_info", None)
+        if placement_info is not None:
+            table = placement_info()
             mode = f"actor graph ({executor.deployment.transport})"
+            recoveries = list(executor.recoveries)
         else:  # local mode: every expert in this process
             table = {"version": 0, "num_shards": 1, "moe_layers": sorted(self.load_counts(False)),
                      "replicas": {f"{layer}:{e}": [0] for layer in sorted(self.load_counts(False))
                                   for e in range(config.routing.num_experts)}}
             mode = "local"
+            recoveries = []
         window = self.load_counts(window=True)
         total = self.load_counts(window=False)
         top_k = config.routing.top_k
@@ -79,6 +81,7 @@ class ServerState:
             "load": {"window": {str(k): v for k, v in window.items()},
                      "total": {str(k): v for k, v in total.items()}},
             "health": [h.to_dict() for h in expert_health(window, top_k)] if window else [],
+            "recoveries": recoveries,  # what the actor graph did to recover from lost actors
         }
 
     def unhealthy(self) -> list[str]:

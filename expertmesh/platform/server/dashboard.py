@@ -70,7 +70,8 @@ table { border-collapse:collapse; font-variant-numeric:tabular-nums; }
 .note { color:var(--dim); font-size:12px; margin:8px 0 0; }
 .grid2 { display:grid; grid-template-columns:3fr 2fr; gap:14px; }
 #health, #shards { width:100%; }
-#health th, #shards th { text-align:left; color:var(--dim); font-weight:500; font-size:12px; border-bottom:1px solid var(--line); padding:4px 8px; }
+#health th, #shards th { text-align:left; color:var(--dim); font-weight:500; font-size:12px; padding:4px 8px;
+                        border-bottom:1px solid var(--line); }
 #health td, #shards td { padding:5px 8px; border-bottom:1px solid var(--line); white-space:nowrap; }
 #health th, #shards th { white-space:nowrap; }
 #health td:first-child { white-space:normal; }
@@ -225,11 +226,13 @@ function renderHeatmap(d) {
     td.children[0].textContent = count;
     td.children[1].textContent = shards.length ? "s" + shards.join(",") : "no shard";
     td.title = `layer ${layer}, expert ${e}: ${count} tokens (${pct(share)} of the layer's tokens)\n` +
-               (shards.length > 1 ? `replicated on shards ${shards.join(", ")}` : `on shard ${shards.join("") || "none"}`);
+               (shards.length > 1 ? `replicated on shards ${shards.join(", ")}`
+                                  : `on shard ${shards.join("") || "none"}`);
   }
   const what = n > 32 ? "hover a cell for its count and the shards holding it"
                       : "the count and, under it, the shards holding the expert (bold when replicated)";
-  $("heatmap-note").textContent = `Tokens routed to each expert (${scope === "window" ? "recent window" : "since start"}): ` +
+  const when = scope === "window" ? "recent window" : "since start";
+  $("heatmap-note").textContent = `Tokens routed to each expert (${when}): ` +
     `${what}. An even spread gives each expert ` +
     `${pct(d.top_k / n)} of its layer's tokens (top-${d.top_k} of ${n}). White outline: the layer's busiest expert.`;
 }

@@ -1,0 +1,207 @@
+"""The /dashboard page, run by headless Chromium against the real app: its heatmap, health table and engine
+figures match /v1/experts and /metrics, its fetches carry the key from the page's URL, a wrong key shows the
+error banner, and the page draws something.
+
+Skipped without Chromium (Debian package `chromium`). The page's own HTML is checked without it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from html.parser import HTMLParser
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+
+from expertmesh.platform.server.dashboard import DASHBOARD_HTML
+from tests.server.app_server import API_KEY, running_app
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
+                                    "(apt-get install chromium): the dashboard's script needs a browser")
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+@pytest.fixture(scope="module")
+def loaded_app(tiny_model_dir):
+    """The app with API keys on, after a few completions so every MoE layer has load; yields (url, client)."""
+    with running_app(tiny_model_dir) as (url, _), httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        for i in range(3):
+            r = client.post("/v1/completions", json={"model": tiny_model_dir.name, "prompt": f"the load test {i}",
+                                                     "max_tokens": 8, "seed": i})
+            assert r.status_code == 200, r.text
+        yield url, client
+
+
+def run_chromium(tmp_path, url: str, *args: str) -> str:
+    """Loads `url` with 5 s of virtual time for the page's script, then does what `args` ask; returns stdout."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", *args, url]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, f"chromium exited {r.returncode}: {r.stderr[-2000:]}"
+    return r.stdout
+
+
+class Dom(HTMLParser):
+    """Chromium's --dump-dom output as a flat list of elements, each knowing its ancestors' ids and its text."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.nodes: list[dict] = []
+        self._open: list[dict] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        node = {"tag": tag, "attrs": dict(attrs), "text": [],
+                "within": {n["attrs"].get("id") for n in self._open} - {None}}
+        self.nodes.append(node)
+        if tag not in _VOID:
+            self._open.append(node)
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()["tag"] != tag:
+            pass
+
+    def handle_data(self, data):
+        for node in self._open:
+            node["text"].append(data)
+
+    def by_id(self, id_: str) -> dict:
+        (node,) = [n for n in self.nodes if n["attrs"].get("id") == id_]
+        return node
+
+    def inside(self, id_: str, tag: str) -> list[dict]:
+        return [n for n in self.nodes if id_ in n["within"] and n["tag"] == tag]
+
+
+def text(node: dict) -> str:
+    return "".join(node["text"]).strip()
+
+
+def classes(node: dict) -> set[str]:
+    return set((node["attrs"].get("class") or "").split())
+
+
+def metric(body: str, name: str) -> float:
+    (value,) = re.findall(rf"^{name} (\S+)$", body, re.MULTILINE)
+    return float(value)
+
+
+def png_rgb(path) -> np.ndarray:
+    """[H, W, 3] pixels of an 8-bit, non-interlaced RGB(A) PNG such as Chromium's screenshots (PIL is not a
+    dependency, and a PNG decoder is a few lines of zlib and the five row filters)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat = 8, []
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat.append(chunk)
+        pos += 12 + length
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0, (depth, colour_type, interlace)
+    bpp = 3 if colour_type == 2 else 4
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(height, 1 + width * bpp)
+    out = np.zeros((height, width * bpp), np.int32)
+    prev = np.zeros(width * bpp, np.int32)
+    for y in range(height):
+        kind, line = raw[y, 0], raw[y, 1:].astype(np.int32)
+        if kind == 1:  # Sub: a running sum along the row, per channel
+            line = np.cumsum(line.reshape(width, bpp), axis=0).reshape(-1) & 255
+        elif kind == 2:  # Up
+            line = (line + prev) & 255
+        elif kind in (3, 4):  # Average, Paeth: each byte needs the one decoded just before it
+            cur, up = line.tolist(), prev.tolist()
+            for i in range(len(cur)):
+                a, b, c = (cur[i - bpp], up[i], up[i - bpp]) if i >= bpp else (0, up[i], 0)
+                if kind == 3:
+                    cur[i] = (cur[i] + (a + b) // 2) & 255
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    cur[i] = (cur[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+            line = np.array(cur, np.int32)
+        out[y] = prev = line
+    return out.reshape(height, width, bpp)[..., :3].astype(np.uint8)
+
+
+def test_page_is_self_contained_and_inserts_no_html():
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", DASHBOARD_HTML), "loads something from elsewhere"
+    assert "@import" not in DASHBOARD_HTML and "url(" not in DASHBOARD_HTML
+    for unsafe in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+        assert unsafe not in DASHBOARD_HTML, f"{unsafe} would parse server data as HTML"
+
+
+@needs_chromium
+def test_dashboard_shows_the_live_load_fetched_with_the_key_from_its_url(loaded_app, tmp_path):
+    url, client = loaded_app
+    # The data routes take the key only as a header: data on the page proves its fetches sent one.
+    assert httpx.get(f"{url}/v1/experts?key={API_KEY}").status_code == 401
+    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard?key={API_KEY}", "--dump-dom"))
+    experts = client.get("/v1/experts").json()  # no traffic since: the window's counts have not moved
+    metrics = client.get("/metrics").text
+
+    status = dom.by_id("status")
+    assert classes(status) == {"ok"} and text(status).startswith("updated"), text(status)
+    assert "hidden" in dom.by_id("banner")["attrs"], text(dom.by_id("banner"))
+
+    layers, num_experts = experts["placement"]["moe_layers"], experts["num_experts"]
+    cells = [n for n in dom.inside("heatmap", "td") if "data-expert" in n["attrs"]]
+    assert len(cells) == len(layers) * num_experts
+    shown = {(int(c["attrs"]["data-layer"]), int(c["attrs"]["data-expert"])): int(c["attrs"]["data-count"])
+             for c in cells}
+    window = experts["load"]["window"]
+    assert shown == {(layer, e): window[str(layer)][e] for layer in layers for e in range(num_experts)}
+    assert all(sum(window[str(layer)]) > 0 for layer in layers)
+    replicas = experts["placement"]["replicas"]
+    for c in cells:  # the shards holding each expert are written under its count
+        layer, e = int(c["attrs"]["data-layer"]), int(c["attrs"]["data-expert"])
+        assert text(c) == f"{shown[layer, e]}s" + ",".join(map(str, replicas[f"{layer}:{e}"]))
+
+    rows = [n for n in dom.inside("health", "tr") if "data-layer" in n["attrs"]]
+    assert [int(r["attrs"]["data-layer"]) for r in rows] == layers
+    for row, h in zip(rows, experts["health"]):
+        assert ("warn" in classes(row)) == (h["busiest_share"] > 0.4 or h["entropy"] < 0.5), h
+        assert f"expert {h['busiest_expert']}" in text(row)
+
+    shards = [n for n in dom.inside("shards", "tr") if "data-shard" in n["attrs"]]
+    assert [int(s["attrs"]["data-shard"]) for s in shards] == list(range(experts["placement"]["num_shards"]))
+    kv = dom.by_id("m-kv")["attrs"]
+    assert float(kv["data-total"]) == metric(metrics, "expertmesh_kv_cache_blocks_total")
+    assert float(kv["data-value"]) == metric(metrics, "expertmesh_kv_cache_blocks_used")
+    assert float(dom.by_id("m-running")["attrs"]["data-value"]) == 0
+
+
+@needs_chromium
+def test_a_key_the_data_routes_refuse_shows_the_error_banner(loaded_app, tmp_path):
+    url, _ = loaded_app
+    # The middleware admits the page on any matching `key`; the script sends the first one, which is wrong.
+    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard?key=WRONG&key={API_KEY}", "--dump-dom"))
+    banner = dom.by_id("banner")
+    assert "hidden" not in banner["attrs"]
+    assert text(banner).startswith("API key missing or wrong: open /dashboard?key=")
+    assert "error" in classes(dom.by_id("status"))
+    assert not [n for n in dom.inside("heatmap", "td") if "data-expert" in n["attrs"]]
+
+
+@needs_chromium
+def test_dashboard_screenshot_is_not_blank(loaded_app, tmp_path):
+    url, _ = loaded_app
+    shot = tmp_path / "dashboard.png"
+    run_chromium(tmp_path, f"{url}/dashboard?key={API_KEY}", f"--screenshot={shot}", "--window-size=1280,900")
+    pixels = png_rgb(shot)  # [H, W, 3]
+    assert pixels.shape == (900, 1280, 3)
+    packed = pixels.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)  # [H, W] one int per colour
+    colours, counts = np.unique(packed, return_counts=True)
+    assert len(colours) > 200, f"only {len(colours)} colours"
+    assert counts.max() / counts.sum() < 0.8, f"one colour covers {counts.max() / counts.sum():.0%} of the page"
+    # The theme is greys and near-greys; the heatmap's cells are the one large area in strong colour.
+    coloured = int(((pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 60).sum())
+    assert coloured > 20_000, f"only {coloured} strongly coloured pixels: no heatmap drawn"
