@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -186,3 +187,34 @@ def test_metrics_after_traffic(server, client, model_name):
     assert tokens and sum(tokens) > 0
     assert 0 < value(r'expertmesh_routing_entropy\{layer="1"\}') <= 1
     assert 0 < value(r'expertmesh_expert_busiest_share\{layer="1"\}') <= 1
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    m = re.search(r"^" + name + r" ([0-9.e+-]+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_client_disconnect_mid_stream_cancels_and_frees_blocks(server, model_name):
+    body = {"model": model_name, "prompt": "a long answer please", "max_tokens": 2000, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            got = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
+            assert got
+            assert _metric(server.url, "expertmesh_requests_running") == 1
+    # the connection is closed: the request must be aborted long before its 2000 tokens are done
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (_metric(server.url, "expertmesh_requests_running") == 0
+                and _metric(server.url, "expertmesh_kv_cache_blocks_used") == 0):
+            break
+        time.sleep(0.5)
+    assert _metric(server.url, "expertmesh_requests_running") == 0
+    assert _metric(server.url, "expertmesh_kv_cache_blocks_used") == 0
+    assert _metric(server.url, "expertmesh_requests_cancelled_total") >= 1
+    assert _metric(server.url, "expertmesh_generation_tokens_total") < 2000 + 200  # it did not run to the end
