@@ -169,6 +169,15 @@ class AsyncEngine:
 
     # -- the engine thread -----------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug of ours: stop taking requests, tell everyone waiting why
+            logger.exception("the engine thread died")
+            self.error = e
+            self._stop.set()
+            self._fail_all(EngineDead(f"the engine thread died: {type(e).__name__}: {e}"))
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             self._apply_aborts()
             self._apply_adds()
