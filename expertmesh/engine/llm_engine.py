@@ -149,6 +149,9 @@ class LLMEngine:
                 f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate within "
                 f"max_model_len={self.max_model_len}"
             )
+        # everything that can refuse the request comes before the scheduler takes it
+        generator = make_generator(params.seed, self.executor.device)
+        stop = StopChecker(self.tokenizer, params, self.eos_token_ids)
         # Like vLLM, a request whose max_tokens runs past max_model_len stops there with "length".
         try:
             self.scheduler.add(seq, min(params.max_tokens or room, room))
@@ -157,8 +160,7 @@ class LLMEngine:
             raise ValueError(f"prompts[{index}]: {e}; {hint}") from None
         self._requests[seq.seq_id] = _Request(
             request_id=request_id, prompt=text, seq=seq, params=params,
-            generator=make_generator(params.seed, self.executor.device),
-            stop=StopChecker(self.tokenizer, params, self.eos_token_ids),
+            generator=generator, stop=stop,
             logprobs=[] if params.logprobs is not None else None,
         )
         self._seq_ids[request_id] = seq.seq_id

@@ -52,7 +52,8 @@ def filtered_probs(
     # Keep a token while the mass ranked above it is still short of top_p: the smallest prefix whose
     # mass reaches top_p. The top token has zero mass above it and is always kept.
     mass_above = torch.cumsum(probs_sorted, dim=-1) - probs_sorted  # [R, V]
-    probs_sorted = probs_sorted.masked_fill(mass_above >= top_p.unsqueeze(-1), 0.0)
+    # the top token always stays, even for a top_p that rounds to 0 in float32
+    probs_sorted = probs_sorted.masked_fill((mass_above >= top_p.unsqueeze(-1)) & (rank > 0), 0.0)
     return probs_sorted, ids_sorted
 
 
@@ -74,7 +75,7 @@ def sample(
         probs_sorted, ids_sorted = filtered_probs(
             logits[rows_t],
             torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device),
-            torch.tensor([params[i].top_k for i in rows], dtype=torch.int64, device=device),
+            torch.tensor([min(params[i].top_k, logits.shape[-1]) for i in rows], dtype=torch.int64, device=device),
             torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device),
         )
         picks = torch.empty(len(rows), dtype=torch.int64, device=device)  # rank within the sorted row

@@ -442,3 +442,23 @@ def test_text_prompt_without_a_tokenizer_and_a_small_vocabulary_says_what_to_do(
         llm.generate("hi", SamplingParams(max_tokens=2))
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_a_request_refused_by_the_sampler_leaves_the_engine_clean(tiny_model_dir, monkeypatch):
+    """A request refused after validation (here: the generator cannot be built) must not stay half-added:
+    the next requests run normally."""
+    from expertmesh.engine import llm_engine
+
+    llm = LLM(tiny_model_dir)
+    engine = llm.llm_engine
+
+    def broken(seed, device):
+        raise ValueError("seed out of range for this device")
+
+    monkeypatch.setattr(llm_engine, "make_generator", broken)
+    with pytest.raises(ValueError, match="seed out of range"):
+        engine.add_request("bad", "hello", SamplingParams(seed=1))
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    out = llm.generate("hello", SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -54,6 +54,8 @@ def test_keyword_only():
         ({"stop_token_ids": [1.0]}, "stop_token_ids"),
         ({"seed": "7"}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"n": 2}, "n must be 1"),
     ],
 )

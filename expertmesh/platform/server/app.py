@@ -100,8 +100,8 @@ class ServerState:
     def sampling_params(self, req, max_tokens: int | None, seed_offset: int, logprobs: int | None) -> SamplingParams:
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
-            raise errors.APIError(400, f"max_tokens={max_tokens} is above this server's limit of {limit}",
-                                  param="max_tokens")
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+            raise errors.APIError(400, f"{name}={max_tokens} is above this server's limit of {limit}", param=name)
         try:
             return SamplingParams(
                 temperature=1.0 if req.temperature is None else float(req.temperature),

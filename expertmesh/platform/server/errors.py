@@ -42,37 +42,88 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _param(loc: tuple, fields: set[str], msg: str) -> str | None:
-    """'body.messages.0.content' from pydantic's loc; for a model-level check, the field its message names."""
-    parts = [str(p) for p in loc if p != "body"]
-    # union members add their type names to loc (`str`, `list[int]`, ...): keep the path to the field only
-    path = []
-    for p in parts:
-        if p.isdigit() or p.isidentifier():
-            path.append(p)
-        else:
-            break
-    if path:
-        return ".".join(path)
-    words = msg.removeprefix("Value error, ").split()
-    return words[0] if words and words[0] in fields else None
+# Python type names pydantic may put in `loc` for the union member it tried; request fields are lowercase
+# identifiers, never one of these.
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "dict", "list", "none"})
+
+
+def _is_step(part) -> bool:
+    """Whether a `loc` entry is a step of the path to a value (an index or a field name) rather than the name
+    of a union member pydantic tried (`str`, `list[int]`, `constrained-str`, `TextPart`)."""
+    if isinstance(part, int):
+        return True
+    return part.isidentifier() and part.islower() and part not in _TYPE_NAMES
+
+
+def _path(loc) -> str:
+    """OpenAI's spelling of a field path, `messages[0].content`, from a loc without `body` and union members."""
+    out = ""
+    for part in loc:
+        if not _is_step(part):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
+
+
+def _union_head(loc: tuple) -> tuple | None:
+    """The loc of the union value an error is about (the entries before the first member name), if any."""
+    for i, part in enumerate(loc):
+        if not _is_step(part):
+            return loc[:i]
+    return None
+
+
+def _pick(errors: list[dict]) -> tuple[tuple, str]:
+    """The loc and message to report. A value that fits no member of a union gets an error per member, the
+    first of which (`Input should be a valid string` for a list) is rarely the useful one; report instead
+    the member that got furthest: a value error over a type error, deep in the value over at its top."""
+    first = errors[0]
+    head = _union_head(first["loc"])
+    if head is None:
+        return first["loc"], first["msg"]
+    members: dict = {}  # member name -> its first error
+    for e in errors:
+        loc = e["loc"]
+        if len(loc) > len(head) and loc[:len(head)] == head and not _is_step(loc[len(head)]):
+            members.setdefault(loc[len(head)], e)
+
+    def rank(e: dict) -> tuple:
+        below = [p for p in e["loc"][len(head) + 1:] if _is_step(p)]
+        wrong_type = e["type"].endswith("_type")
+        reached = [-p for p in below if isinstance(p, int)]  # the later the item it failed at, the better
+        return 2 if wrong_type and not below else int(wrong_type), -len(below), reached
+
+    best = min(members.values(), key=rank)
+    if rank(best)[0] < 2:
+        return best["loc"], best["msg"]
+    # the value's type fits no member: say which types would
+    prefix = "Input should be "
+    wants = dict.fromkeys(e["msg"].removeprefix(prefix) for e in members.values())
+    return head, prefix + " or ".join(wants)
 
 
 def validation_error_response(exc: RequestValidationError, fields: set[str]) -> JSONResponse:
+    """A 400 naming the first field at fault; `fields` are those a model-level check's message may start with."""
     errors = exc.errors()
     if not errors:
         return error_response(400, "invalid request body")
     first = errors[0]
-    loc, msg = tuple(first.get("loc", ())), str(first.get("msg", "invalid value"))
-    kind = first.get("type", "")
+    loc, kind = tuple(first.get("loc", ())), first.get("type", "")
     if kind == "json_invalid":
-        return error_response(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return error_response(400, f"the request body is not valid JSON: {detail}")
     if kind == "missing" and loc == ("body",):
         return error_response(400, "the request needs a JSON body")
     if kind == "model_attributes_type" and loc == ("body",):
+        if isinstance(first.get("input"), (bytes, bytearray)):  # FastAPI parses JSON only when told it is JSON
+            return error_response(400, "send the request body as JSON, with 'Content-Type: application/json'")
         return error_response(400, "the request body must be a JSON object")
-    param = _param(loc, fields, msg)
-    message = msg.removeprefix("Value error, ")
+    loc, msg = _pick(errors)
+    message = str(msg).removeprefix("Value error, ")
+    param = _path(loc[1:] if loc[:1] == ("body",) else loc) or None
+    if param is None:  # a check over the whole body: its message starts with the field it is about
+        word = message.split(maxsplit=1)[0] if message else ""
+        param = word if word in fields else None
     if param and not message.startswith(param):
         message = f"{param}: {message}"
     return error_response(400, message, param=param)
@@ -90,10 +141,13 @@ def install(app: FastAPI, fields: set[str]) -> None:
         return validation_error_response(exc, fields)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = "no such route; see /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow")
+            message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

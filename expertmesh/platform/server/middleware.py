@@ -9,12 +9,20 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from itertools import accumulate
 
 from expertmesh.platform.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})  # no key needed: load balancers and Kubernetes probe it
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(rb"[\[\]{}]")
+# A JSON string, or the rest of the body after an unterminated one. Unrolled (no alternation inside the
+# repeat) and with an optional closing quote, so one pass over any body is linear: the plain
+# `"(?:[^"\\]|\\.)*"` rescans to the end from every quote of an unterminated `"\"\"\"...`, quadratic in
+# the body, which blocks the event loop for an hour on a 1 MB body.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256  # how a byte moves the nesting depth
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
 
 
 async def _send_error(send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -26,15 +34,11 @@ async def _send_error(send, status: int, message: str, headers: list[tuple[bytes
 
 
 def json_depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (strings skipped), without parsing it."""
-    depth = deepest = 0
-    for m in _BRACKETS.finditer(_STRING.sub(b'""', body)):
-        if m.group() in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), without parsing it.
+
+    Linear and in C but for one `accumulate` step per bracket: it runs on the event loop for every body."""
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
 
 
 class AuthMiddleware:

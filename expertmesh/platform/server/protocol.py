@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 MAX_N = 8  # completions per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -19,12 +29,25 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # seeds: torch.Generator.manual_seed overflows past these
+MAX_TOP_K = (1 << 31) - 1  # clamped to the vocabulary anyway; bounded so it fits the sampler's int64 tensor
+MIN_TOP_P = 1e-6  # smaller ones round to 0.0 in float32 and the sampler would keep no token at all
 
-Number = StrictInt | StrictFloat
+
+def _encodable(text: str) -> str:
+    # JSON's \ud800 escapes give lone surrogates, which the tokenizer cannot take
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate at character {e.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]  # text that reaches the tokenizer
+Number = StrictFloat  # takes ints too, but not bools or strings
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-Prompt = StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+Prompt = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
     list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-Stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
@@ -39,9 +62,9 @@ class _SamplingFields(BaseModel):
 
     model: StrictStr
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM's extension; 0 or -1 disables it
+    temperature: Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[Number, Field(ge=MIN_TOP_P, le=1, allow_inf_nan=False)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None  # vLLM's extension; 0 or -1 disables it
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
@@ -99,13 +122,13 @@ class CompletionRequest(_SamplingFields):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | Annotated[list[TextPart], Field(max_length=64)] | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -127,7 +150,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         if self.max_completion_tokens is not None and self.max_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
+            raise ValueError("max_completion_tokens and max_tokens are both set: give one of them")
         return self
 
     def token_limit(self) -> int | None:
