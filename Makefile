@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/tiny
 
-.PHONY: serve test venv test-venv bench bench-graph clean
+.PHONY: serve test venv test-venv bench bench-graph bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(VENV)/.installed-test
 # The actor graph (1 attention actor, 1 router, 2 and 4 expert shards) against local mode.
 bench-graph: $(VENV)/.installed-test
 	$(PY) bench/actor_graph.py --transport all
+
+# Load on `expertmesh serve` (small preset, local mode): throughput, TTFT and ITL at concurrency 1, 8 and 32.
+bench-serve: $(VENV)/.installed-test
+	$(PY) bench/serve_load.py --json bench/serve_load_results.json
 
 clean:
 	rm -rf $(VENV) models

@@ -68,7 +68,7 @@ def test_a_step_failing_mid_stream_sends_an_error_event(tiny_model_dir):
 
 
 def test_shutdown_fails_waiting_requests_instead_of_hanging(tiny_model_dir):
-    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_model_dir))))
+    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_model_dir))))
 
     async def run():
         outputs = await engine.generate("r1", "hello", SamplingParams(max_tokens=10_000, ignore_eos=True))
@@ -81,3 +81,8 @@ def test_shutdown_fails_waiting_requests_instead_of_hanging(tiny_model_dir):
             await engine.generate("r2", "hello", SamplingParams())
 
     asyncio.run(asyncio.wait_for(run(), timeout=120))
+
+
+def test_an_engine_that_cannot_be_built_raises_its_error(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tmp_path / "missing"))))

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,10 +83,15 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, max_waiting: int = 256, retry_after_s: int = 1):
+    def __init__(self, make_engine: Callable[[], LLMEngine], *, max_waiting: int = 256, retry_after_s: int = 1,
+                 start_timeout_s: float = 600.0):
+        """Builds the engine with `make_engine()` on the engine thread, and returns once it is built (raising
+        what building raised).
+
+        The engine is built on the thread that steps it: built on one thread and stepped on another, the
+        `small` preset decoded 15-25% slower here, with the process using 1.4-1.6 of 2 cores instead of 2."""
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        self.engine = engine
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self.stats = EngineStats()
@@ -97,8 +102,16 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._ids = itertools.count()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
+        self.engine: LLMEngine | None = None
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(make_engine, built), name="expertmesh-engine",
+                                        daemon=True)
         self._thread.start()
+        if not built.wait(start_timeout_s):
+            self._stop.set()
+            raise TimeoutError(f"the engine was not built within {start_timeout_s} s")
+        if self.engine is None:
+            raise self.error if self.error is not None else RuntimeError("the engine thread stopped while building")
 
     # -- the event-loop side ---------------------------------------------------------------------
     @property
@@ -165,10 +178,18 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
     # -- the engine thread -----------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, make_engine: Callable[[], LLMEngine], built: threading.Event) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as e:
+            self.error = e
+            built.set()
+            return
+        built.set()
         try:
             self._serve()
         except BaseException as e:  # a bug of ours: stop taking requests, tell everyone waiting why

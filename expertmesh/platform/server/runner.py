@@ -84,6 +84,9 @@ def run(args) -> int:
     address = os.environ.get("RAY_ADDRESS")
     owns_ray = not address
     if owns_ray:
+        # Ray starts its workers at niceness 15; the replica here is the server itself, so it should not
+        # yield its cores to whatever else runs on the machine (Ray's job manager does the same for drivers)
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=_cluster_cpus(settings), include_dashboard=False,
                  log_to_driver=args.verbose)
     else:

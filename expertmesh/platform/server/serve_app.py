@@ -38,8 +38,9 @@ class ExpertmeshServer:
         # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; local mode computes here, so use the machine's cores
         torch.set_num_threads(int(s.num_threads or os.cpu_count() or 1))
         torch.manual_seed(0)  # as the offline LLM does: unseeded sampling draws from the global generator
-        engine = LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, deployment=s.deployment, **s.engine_kwargs))
-        self.engine = AsyncEngine(engine, max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
+        self.engine = AsyncEngine(
+            lambda: LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, deployment=s.deployment, **s.engine_kwargs)),
+            max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
 
     def __serve_build_asgi_app__(self):
         from expertmesh.platform.server.app import build_app
