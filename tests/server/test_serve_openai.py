@@ -179,6 +179,7 @@ def test_metrics_after_traffic(server, client, model_name):
 
     assert value(r'expertmesh_requests_total\{route="/v1/completions",status="200"\}') >= 1
     assert value(r"expertmesh_time_to_first_token_seconds_count") >= 1
+    assert value(r'expertmesh_request_latency_seconds_count\{route="/v1/completions"\}') >= 1
     assert value(r"expertmesh_inter_token_latency_seconds_count") >= 1
     assert value(r"expertmesh_generation_tokens_total") >= 4
     assert value(r"expertmesh_kv_cache_blocks_total") > 0

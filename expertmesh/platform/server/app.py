@@ -149,7 +149,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         finally:
             metrics.inflight.dec()
         metrics.requests.labels(route, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) or route not in _GENERATE:
+        if route not in _GENERATE:  # the generate routes observe their own, at their last byte
             metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 
@@ -246,8 +246,7 @@ async def _generate(state: ServerState, request: Request, body, prompts: list, p
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(state, body, choices, response_id, started, chat, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(events, choices, engine)
     try:
         await _drain(state, choices, started)
     except EngineDead as e:
@@ -256,13 +255,35 @@ async def _generate(state: ServerState, request: Request, body, prompts: list, p
         state.metrics.cancelled.inc()
         raise
     finally:
-        await _close(choices)
+        await _close(choices, engine)
+    state.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
+        time.perf_counter() - started)
     return _full_response(state, body, choices, response_id, chat)
 
 
-async def _close(choices: list[_Choice]) -> None:
+async def _close(choices: list[_Choice], engine: AsyncEngine | None = None) -> None:
+    """Ends every choice's output stream, which aborts a request that has not finished. A stream never
+    iterated runs no cleanup when closed, so with `engine` the unfinished requests are aborted by id too."""
     for c in choices:
-        await c.outputs.aclose()  # aborts a request that has not finished
+        await c.outputs.aclose()
+        if engine is not None and (c.last is None or not c.last.finished):
+            engine.abort(c.request_id)  # a no-op for a request already gone
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends: a client that leaves before
+    the first event cancels the response before its generator ever runs, and so before its `finally`."""
+
+    def __init__(self, events, choices: list[_Choice], engine: AsyncEngine):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._choices, self._engine = choices, engine
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _close(self._choices, self._engine)
 
 
 def _observe_token(state: ServerState, choice: _Choice, out: RequestOutput, started: float, last_t: list) -> None:
