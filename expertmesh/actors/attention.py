@@ -39,17 +39,19 @@ class MicroBatch:
 
 class AttentionWorker:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int):
-        self.model = load_model(model_dir, dtype, routed_experts=False)
+        # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
+        # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
+        self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
+        # The model is built on the thread that runs micro-batch 0 (the only one where ping-pong is off):
+        # a model built on one thread and run on another decoded 15-25% slower here (see AsyncEngine).
+        self.model = self._threads[0].submit(load_model, model_dir, dtype, routed_experts=False).result()
         self.block_size = block_size
-        self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_caches = self._threads[0].submit(self.model.allocate_kv_cache, num_blocks, block_size).result()
         self.link = None  # set by the actor graph: GrpcRouterLink or CollectiveRouterLink
         self._context = threading.local()  # (step, micro-batch) of the forward pass on this thread
         for layer in self.model.model.layers:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.backend = self._routed
-        # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
-        # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
-        self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
         self._waits: list[float] = []  # seconds blocked on routed experts in the current step
         # (step seconds, of which blocked on routed experts summed over micro-batch threads) per recent step
         self.timings: deque[tuple[float, float]] = deque(maxlen=1024)
