@@ -55,7 +55,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from machine_info import machine as base_machine  # bench/ is on sys.path when run as a script
+from machine_info import (
+    machine as base_machine,  # bench/ is on sys.path when run as a script
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"

@@ -173,7 +173,7 @@ def test_metrics_after_traffic(server, client, model_name):
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
 
     def value(pattern: str) -> float:
-        m = re.search(r"^" + pattern + r" ([0-9.e+-]+)$", text, re.M)
+        m = re.search(r"^" + pattern + r" ([0-9.e+-]+)$", text, re.MULTILINE)
         assert m, pattern
         return float(m.group(1))
 
@@ -184,7 +184,7 @@ def test_metrics_after_traffic(server, client, model_name):
     assert value(r"expertmesh_generation_tokens_total") >= 4
     assert value(r"expertmesh_kv_cache_blocks_total") > 0
     assert value(r"expertmesh_requests_running") == 0
-    tokens = [float(v) for v in re.findall(r'^expertmesh_expert_tokens\{expert="\d+",layer="\d+"\} (\S+)$', text, re.M)]
+    tokens = [float(v) for v in re.findall(r'^expertmesh_expert_tokens\{expert="\d+",layer="\d+"\} (\S+)$', text, re.MULTILINE)]
     assert tokens and sum(tokens) > 0
     assert 0 < value(r'expertmesh_routing_entropy\{layer="1"\}') <= 1
     assert 0 < value(r'expertmesh_expert_busiest_share\{layer="1"\}') <= 1
@@ -192,7 +192,7 @@ def test_metrics_after_traffic(server, client, model_name):
 
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
-    m = re.search(r"^" + name + r" ([0-9.e+-]+)$", text, re.M)
+    m = re.search(r"^" + name + r" ([0-9.e+-]+)$", text, re.MULTILINE)
     assert m, name
     return float(m.group(1))
 
@@ -200,14 +200,13 @@ def _metric(url: str, name: str) -> float:
 def test_client_disconnect_mid_stream_cancels_and_frees_blocks(server, model_name):
     body = {"model": model_name, "prompt": "a long answer please", "max_tokens": 2000, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.url + "/v1/completions", json=body,
-                         headers={"Authorization": f"Bearer {KEY}"}) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            got = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
-            assert got
-            assert _metric(server.url, "expertmesh_requests_running") == 1
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        got = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
+        assert got
+        assert _metric(server.url, "expertmesh_requests_running") == 1
     # the connection is closed: the request must be aborted long before its 2000 tokens are done
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -234,13 +234,13 @@ async def _generate(state: ServerState, request: Request, body, prompts: list, p
                 choices.append(_Choice(index=len(choices), request_id=rid, outputs=outputs))
     except QueueFull as e:
         state.metrics.rejected.inc()
-        await _close(choices)
+        await _close(choices, engine)
         raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
     except EngineDead as e:
-        await _close(choices)
+        await _close(choices, engine)
         raise errors.APIError(503, str(e)) from None
     except BaseException:
-        await _close(choices)
+        await _close(choices, engine)
         raise
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
@@ -441,6 +441,6 @@ async def _stream(state: ServerState, body, choices: list[_Choice], response_id:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _close(choices)
+        await _close(choices, state.engine)
         state.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
             time.perf_counter() - started)

@@ -185,7 +185,7 @@ class AsyncEngine:
     def _loop(self, make_engine: Callable[[], LLMEngine], built: threading.Event) -> None:
         try:
             self.engine = make_engine()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised by __init__, on the caller's thread
             self.error = e
             built.set()
             return

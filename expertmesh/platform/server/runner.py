@@ -16,7 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from expertmesh.platform.server.settings import ServerSettings, generate_api_key, read_api_keys
+from expertmesh.platform.server.settings import (
+    ServerSettings,
+    generate_api_key,
+    read_api_keys,
+)
 
 DEFAULT_PORT = 8000
 SHUTDOWN_DEADLINE_S = 60

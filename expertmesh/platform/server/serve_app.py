@@ -14,9 +14,9 @@ from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: keep 127.0.0.1
 
-from ray import serve  # noqa: E402
+from ray import serve
 
-from expertmesh.platform.server.settings import ServerSettings  # noqa: E402
+from expertmesh.platform.server.settings import ServerSettings
 
 DEPLOYMENT_NAME = "ExpertmeshServer"
 APP_NAME = "expertmesh"
