@@ -325,7 +325,7 @@ class ActorGraphExecutor:
     def unhealthy(self, timeout_s: float = 5.0) -> list[str]:
         """The actors that do not answer a ping within `timeout_s` (all pinged at once); [] when all do."""
         named = [(f"attention actor {r}", a) for r, a in enumerate(self.attention)]
-        named += [("router", self.router)] if self.router is not None else [("router", None)]
+        named.append(("router", self.router))
         named += [(f"expert shard {s}", a) for s, a in enumerate(self.shards)]
         refs = {}
         bad = [name for name, actor in named if actor is None]

@@ -18,19 +18,23 @@ from tests.server.app_server import API_KEY, running_app
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+def _fail_step(engine: AsyncEngine, call: int, message: str) -> None:
+    """Makes the engine's `call`-th step from now raise RuntimeError(message); the others run normally."""
+    real_step, calls = engine.engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return real_step()
+
+    engine.engine.step = step
+
+
 def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_model_dir):
     model = Path(tiny_model_dir).name
     with running_app(tiny_model_dir) as (url, engine):
-        real_step = engine.engine.step
-        failures = []
-
-        def failing_step():
-            if not failures:
-                failures.append(1)
-                raise RuntimeError("shard lost beyond recovery")
-            return real_step()
-
-        engine.engine.step = failing_step
+        _fail_step(engine, 1, "shard lost beyond recovery")
         body = {"model": model, "prompt": "hello", "max_tokens": 8, "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 503
@@ -47,16 +51,7 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_model_dir)
 def test_a_step_failing_mid_stream_sends_an_error_event(tiny_model_dir):
     model = Path(tiny_model_dir).name
     with running_app(tiny_model_dir) as (url, engine):
-        real_step = engine.engine.step
-        calls = []
-
-        def step_then_fail():
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("router gone")
-            return real_step()
-
-        engine.engine.step = step_then_fail
+        _fail_step(engine, 3, "router gone")
         body = {"model": model, "prompt": "hello", "max_tokens": 20, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=60) as s:

@@ -60,19 +60,19 @@ class ServerState:
     def experts(self) -> dict:
         executor = self.llm.executor
         config = self.llm.model_config
+        window = self.load_counts(window=True)
+        total = self.load_counts(window=False)
         placement_info = getattr(executor, "placement_info", None)
         if placement_info is not None:
             table = placement_info()
             mode = f"actor graph ({executor.deployment.transport})"
             recoveries = list(executor.recoveries)
         else:  # local mode: every expert in this process
-            table = {"version": 0, "num_shards": 1, "moe_layers": sorted(self.load_counts(False)),
-                     "replicas": {f"{layer}:{e}": [0] for layer in sorted(self.load_counts(False))
-                                  for e in range(config.routing.num_experts)}}
+            layers = sorted(total)
+            table = {"version": 0, "num_shards": 1, "moe_layers": layers,
+                     "replicas": {f"{layer}:{e}": [0] for layer in layers for e in range(config.routing.num_experts)}}
             mode = "local"
             recoveries = []
-        window = self.load_counts(window=True)
-        total = self.load_counts(window=False)
         top_k = config.routing.top_k
         return {
             "object": "expert_load", "model": self.settings.model_name, "mode": mode,

@@ -22,7 +22,6 @@ from expertmesh.platform.server.settings import (
     read_api_keys,
 )
 
-DEFAULT_PORT = 8000
 SHUTDOWN_DEADLINE_S = 60
 
 
