@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/tiny
 
-.PHONY: serve test venv test-venv bench bench-graph bench-serve clean
+.PHONY: serve test venv test-venv bench bench-graph bench-serve image infra-check serve-config clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,6 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .
 	touch $@
+
+# checkov in a venv of its own: it pins an hcl2 fork that conflicts with python-hcl2. Best effort: the
+# infra checks say so and skip it when it could not be installed.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	{ test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV) || python3 -m venv $(CHECKOV_VENV); } && \
+		$(CHECKOV_VENV)/bin/python -m pip install -q checkov==3.3.30 && touch $@ \
+		|| echo "note: checkov not installed; the infra checks will skip it"
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
@@ -33,8 +41,20 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 serve: $(VENV)/.installed $(MODEL_DIR)/config.json
 	$(PY) -m expertmesh serve --model $(MODEL_DIR)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed
 	$(PY) -m pytest -q
+
+# Offline validation of infra/ and terraform/: terraform fmt, HCL structure, checkov, the manifests against
+# the vendored KubeRay CRDs and Kubernetes' schemas, yamllint, and the Serve config against the CLI's.
+infra-check: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed
+	$(PY) -m infra.check
+
+# The Serve config the KubeRay manifests carry, rendered by expertmesh itself (a test checks they agree).
+serve-config: $(VENV)/.installed
+	{ echo "# Rendered by \`make serve-config\` from infra/serve/deployment-gpu.yaml; tests/infra check it matches."; \
+	  echo "# For \`serve deploy\` on an existing GPU Ray cluster (e.g. \`ray up infra/ray/cluster-aws-gpu.yaml\`)."; \
+	  $(PY) -m expertmesh serve --print-serve-config --model /models/default --served-model-name expertmesh \
+	    --dtype bfloat16 --deployment infra/serve/deployment-gpu.yaml --host 0.0.0.0 --port 8000; } > infra/serve/serve-config.yaml
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/engine_vs_hf.py
@@ -46,6 +66,14 @@ bench-graph: $(VENV)/.installed-test
 # Load on `expertmesh serve` (small preset, local mode): throughput, TTFT and ITL at concurrency 1, 8 and 32.
 bench-serve: $(VENV)/.installed-test
 	$(PY) bench/serve_load.py --json bench/serve_load_results.json
+
+# The serving image (infra/docker/Dockerfile): VARIANT=cuda (default) or cpu. Needs Docker with BuildKit.
+IMAGE ?= expertmesh:0.1.0
+VARIANT ?= cuda
+
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image: docker not found on PATH; install Docker (with BuildKit) to build $(IMAGE)" >&2; exit 1; }
+	docker build -f infra/docker/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) models

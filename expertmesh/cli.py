@@ -67,7 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
         if not os.path.exists(os.path.join(default, "config.json")):
             write_random_checkpoint("tiny", default, seed=0, dtype="float32")
         args.model = default
-    if not os.path.exists(os.path.join(args.model, "config.json")):
+    # a Serve config for a cluster names the model where the cluster keeps it (a volume), not here
+    if not args.print_serve_config and not os.path.exists(os.path.join(args.model, "config.json")):
         raise ValueError(f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory)")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")

@@ -19,16 +19,33 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ActorResources:
-    """Ray resources of one actor."""
+    """Ray resources of one actor. `resources` are custom Ray resources: a cluster whose worker groups each
+    advertise one (KubeRay's `resources` of a worker group, `ray start --resources`) pins each role of the
+    graph to its group, e.g. attention actors to the `gpu-attention` nodes."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("num_cpus", "num_gpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.resources, dict):
+            raise ValueError(f"resources must be a mapping of resource name to amount, got {self.resources!r}")
+        for key, value in self.resources.items():
+            if not isinstance(key, str) or not key or key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources names custom Ray resources (set CPU and GPU with num_cpus and "
+                                 f"num_gpus), got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"resources[{key!r}] must be a number > 0, got {value!r}")
+
+    def bundle(self) -> dict[str, float]:
+        """This actor's placement-group bundle (empty when it asks for nothing)."""
+        out = {k: v for k, v in (("CPU", self.num_cpus), ("GPU", self.num_gpus)) if v > 0}
+        out.update(self.resources)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,12 +67,22 @@ class DeploymentConfig:
     router_resources: ActorResources = field(default_factory=ActorResources)
     shard_resources: ActorResources = field(default_factory=ActorResources)
     ray_address: str | None = None  # None: start a local cluster (or join RAY_ADDRESS)
+    # True on a cluster whose autoscaler adds nodes for a waiting placement group (KubeRay with
+    # `enableInTreeAutoscaling`, `ray up`): a graph bigger than the nodes up now is not refused, and its
+    # actors get `placement_timeout_s` to be placed (GPU nodes take minutes to join).
+    cluster_autoscales: bool = False
+    placement_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("attention_actors", "expert_shards"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.cluster_autoscales, bool):
+            raise ValueError(f"cluster_autoscales must be true or false, got {self.cluster_autoscales!r}")
+        t = self.placement_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"placement_timeout_s must be a number of seconds > 0, got {t!r}")
         if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
             raise ValueError(f"micro_batches must be 1, 2 or 'auto', got {self.micro_batches!r}")
         if self.transport not in TRANSPORTS:
@@ -107,11 +134,23 @@ class DeploymentConfig:
         return table
 
     def check_cluster(self, resources: dict[str, float]) -> None:
-        """Refuses a deployment the cluster cannot hold (`resources` as `ray.cluster_resources()` gives)."""
-        for key, needed in (("GPU", self.total_gpus), ("CPU", self.total_cpus)):
+        """Refuses a deployment the cluster cannot hold (`resources` as `ray.cluster_resources()` gives).
+        An autoscaling cluster may grow: pass the resources it can reach."""
+        for key, needed in (("GPU", self.total_gpus), ("CPU", self.total_cpus), *self.total_custom.items()):
             have = resources.get(key, 0.0)
             if needed > have:
-                raise ValueError(f"the deployment needs {needed:g} {key}s but the cluster has {have:g}")
+                what = f"{key}s" if key in ("CPU", "GPU") else f"of resource {key}"
+                raise ValueError(f"the deployment needs {needed:g} {what} but the cluster has {have:g}")
+
+    @property
+    def total_custom(self) -> dict[str, float]:
+        """Custom Ray resources the whole graph asks for."""
+        out: dict[str, float] = {}
+        for count, r in ((self.attention_actors, self.attention_resources), (1, self.router_resources),
+                         (self.shard_actors, self.shard_resources)):
+            for key, value in r.resources.items():
+                out[key] = out.get(key, 0.0) + count * value
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DeploymentConfig:
@@ -144,9 +183,12 @@ class DeploymentConfig:
 def _resources(name: str, value: Any) -> ActorResources:
     if isinstance(value, ActorResources):
         return value
-    if not isinstance(value, dict) or set(value) - {"num_cpus", "num_gpus"}:
-        raise ValueError(f"{name} must be a mapping with num_cpus and/or num_gpus, got {value!r}")
-    return ActorResources(**value)
+    if not isinstance(value, dict) or set(value) - {"num_cpus", "num_gpus", "resources"}:
+        raise ValueError(f"{name} must be a mapping with num_cpus, num_gpus and/or resources, got {value!r}")
+    try:
+        return ActorResources(**value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _placement(raw: dict) -> dict[int, list[tuple[int, int]]]:

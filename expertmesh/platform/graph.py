@@ -37,7 +37,6 @@ from expertmesh.platform.deployment import ActorResources, DeploymentConfig  # n
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 120.0  # how long the cluster gets to place every actor's bundle
 PING_TIMEOUT_S = 30.0
 ABORT_GRACE_S = 30.0
 RECOVERY_ROUNDS = 10
@@ -86,14 +85,12 @@ class ActorGraphExecutor:
         # an actor that asks for no resources still needs a bundle: it gets a sliver of a CPU
         self._bundle_resources = self._bundles()
         self._graph_id, self._generation = uuid.uuid4().hex[:8], itertools.count()
-        self._bundle_specs = [
-            {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0} or {"CPU": MIN_BUNDLE_CPU}
-            for r in self._bundle_resources
-        ]
+        self._bundle_specs = [r.bundle() or {"CPU": MIN_BUNDLE_CPU} for r in self._bundle_resources]
         self._owns_ray = connect_ray(deployment.ray_address, sum(b.get("CPU", 0) for b in self._bundle_specs))
         self.pg = None
         try:
-            deployment.check_cluster(ray.cluster_resources())
+            if not deployment.cluster_autoscales:
+                deployment.check_cluster(ray.cluster_resources())
             self._reserve()
             self.attention: list = [self._start_attention(r) for r in range(deployment.attention_actors)]
             self.router = self._start_router()
@@ -123,12 +120,12 @@ class ActorGraphExecutor:
         bundles = self._bundle_specs
         self.pg = placement_group(bundles, strategy=self.deployment.placement_strategy, name="")
         try:
-            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            ray.get(self.pg.ready(), timeout=self.deployment.placement_timeout_s)
         except GetTimeoutError:
             raise RuntimeError(
                 f"the cluster could not place the deployment's {len(bundles)} actors with strategy "
-                f"{self.deployment.placement_strategy} within {PLACEMENT_TIMEOUT_S:.0f} s: bundles {bundles}, "
-                f"cluster resources {ray.cluster_resources()}"
+                f"{self.deployment.placement_strategy} within {self.deployment.placement_timeout_s:g} s: "
+                f"bundles {bundles}, cluster resources {ray.cluster_resources()}"
             ) from None
 
     def _options(self, bundle: int, role: str) -> dict:
@@ -138,7 +135,8 @@ class ActorGraphExecutor:
         r = self._bundle_resources[bundle]
         return {
             "name": f"expertmesh-{self._graph_id}-{role}-{next(self._generation)}", "namespace": ACTOR_NAMESPACE,
-            "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_concurrency": 4, "max_restarts": 0,
+            "num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources),
+            "max_concurrency": 4, "max_restarts": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
         }
 

@@ -50,10 +50,29 @@ def test_yaml_with_explicit_placement_and_resources(tmp_path):
     ({"expert_placement": "random"}, "expert_placement"),
     ({"expert_shards": 2, "expert_placement": {5: [[2, 0]]}}, r"shards \[5\] outside"),
     ({"expert_placement": {0: "all"}}, r"expert_placement\[0\]"),
+    ({"shard_resources": {"resources": {"GPU": 1}}}, "shard_resources: resources names custom Ray resources"),
+    ({"shard_resources": {"resources": {"expertmesh_experts": 0}}}, r"resources\['expertmesh_experts'\]"),
+    ({"shard_resources": {"resources": ["expertmesh_experts"]}}, "resources must be a mapping"),
+    ({"cluster_autoscales": "yes"}, "cluster_autoscales must be true or false"),
+    ({"placement_timeout_s": 0}, "placement_timeout_s"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_field(raw, needle):
     with pytest.raises(ValueError, match=needle):
         DeploymentConfig.from_dict(raw)
+
+
+def test_custom_resources_pin_each_role_to_its_worker_group():
+    d = DeploymentConfig.from_dict({
+        "attention_actors": 2, "expert_shards": 4, "transport": "grpc",
+        "attention_resources": {"num_cpus": 8, "num_gpus": 1, "resources": {"expertmesh_attention": 1}},
+        "router_resources": {"num_cpus": 2, "resources": {"expertmesh_attention": 0.01}},
+        "shard_resources": {"num_cpus": 8, "num_gpus": 1, "resources": {"expertmesh_experts": 1}},
+    })
+    assert d.attention_resources.bundle() == {"CPU": 8, "GPU": 1, "expertmesh_attention": 1}
+    assert d.total_custom == {"expertmesh_attention": 2.01, "expertmesh_experts": 4}
+    d.check_cluster({"CPU": 64.0, "GPU": 8.0, "expertmesh_attention": 4.0, "expertmesh_experts": 4.0})
+    with pytest.raises(ValueError, match="needs 4 of resource expertmesh_experts but the cluster has 2"):
+        d.check_cluster({"CPU": 64.0, "GPU": 8.0, "expertmesh_attention": 4.0, "expertmesh_experts": 2.0})
 
 
 def test_placement_that_misses_experts_or_leaves_a_shard_empty_is_refused():

@@ -49,7 +49,14 @@ def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
     if settings.served_model_name:
         args["served_model_name"] = settings.served_model_name
     if settings.deployment is not None:
-        args["deployment"] = settings.deployment
+        # inlined, so the config is whole on a cluster that has no copy of the file; checked first
+        from expertmesh.platform.deployment import DeploymentConfig
+
+        deployment = settings.deployment
+        if not isinstance(deployment, dict):
+            deployment = yaml.safe_load(Path(deployment).read_text()) or {}
+        DeploymentConfig.from_dict(deployment)
+        args["deployment"] = deployment
     if settings.engine_kwargs:
         args["engine_kwargs"] = dict(settings.engine_kwargs)
     return {
