@@ -113,6 +113,8 @@ class Server:
             self.cmd += ["--deployment", str(args.deployment)]
         if args.max_num_seqs:
             self.cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+        if args.device != "cpu":
+            self.cmd += ["--device", args.device]
         self.log = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -340,6 +342,8 @@ def offline(path: Path, levels: list[int], args, vocab: int) -> dict:
     from expertmesh import LLM, SamplingParams
 
     kwargs = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    if args.device != "cpu":
+        kwargs["device"] = args.device
     rng = random.Random(7)
     out = {}
     with LLM(str(path), dtype=args.dtype, deployment=args.deployment, **kwargs) as llm:
@@ -403,6 +407,7 @@ def main() -> int:
     p.add_argument("--deployment", type=Path, help="actor graph YAML, passed to the server (default: local mode)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="passed to the server (its default: 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the engine's device, server and offline")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--duration-s", type=float, default=None, help="per level (default 45, --quick 6)")
     p.add_argument("--max-requests", type=int, default=None, help="per worker and level (default 1000, --quick 20)")

@@ -48,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="serve without keys when none is configured (default: generate one and print it)")
     srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: dir name)")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                     help="where the engine runs in local mode (default cpu); with --deployment, each actor of the "
+                          "graph runs on the GPU Ray gives it")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)
@@ -72,6 +75,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory)")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.device is not None and args.deployment:
+        raise ValueError("--device is for local mode: with --deployment each actor runs where Ray places it "
+                         "(give attention_resources/shard_resources num_gpus)")
+    if args.device == "cuda" and not args.print_serve_config:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device here")
     from expertmesh.platform.server.runner import run
 
     return run(args)

@@ -101,7 +101,10 @@ def moe_align_block_size(
     device = topk_ids.device
     flat_ids = topk_ids.reshape(-1).long()  # [P], P = T*K
     num_pairs = flat_ids.numel()
-    counts = torch.bincount(flat_ids, minlength=num_experts)[:num_experts]  # [E]
+    # scatter_add_ rather than bincount: CUDA bincount reads max(ids) back to the host to size its
+    # output, a sync. Ids must lie in [0, E) (out-of-range ids are an error of the caller).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # [E]
     padded = (counts + block_size - 1) // block_size * block_size  # [E]
     padded_end = padded.cumsum(0)  # [E]
 
@@ -114,7 +117,7 @@ def moe_align_block_size(
     max_slots = num_pairs + min(num_pairs, num_experts) * (block_size - 1)
     num_blocks = -(-max_slots // block_size)
     sorted_pair_ids = torch.full((num_blocks * block_size,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pair_ids[slot] = order.int()
+    sorted_pair_ids.scatter_(0, slot, order.int())
     block_starts = torch.arange(num_blocks, device=device) * block_size  # [num_blocks]
     block_expert_ids = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert_ids = torch.where(block_expert_ids < num_experts, block_expert_ids, -1).int()

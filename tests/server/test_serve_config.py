@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
@@ -56,3 +57,25 @@ def test_serve_refuses_a_missing_model_and_a_bad_port(tmp_path, tiny_model_dir, 
     assert "no config.json" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_device_flag(tmp_path, tiny_model_dir, capsys):
+    """--device is local mode's; a GPU engine's replica asks Ray for a GPU (Ray hides GPUs from actors that
+    ask for none); without CUDA, --device cuda is refused before anything starts."""
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text("attention_actors: 1\n")
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cuda", "--deployment", str(deploy)]) == 2
+    assert "--device is for local mode" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--model", str(tiny_model_dir), "--device", "cuda"]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+    config = _config("--model", str(tiny_model_dir), "--device", "cuda")
+    (app,) = config["applications"]
+    assert app["args"]["engine_kwargs"] == {"device": "cuda"}
+    from expertmesh.platform.server.serve_app import app_builder
+
+    options = app_builder(app["args"])._bound_deployment.ray_actor_options
+    assert options["num_gpus"] == 1
+    cpu_options = app_builder({"model": str(tiny_model_dir)})._bound_deployment.ray_actor_options
+    assert cpu_options["num_gpus"] == 0
+

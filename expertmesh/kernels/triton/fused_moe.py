@@ -14,7 +14,7 @@ from ..fused_moe import check_fused_moe_args, moe_align_block_size
 from .common import dot, dot_options, unit_last_stride
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # one compile for any token count
 def _gate_up_silu_kernel(
     x_ptr, w13_ptr, act_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
     num_pairs, top_k, hidden, intermediate,
@@ -52,7 +52,7 @@ def _gate_up_silu_kernel(
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=real_row[:, None] & real_col[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # one compile for any token count
 def _down_weighted_kernel(
     act_ptr, w2_ptr, weights_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
     num_pairs, hidden, intermediate,
@@ -85,10 +85,29 @@ def _down_weighted_kernel(
     tl.store(out_ptrs, acc * routing_weight[:, None], mask=real_row[:, None] & real_col[None, :])
 
 
-def _tile_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): small row blocks when few pairs land on each expert."""
-    block_m = 16 if num_pairs <= 2 * num_experts * 16 else 64
-    return block_m, 64, 32
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def tile_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                element_size: int = 2) -> dict:
+    """Launch config of both kernels: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``.
+
+    ``BLOCK_M`` rows of expert-sorted pairs per program (small when few pairs land on each expert, so
+    padding stays cheap), ``BLOCK_N`` output columns, ``BLOCK_K`` the reduction step (the weight tiles
+    are read K-contiguous, so ``BLOCK_K`` sets the length of each contiguous run: 64 bf16 values are
+    128 bytes). ``num_warps`` and ``num_stages`` are Triton launch options (ignored under
+    ``TRITON_INTERPRET=1``). Depends only on the shapes, never on the routing, so it costs no host sync.
+
+    Chosen by ``bench/gpu/fused_moe_sweep.py`` on an H200 (bf16, DeepSeek-V2-Lite and Mixtral shapes,
+    1 to 2048 tokens): each regime's pick was within 5% of that case's best of 40 configs where the
+    kernels, not the host, set the time (RESULTS.md). fp32 tiles take twice the shared memory, so they
+    get half the pipeline stages.
+    """
+    num_pairs = num_tokens * top_k
+    stages = 4 if element_size <= 2 else 2
+    if num_pairs <= 2 * num_experts * 16:  # few pairs per expert: short row blocks
+        return {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": stages}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": stages}
 
 
 def fused_moe_triton(
@@ -97,9 +116,13 @@ def fused_moe_triton(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    *,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Same contract as ``fused_moe_ref``, forward only. Expert ids are not range-checked (that
-    would cost a host sync): ids outside ``[0, E)`` are an error of the caller."""
+    would cost a host sync): ids outside ``[0, E)`` are an error of the caller.
+
+    ``config`` overrides keys of ``tile_config(...)`` (any of ``CONFIG_KEYS``), e.g. for a sweep."""
     check_fused_moe_args(hidden_states, w13, w2, topk_weights, topk_ids)
     if hidden_states.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fused_moe_triton supports fp32, bf16 and fp16, got {hidden_states.dtype}")
@@ -112,7 +135,14 @@ def fused_moe_triton(
     x, w13, w2 = unit_last_stride(hidden_states), unit_last_stride(w13), unit_last_stride(w2)
     pair_weights = topk_weights.reshape(-1).float().contiguous()  # [T*K]
 
-    block_m, block_n, block_k = _tile_sizes(num_pairs, num_experts)
+    cfg = tile_config(num_tokens, top_k, num_experts, hidden, intermediate, hidden_states.element_size())
+    if config:
+        unknown = set(config) - set(CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"config keys must be among {CONFIG_KEYS}, got {sorted(unknown)}")
+        cfg.update(config)
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **dot_options(x.dtype)}
     sorted_pair_ids, block_expert_ids, _ = moe_align_block_size(topk_ids, block_m, num_experts)
     num_blocks = block_expert_ids.numel()
 
@@ -121,13 +151,13 @@ def fused_moe_triton(
         x, w13, act, sorted_pair_ids, block_expert_ids,
         num_pairs, top_k, hidden, intermediate,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_options(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
     )  # fmt: skip
     out_per_pair = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)  # [T*K, H]
     _down_weighted_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         act, w2, pair_weights, out_per_pair, sorted_pair_ids, block_expert_ids,
         num_pairs, hidden, intermediate,
         act.stride(0), w2.stride(0), w2.stride(1), out_per_pair.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_options(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
     )  # fmt: skip
     return out_per_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -30,7 +30,7 @@ def settings_from_args(args) -> ServerSettings:
     if not keys and not args.no_api_key:
         keys = (generate_api_key(),)
     engine_kwargs = {}
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib"):
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device"):
         value = getattr(args, name, None)
         if value is not None:
             engine_kwargs[name] = value

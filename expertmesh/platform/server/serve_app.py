@@ -62,9 +62,11 @@ class ExpertmeshServer:
 
 def build_application(settings: ServerSettings, *, num_cpus: float = 1.0):
     """The Serve application for `serve.run`."""
+    # an engine on a GPU needs Ray to give its replica one (Ray hides the GPUs from actors that ask for none)
+    num_gpus = 1 if str(settings.engine_kwargs.get("device", "cpu")).startswith("cuda") else 0
     deployment = serve.deployment(
         ExpertmeshServer, name=DEPLOYMENT_NAME, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
-        ray_actor_options={"num_cpus": num_cpus}, health_check_period_s=10, health_check_timeout_s=60,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}, health_check_period_s=10, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=20,
     )
     return deployment.bind(asdict(settings))
