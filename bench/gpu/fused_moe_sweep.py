@@ -16,7 +16,8 @@ GPU times: CUDA events, 3 warm-ups, median of 20, a 256 MiB buffer zeroed before
 (L2 flush). Floor = max(bytes / 4.29 TB/s, FLOPs / 767 TFLOP/s), bytes = experts hit * 3 H I * 2 + x in +
 out + routing. Grid: 16 configs per BLOCK_M, of which 14 at BLOCK_M 16, 14 at 32 and 12 at 64 pass the memory
 estimate (40 distinct); the kernels do not specialize on the token count and both shapes share the same
-divisibility of sizes and strides, so a cold cache compiles (40 grid + 2 defaults) * 2 kernels = 84 times. A wall-clock budget (--budget-s) stops the grid early if compiles run long.
+divisibility of sizes and strides, so a cold cache compiles (40 grid + 2 defaults) * 2 kernels = 84 times.
+A wall-clock budget (--budget-s) stops the grid early if compiles run long.
 
     python bench/gpu/fused_moe_sweep.py [--json out.json] [--budget-s 240]
     TRITON_INTERPRET=1 python bench/gpu/fused_moe_sweep.py --interpret-smoke   # CPU, tiny shape, 2 configs

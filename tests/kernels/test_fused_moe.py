@@ -102,6 +102,29 @@ def test_align_groups_pairs_by_expert_in_padded_blocks(num_tokens, top_k, num_ex
         assert len(pairs) > 0 and (ids.flatten()[pairs] == expert).all()
 
 
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_size", [
+    (1, 6, 64, 16), (1, 1, 1, 16), (3, 2, 8, 16), (5, 4, 7, 4), (16, 8, 256, 16), (32, 4, 16, 64), (64, 2, 8, 16),
+])
+def test_one_launch_align_equals_the_reference(needs_triton, num_tokens, top_k, num_experts, block_size):
+    """The single-program Triton alignment (small decode steps) gives the reference's tensors exactly:
+    same sizes, same padding, the same stable order of pairs within each expert."""
+    from expertmesh.kernels.triton.moe_align import moe_align_block_size_triton
+
+    pool = torch.arange(num_experts)
+    ids = pool[torch.rand(num_tokens, num_experts).argsort(-1)[:, :top_k]].to(device=DEVICE, dtype=torch.int32)
+    want = moe_align_block_size(ids, block_size, num_experts)
+    got = moe_align_block_size_triton(ids, block_size, num_experts)
+    for w, g in zip(want, got):
+        assert torch.equal(w.int().cpu(), g.cpu())
+
+
+def test_one_launch_align_refuses_what_it_does_not_fit(needs_triton):
+    from expertmesh.kernels.triton.moe_align import moe_align_block_size_triton
+
+    with pytest.raises(ValueError, match="1..128 pairs and 1..256 experts, got 129 and 8"):
+        moe_align_block_size_triton(torch.zeros(129, 1, dtype=torch.int32, device=DEVICE), 16, 8)
+
+
 TRITON_CASES = [
     (torch.float32, torch.int64, 1e-5),
     (torch.float32, torch.int32, 1e-5),

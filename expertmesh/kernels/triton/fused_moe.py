@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..fused_moe import check_fused_moe_args, moe_align_block_size
+from . import moe_align
 from .common import dot, dot_options, unit_last_stride
 
 
@@ -143,7 +144,11 @@ def fused_moe_triton(
         cfg.update(config)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **dot_options(x.dtype)}
-    sorted_pair_ids, block_expert_ids, _ = moe_align_block_size(topk_ids, block_m, num_experts)
+    # one launch for the few pairs of a decode step, where the reference's ~15 small ops cost more host
+    # time than the experts take on the GPU
+    one_launch = moe_align.fits(num_pairs, num_experts)
+    align = moe_align.moe_align_block_size_triton if one_launch else moe_align_block_size
+    sorted_pair_ids, block_expert_ids, _ = align(topk_ids, block_m, num_experts)
     num_blocks = block_expert_ids.numel()
 
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)  # [T*K, I]
