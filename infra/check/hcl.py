@@ -29,7 +29,8 @@ def _unquote(s: str) -> str:
 def normalise(node: Any) -> Any:
     """python-hcl2's output without its quoting of names and strings and its block/comment markers."""
     if isinstance(node, dict):
-        return {_unquote(k): normalise(v) for k, v in node.items() if k not in ("__is_block__", "__comments__")}
+        return {_unquote(k): normalise(v) for k, v in node.items()
+                if k not in ("__is_block__", "__comments__", "__inline_comments__")}
     if isinstance(node, list):
         return [normalise(v) for v in node]
     return _unquote(node) if isinstance(node, str) else node
@@ -152,11 +153,34 @@ def _module_gpu_errors(trees: list[dict]) -> list[str]:
     return errors
 
 
+def applied_manifest_errors(trees: dict[Path, dict], k8s_dir: Path) -> list[str]:
+    """Each example applies manifests by file name (`local.manifest_files`): every name must be a file under
+    `k8s_dir`, and every manifest there must be applied (the vendored CRDs come with the operator's chart)."""
+    errors = []
+    shipped = {p.relative_to(k8s_dir).as_posix() for p in k8s_dir.rglob("*.yaml")
+               if "crds" not in p.relative_to(k8s_dir).parts}
+    for example in sorted({p.parent for p in trees if p.parent.parent.name == "examples"}):
+        names = set()
+        for path, tree in trees.items():
+            if path.parent == example:
+                for block in tree.get("locals", []):
+                    if "manifest_files" in block:
+                        names |= set(re.findall(r'"([^"]+\.yaml)"', str(block["manifest_files"])))
+        where = _rel(example)
+        if not names:
+            errors.append(f"{where}: applies no manifests (local.manifest_files)")
+            continue
+        errors += [f"{where}: applies {n}, which is not in infra/k8s" for n in sorted(names - shipped)]
+        errors += [f"{where}: does not apply infra/k8s/{n}" for n in sorted(shipped - names)]
+    return errors
+
+
 def tf_files(root: Path = TERRAFORM_DIR) -> list[Path]:
     return sorted(p for p in root.rglob("*.tf") if ".terraform" not in p.parts)
 
 
-def check_all(root: Path = TERRAFORM_DIR, expected_gpu_groups: set[str] | None = None) -> tuple[int, list[str]]:
+def check_all(root: Path = TERRAFORM_DIR, expected_gpu_groups: set[str] | None = None,
+              k8s_dir: Path = ROOT / "infra" / "k8s") -> tuple[int, list[str]]:
     """(files parsed, errors) over every .tf under `root`, and the rules across them; each example (a root
     module) must pin its Terraform version."""
     files = tf_files(root)
@@ -174,4 +198,5 @@ def check_all(root: Path = TERRAFORM_DIR, expected_gpu_groups: set[str] | None =
         if not pinned:
             errors.append(f"{_rel(example)}: no terraform {{ required_version }}")
     errors += gpu_errors(trees, expected_gpu_groups)
+    errors += applied_manifest_errors(trees, k8s_dir)
     return len(files), errors

@@ -80,6 +80,10 @@ def _sub(path: Path, pattern: str, new: str) -> None:
      "does not validate min_size >= 0"),
     (lambda t: (t / "modules/gpu-cluster-gke/broken.tf").write_text('variable "x" {\n  type = string\n'),
      "broken.tf: does not parse"),
+    (lambda t: _sub(t / "examples/eks-deepseek/manifests.tf", r'"networkpolicy\.yaml",\n', ""),
+     "examples/eks-deepseek: does not apply infra/k8s/networkpolicy.yaml"),
+    (lambda t: _sub(t / "examples/gke-mixtral/manifests.tf", r'"rayservice\.yaml"', '"ray-service.yaml"'),
+     "applies ray-service.yaml, which is not in infra/k8s"),
 ])
 def test_a_broken_copy_fails_naming_what_broke(tf_copy, breakage, needle):
     breakage(tf_copy)
