@@ -111,8 +111,8 @@ def gpu_errors(trees: dict[Path, dict], expected_names: set[str] | None = None) 
             errors.append(f"{where}: GPU groups {sorted(names)} are not the manifests' node pools "
                           f"{sorted(expected_names)}")
     by_module: dict[str, list[dict]] = {}
-    for path, tree in trees.items():
-        if path.parent.parent.name == "modules":
+    for path, tree in trees.items():  # the cluster modules; the others hold no node groups
+        if path.parent.parent.name == "modules" and path.parent.name.startswith("gpu-cluster"):
             by_module.setdefault(path.parent.name, []).append(tree)
     for module, module_trees in sorted(by_module.items()):
         errors += [f"modules/{module}: {e}" for e in _module_gpu_errors(module_trees)]
@@ -154,22 +154,22 @@ def _module_gpu_errors(trees: list[dict]) -> list[str]:
 
 
 def applied_manifest_errors(trees: dict[Path, dict], k8s_dir: Path) -> list[str]:
-    """Each example applies manifests by file name (`local.manifest_files`): every name must be a file under
-    `k8s_dir`, and every manifest there must be applied (the vendored CRDs come with the operator's chart)."""
-    errors = []
+    """The module that applies the manifests names them (`local.manifest_files`): every name must be a file
+    under `k8s_dir`, and every manifest there must be applied (the vendored CRDs come with the operator's
+    chart)."""
     shipped = {p.relative_to(k8s_dir).as_posix() for p in k8s_dir.rglob("*.yaml")
                if "crds" not in p.relative_to(k8s_dir).parts}
-    for example in sorted({p.parent for p in trees if p.parent.parent.name == "examples"}):
-        names = set()
-        for path, tree in trees.items():
-            if path.parent == example:
-                for block in tree.get("locals", []):
-                    if "manifest_files" in block:
-                        names |= set(re.findall(r'"([^"]+\.yaml)"', str(block["manifest_files"])))
-        where = _rel(example)
-        if not names:
-            errors.append(f"{where}: applies no manifests (local.manifest_files)")
-            continue
+    applied: dict[Path, set[str]] = {}
+    for path, tree in trees.items():
+        for block in tree.get("locals", []):
+            if "manifest_files" in block:
+                names = set(re.findall(r'"([^"]+\.yaml)"', str(block["manifest_files"])))
+                applied.setdefault(path.parent, set()).update(names)
+    if not applied:
+        return ["no module applies the manifests of infra/k8s (local.manifest_files)"]
+    errors = []
+    for module, names in sorted(applied.items()):
+        where = _rel(module)
         errors += [f"{where}: applies {n}, which is not in infra/k8s" for n in sorted(names - shipped)]
         errors += [f"{where}: does not apply infra/k8s/{n}" for n in sorted(shipped - names)]
     return errors

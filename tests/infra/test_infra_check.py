@@ -56,10 +56,8 @@ def _sub(path: Path, pattern: str, new: str) -> None:
     (lambda t: _sub(t / "modules/gpu-cluster-gke/variables.tf", r'^(variable "gpu_node_pools" \{\n)  description = ',
                     r'\1  notes = '),
      "variable gpu_node_pools has no description"),
-    (lambda t: _sub(t / "modules/gpu-cluster-eks/addons.tf", r'^  version = "1\.7\.0"\n', ""),
-     "helm_release kuberay_operator does not pin an exact chart version"),
-    (lambda t: _sub(t / "modules/gpu-cluster-gke/addons.tf", r'version\s+= "1\.7\.0"', 'version = ">= 1.7.0"'),
-     "does not pin an exact chart version"),
+    (lambda t: _sub(t / "modules/gpu-cluster-eks/addons.tf", r'version\s+= "0\.17\.1"', 'version = ">= 0.17.1"'),
+     "helm_release nvidia_device_plugin does not pin an exact chart version"),
     (lambda t: _sub(t / "modules/gpu-cluster-eks/main.tf", r'^  version = "20\.37\.2"\n', ""),
      "module eks (terraform-aws-modules/eks/aws) does not pin an exact version"),
     (lambda t: _sub(t / "examples/gke-mixtral/versions.tf", r'version = "~> 2\.36"', 'version = ">= 2.36"'),
@@ -80,10 +78,12 @@ def _sub(path: Path, pattern: str, new: str) -> None:
      "does not validate min_size >= 0"),
     (lambda t: (t / "modules/gpu-cluster-gke/broken.tf").write_text('variable "x" {\n  type = string\n'),
      "broken.tf: does not parse"),
-    (lambda t: _sub(t / "examples/eks-deepseek/manifests.tf", r'"networkpolicy\.yaml",\n', ""),
-     "examples/eks-deepseek: does not apply infra/k8s/networkpolicy.yaml"),
-    (lambda t: _sub(t / "examples/gke-mixtral/manifests.tf", r'"rayservice\.yaml"', '"ray-service.yaml"'),
+    (lambda t: _sub(t / "modules/expertmesh-app/main.tf", r'"networkpolicy\.yaml",\n', ""),
+     "modules/expertmesh-app: does not apply infra/k8s/networkpolicy.yaml"),
+    (lambda t: _sub(t / "modules/expertmesh-app/main.tf", r'"rayservice\.yaml"', '"ray-service.yaml"'),
      "applies ray-service.yaml, which is not in infra/k8s"),
+    (lambda t: _sub(t / "modules/kuberay-stack/main.tf", r'^  version = "1\.7\.0"\n', ""),
+     "helm_release kuberay_operator does not pin an exact chart version"),
 ])
 def test_a_broken_copy_fails_naming_what_broke(tf_copy, breakage, needle):
     breakage(tf_copy)
@@ -125,3 +125,17 @@ def test_make_infra_check_entrypoint_passes():
                           cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "infra-check: all passed" in done.stdout
+
+
+def test_network_policy_admits_the_namespaces_terraform_installs_into():
+    """The NetworkPolicy lets the KubeRay operator and Prometheus in by namespace name: the names the
+    Terraform stack installs them into."""
+    tree = hcl.parse(ROOT / "terraform" / "modules" / "kuberay-stack" / "main.tf")
+    releases = {name: body for entry in tree["resource"] for t, named in entry.items() if t == "helm_release"
+                for name, body in named.items()}
+    (monitoring,) = [b["monitoring_namespace"] for b in tree["locals"] if "monitoring_namespace" in b]
+    assert releases["kube_prometheus_stack"]["namespace"] == "${local.monitoring_namespace}"
+    (policy,) = [m.doc for m in manifests.load(manifests.manifest_files()) if m.doc["kind"] == "NetworkPolicy"]
+    admitted = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                for rule in policy["spec"]["ingress"] for peer in rule.get("from", []) if "namespaceSelector" in peer}
+    assert admitted == {releases["kuberay_operator"]["namespace"], monitoring}

@@ -33,51 +33,21 @@ module "cluster" {
   tags = var.tags
 }
 
-resource "random_password" "api_key" {
-  length  = 48
-  special = false # travels in an HTTP header
-}
-
 resource "random_password" "grafana_admin" {
   length  = 24
   special = false
 }
 
-resource "kubernetes_namespace" "expertmesh" {
-  metadata {
-    name = "expertmesh"
-    labels = {
-      "app.kubernetes.io/part-of" = "expertmesh"
-    }
-  }
+# expertmesh itself: namespace, Secrets, the KubeRay manifests of infra/k8s and
+# the Grafana dashboard, once the operator and Prometheus (hence their CRDs) are in.
+module "expertmesh" {
+  source = "../../modules/expertmesh-app"
+
+  image                = var.image
+  model_source         = var.model_source
+  hf_token             = var.hf_token
+  apply_finetune_job   = var.apply_finetune_job
+  monitoring_namespace = module.cluster.monitoring_namespace
 
   depends_on = [module.cluster]
-}
-
-# The Ray Serve ingress checks the Bearer token against this key.
-resource "kubernetes_secret" "api_key" {
-  metadata {
-    name      = "expertmesh-api-key"
-    namespace = kubernetes_namespace.expertmesh.metadata[0].name
-  }
-
-  type = "Opaque"
-  data = {
-    "api-key" = random_password.api_key.result
-  }
-}
-
-# Read by the model-loader Job as a file; only made when a token is given.
-resource "kubernetes_secret" "hf_token" {
-  count = var.hf_token == "" ? 0 : 1
-
-  metadata {
-    name      = "expertmesh-hf-token"
-    namespace = kubernetes_namespace.expertmesh.metadata[0].name
-  }
-
-  type = "Opaque"
-  data = {
-    token = var.hf_token
-  }
 }

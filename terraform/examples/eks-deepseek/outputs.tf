@@ -15,7 +15,7 @@ output "models_storage_class" {
 
 output "api_key" {
   description = "Bearer token of the expertmesh OpenAI-compatible API (also in Secret expertmesh/expertmesh-api-key)."
-  value       = random_password.api_key.result
+  value       = module.expertmesh.api_key
   sensitive   = true
 }
 

@@ -3,7 +3,6 @@
 
 locals {
   cluster_autoscaler_sa = "cluster-autoscaler"
-  monitoring_namespace  = "monitoring"
 
   gpu_toleration = {
     key      = "nvidia.com/gpu"
@@ -76,58 +75,19 @@ resource "helm_release" "nvidia_device_plugin" {
   depends_on = [module.eks]
 }
 
-resource "helm_release" "kube_prometheus_stack" {
-  name             = "kube-prometheus-stack"
-  namespace        = local.monitoring_namespace
-  create_namespace = true
-  repository       = "https://prometheus-community.github.io/helm-charts"
-  chart            = "kube-prometheus-stack"
-  version          = "75.12.0"
+# The KubeRay operator and kube-prometheus-stack, as on every expertmesh cluster.
+module "kuberay_stack" {
+  source = "../kuberay-stack"
 
-  values = [yamlencode({
-    prometheus = {
-      prometheusSpec = {
-        # Select every PodMonitor/ServiceMonitor/PrometheusRule in the cluster,
-        # not just those labelled with this release (the Ray PodMonitor and the
-        # DCGM ServiceMonitor are not).
-        podMonitorSelectorNilUsesHelmValues     = false
-        serviceMonitorSelectorNilUsesHelmValues = false
-        ruleSelectorNilUsesHelmValues           = false
-        retention                               = "15d"
-        nodeSelector                            = local.system_node_selector
-      }
-    }
-    grafana = {
-      nodeSelector = local.system_node_selector
-      sidecar = {
-        dashboards = {
-          # Loads every ConfigMap labelled grafana_dashboard: "1", e.g. the
-          # expertmesh MoE dashboard the examples create.
-          enabled         = true
-          label           = "grafana_dashboard"
-          labelValue      = "1"
-          searchNamespace = "ALL"
-        }
-      }
-    }
-    # Managed control plane: these targets cannot be scraped from inside the
-    # cluster and would only fire alerts.
-    kubeControllerManager = { enabled = false }
-    kubeScheduler         = { enabled = false }
-    kubeEtcd              = { enabled = false }
-  })]
-
-  set_sensitive {
-    name  = "grafana.adminPassword"
-    value = var.grafana_admin_password
-  }
+  grafana_admin_password = var.grafana_admin_password
+  node_selector          = local.system_node_selector
 
   depends_on = [module.eks]
 }
 
 resource "helm_release" "dcgm_exporter" {
   name       = "dcgm-exporter"
-  namespace  = local.monitoring_namespace
+  namespace  = module.kuberay_stack.monitoring_namespace
   repository = "https://nvidia.github.io/dcgm-exporter/helm-charts"
   chart      = "dcgm-exporter"
   version    = "4.1.0"
@@ -143,21 +103,5 @@ resource "helm_release" "dcgm_exporter" {
   })]
 
   # The ServiceMonitor CRD comes with kube-prometheus-stack.
-  depends_on = [helm_release.kube_prometheus_stack]
-}
-
-resource "helm_release" "kuberay_operator" {
-  name             = "kuberay-operator"
-  namespace        = "kuberay-system"
-  create_namespace = true
-  repository       = "https://ray-project.github.io/kuberay-helm/"
-  chart            = "kuberay-operator"
-  # Must match the KubeRay CRDs vendored by expertmesh (1.7).
-  version = "1.7.0"
-
-  values = [yamlencode({
-    nodeSelector = local.system_node_selector
-  })]
-
-  depends_on = [module.eks]
+  depends_on = [module.kuberay_stack]
 }

@@ -45,7 +45,7 @@ output "oidc_provider_arn" {
 
 output "monitoring_namespace" {
   description = "Namespace of kube-prometheus-stack; Grafana dashboards ConfigMaps go here."
-  value       = helm_release.kube_prometheus_stack.namespace
+  value       = module.kuberay_stack.monitoring_namespace
 }
 
 output "gpu_node_group_names" {

@@ -45,7 +45,7 @@ output "network_name" {
 
 output "monitoring_namespace" {
   description = "Namespace of kube-prometheus-stack; Grafana dashboards ConfigMaps go here."
-  value       = helm_release.kube_prometheus_stack.namespace
+  value       = module.kuberay_stack.monitoring_namespace
 }
 
 output "gpu_node_pool_names" {

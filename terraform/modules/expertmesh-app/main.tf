@@ -1,5 +1,7 @@
-# The KubeRay manifests under infra/k8s are the single source of truth; this
-# example only swaps the image and applies them.
+# expertmesh on a cluster that already runs the KubeRay operator and
+# kube-prometheus-stack: its namespace and Secrets, the KubeRay manifests of
+# infra/k8s (the single source of truth: only the image and the model source
+# are swapped in) and the Grafana dashboard.
 
 locals {
   repo_root = "${path.module}/../../.."
@@ -24,6 +26,48 @@ locals {
   ]...)
 }
 
+resource "random_password" "api_key" {
+  length  = 48
+  special = false # travels in an HTTP header
+}
+
+resource "kubernetes_namespace" "expertmesh" {
+  metadata {
+    name = "expertmesh"
+    labels = {
+      "app.kubernetes.io/part-of" = "expertmesh"
+    }
+  }
+}
+
+# The Ray Serve ingress checks the Bearer token against this key.
+resource "kubernetes_secret" "api_key" {
+  metadata {
+    name      = "expertmesh-api-key"
+    namespace = kubernetes_namespace.expertmesh.metadata[0].name
+  }
+
+  type = "Opaque"
+  data = {
+    "api-key" = random_password.api_key.result
+  }
+}
+
+# Read by the model-loader Job as a file; only made when a token is given.
+resource "kubernetes_secret" "hf_token" {
+  count = var.hf_token == "" ? 0 : 1
+
+  metadata {
+    name      = "expertmesh-hf-token"
+    namespace = kubernetes_namespace.expertmesh.metadata[0].name
+  }
+
+  type = "Opaque"
+  data = {
+    token = var.hf_token
+  }
+}
+
 data "kubectl_file_documents" "expertmesh" {
   for_each = toset(local.manifest_files)
 
@@ -34,9 +78,6 @@ data "kubectl_file_documents" "expertmesh" {
   )
 }
 
-# kubectl_manifest rather than kubernetes_manifest: the latter resolves the
-# RayService/RayJob/PodMonitor schemas at plan time and fails before the
-# KubeRay operator and kube-prometheus-stack (which bring the CRDs) exist.
 resource "kubectl_manifest" "expertmesh" {
   for_each = local.manifest_documents
 
@@ -47,7 +88,6 @@ resource "kubectl_manifest" "expertmesh" {
   force_new = contains(["Job", "RayJob"], yamldecode(each.value).kind)
 
   depends_on = [
-    module.cluster, # the KubeRay operator and kube-prometheus-stack releases, hence the CRDs
     kubernetes_namespace.expertmesh,
     kubernetes_secret.api_key,
     kubernetes_secret.hf_token,
@@ -57,7 +97,7 @@ resource "kubectl_manifest" "expertmesh" {
 resource "kubernetes_config_map" "grafana_dashboard" {
   metadata {
     name      = "expertmesh-moe-dashboard"
-    namespace = module.cluster.monitoring_namespace
+    namespace = var.monitoring_namespace
     labels = {
       # Picked up by the Grafana dashboard sidecar of kube-prometheus-stack.
       grafana_dashboard = "1"
