@@ -111,15 +111,22 @@ class DeploymentConfig:
         `router_resources` for them)."""
         return 0 if self.transport == "inprocess" else self.expert_shards
 
+    def total_resources(self) -> dict[str, float]:
+        """Ray resources the whole graph asks for: CPU, GPU and the custom ones, over every actor."""
+        out: dict[str, float] = {}
+        for count, r in ((self.attention_actors, self.attention_resources), (1, self.router_resources),
+                         (self.shard_actors, self.shard_resources)):
+            for key, value in r.bundle().items():
+                out[key] = out.get(key, 0.0) + count * value
+        return out
+
     @property
     def total_gpus(self) -> float:
-        return (self.attention_actors * self.attention_resources.num_gpus + self.router_resources.num_gpus
-                + self.shard_actors * self.shard_resources.num_gpus)
+        return self.total_resources().get("GPU", 0.0)
 
     @property
     def total_cpus(self) -> float:
-        return (self.attention_actors * self.attention_resources.num_cpus + self.router_resources.num_cpus
-                + self.shard_actors * self.shard_resources.num_cpus)
+        return self.total_resources().get("CPU", 0.0)
 
     def placement_for(self, model: ModelConfig) -> PlacementTable:
         """The initial placement table for a model; refused if any routed expert would have no shard."""
@@ -136,21 +143,11 @@ class DeploymentConfig:
     def check_cluster(self, resources: dict[str, float]) -> None:
         """Refuses a deployment the cluster cannot hold (`resources` as `ray.cluster_resources()` gives).
         An autoscaling cluster may grow: pass the resources it can reach."""
-        for key, needed in (("GPU", self.total_gpus), ("CPU", self.total_cpus), *self.total_custom.items()):
+        for key, needed in sorted(self.total_resources().items()):  # CPU, GPU, then the custom ones
             have = resources.get(key, 0.0)
             if needed > have:
                 what = f"{key}s" if key in ("CPU", "GPU") else f"of resource {key}"
                 raise ValueError(f"the deployment needs {needed:g} {what} but the cluster has {have:g}")
-
-    @property
-    def total_custom(self) -> dict[str, float]:
-        """Custom Ray resources the whole graph asks for."""
-        out: dict[str, float] = {}
-        for count, r in ((self.attention_actors, self.attention_resources), (1, self.router_resources),
-                         (self.shard_actors, self.shard_resources)):
-            for key, value in r.resources.items():
-                out[key] = out.get(key, 0.0) + count * value
-        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DeploymentConfig:

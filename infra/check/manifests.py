@@ -68,10 +68,15 @@ def _core_errors(doc: dict) -> list[str]:
     return []
 
 
+def cluster_spec(doc: dict) -> dict:
+    """The RayCluster spec of a RayService (`rayClusterConfig`) or RayJob (`rayClusterSpec`); {} otherwise."""
+    spec = doc.get("spec", {})
+    return spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or {}
+
+
 def pod_templates(doc: dict) -> Iterator[tuple[str, dict]]:
     """(group, pod template) of each Ray node group of a RayService or RayJob."""
-    spec = doc.get("spec", {})
-    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or {}
+    cluster = cluster_spec(doc)
     if "headGroupSpec" in cluster:
         yield "head", cluster["headGroupSpec"].get("template", {})
     for group in cluster.get("workerGroupSpecs", []):

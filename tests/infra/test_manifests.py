@@ -116,8 +116,7 @@ def test_serve_config_is_rendered_by_expertmesh():
 
 
 def _groups(doc: dict) -> dict[str, dict]:
-    spec = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
-    return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    return {g["groupName"]: g for g in manifests.cluster_spec(doc)["workerGroupSpecs"]}
 
 
 def _container(template: dict) -> dict:
@@ -192,8 +191,7 @@ def test_versions_and_images_match_the_package():
             if doc["kind"] == "Job":
                 images.append(_container(doc["spec"]["template"])["image"])
             if doc["kind"] in ("RayService", "RayJob"):
-                spec = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
-                assert spec["rayVersion"] == ray.__version__
+                assert manifests.cluster_spec(doc)["rayVersion"] == ray.__version__
     assert images and set(images) == {IMAGE}
     import expertmesh
 

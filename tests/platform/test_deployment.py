@@ -69,7 +69,8 @@ def test_custom_resources_pin_each_role_to_its_worker_group():
         "shard_resources": {"num_cpus": 8, "num_gpus": 1, "resources": {"expertmesh_experts": 1}},
     })
     assert d.attention_resources.bundle() == {"CPU": 8, "GPU": 1, "expertmesh_attention": 1}
-    assert d.total_custom == {"expertmesh_attention": 2.01, "expertmesh_experts": 4}
+    assert d.total_resources() == {"CPU": 2 * 8 + 2 + 4 * 8, "GPU": 6, "expertmesh_attention": 2.01,
+                                   "expertmesh_experts": 4}
     d.check_cluster({"CPU": 64.0, "GPU": 8.0, "expertmesh_attention": 4.0, "expertmesh_experts": 4.0})
     with pytest.raises(ValueError, match="needs 4 of resource expertmesh_experts but the cluster has 2"):
         d.check_cluster({"CPU": 64.0, "GPU": 8.0, "expertmesh_attention": 4.0, "expertmesh_experts": 2.0})
