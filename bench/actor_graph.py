@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray` (graph.py does the same)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray` (graph/runtime.py does too)
 
 import argparse
 import gc
@@ -73,7 +73,7 @@ def machine() -> dict:
 def ensure_checkpoint(preset: str) -> Path:
     out = CACHE / preset
     if not (out / "config.json").is_file():
-        from expertmesh.model.init_model import write_random_checkpoint
+        from expertmesh.testing import write_random_checkpoint
 
         write_random_checkpoint(preset, out, seed=0)
     return out
@@ -191,7 +191,7 @@ def expert_floor(path: Path, sizes: tuple[int, ...], reps: int = 21) -> dict:
     from expertmesh.actors.router import RouterCore
     from expertmesh.kernels.cpu_ext import small_m_kernels
     from expertmesh.model.config import ModelConfig
-    from expertmesh.platform.placement import PlacementTable
+    from expertmesh.experts import PlacementTable
 
     small_m_kernels()
     cfg = ModelConfig.from_pretrained(path)
@@ -257,6 +257,7 @@ def main() -> None:
     repeats = args.repeats or (3 if not args.quick else 2)
 
     from expertmesh import LLM
+    from expertmesh.graph import ActorGraph
 
     info: dict = {"machine": machine(), "cases": [{"batch": b, "prompt_len": p, "new_tokens": n} for b, p, n in cases],
                   "quick": args.quick, "bars": {"b32_throughput_ratio_min": BAR_THROUGHPUT,
@@ -289,7 +290,7 @@ def main() -> None:
             print(f"actor graph {key}: {json.dumps(dep)}", flush=True)
             started = time.perf_counter()
             try:
-                with LLM(str(path), deployment=dep, **engine_kwargs) as llm:
+                with LLM(str(path), executor=ActorGraph(dep), **engine_kwargs) as llm:
                     start_s = time.perf_counter() - started
                     print(f"  started in {start_s:.1f} s", flush=True)
                     res = measure(f"{key:13s}", llm, cases, repeats, router=llm.llm_engine.executor.router,

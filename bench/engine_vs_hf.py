@@ -53,7 +53,7 @@ def floors() -> dict:
 def ensure_checkpoint(preset: str) -> Path:
     out = CACHE / preset
     if not (out / "config.json").is_file():
-        from expertmesh.model.init_model import write_random_checkpoint
+        from expertmesh.testing import write_random_checkpoint
 
         write_random_checkpoint(preset, out, seed=0)
     return out

@@ -81,7 +81,7 @@ def machine() -> dict:
 def ensure_checkpoint(preset: str) -> Path:
     out = CACHE / preset
     if not (out / "config.json").is_file():
-        from expertmesh.model.init_model import write_random_checkpoint
+        from expertmesh.testing import write_random_checkpoint
 
         print(f"writing the {preset} preset to {out} (once) ...", flush=True)
         write_random_checkpoint(preset, out, seed=0)
@@ -346,7 +346,12 @@ def offline(path: Path, levels: list[int], args, vocab: int) -> dict:
         kwargs["device"] = args.device
     rng = random.Random(7)
     out = {}
-    with LLM(str(path), dtype=args.dtype, deployment=args.deployment, **kwargs) as llm:
+    executor = None
+    if args.deployment:
+        from expertmesh.graph import ActorGraph
+
+        executor = ActorGraph(args.deployment)
+    with LLM(str(path), dtype=args.dtype, executor=executor, **kwargs) as llm:
         for b in levels:
             prompts = [{"prompt_token_ids": [rng.randrange(4, vocab) for _ in range(args.prompt_tokens)]}
                        for _ in range(b)]

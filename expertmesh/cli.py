@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.model is None:
-        from expertmesh.model.init_model import write_random_checkpoint
+        from expertmesh.testing import write_random_checkpoint
 
         default = os.path.join("models", "tiny")
         if not os.path.exists(os.path.join(default, "config.json")):
@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from expertmesh.model.init_model import write_random_checkpoint
+    from expertmesh.testing import write_random_checkpoint
 
     out = write_random_checkpoint(args.preset, args.out, seed=args.seed, dtype=args.dtype)
     print(f"wrote {args.preset} checkpoint to {out}")
@@ -103,9 +103,12 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
     )
+    executor = None
     if args.deployment is not None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
-    with LLM(model=args.model, dtype=args.dtype, deployment=args.deployment) as llm:
+        from expertmesh.graph import ActorGraph
+
+        executor = ActorGraph(args.deployment)
+    with LLM(model=args.model, dtype=args.dtype, executor=executor) as llm:
         start = time.perf_counter()
         if args.chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)

@@ -8,7 +8,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from expertmesh.model.init_model import write_random_checkpoint  # noqa: E402
+from expertmesh.testing import write_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,41 +13,29 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from expertmesh.actors.step import MicroBatch
 from expertmesh.model import AttentionMetadata, load_model
 from expertmesh.model.moe import MoEBlock
 
 
-@dataclass(frozen=True, slots=True)
-class MicroBatch:
-    """One micro-batch's share of a step on one attention actor (what the executor sends)."""
-
-    input_ids: list[int]
-    query_lens: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]
-    logits_indices: list[int]  # rows of this micro-batch's tokens whose logits are returned
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
-
 class AttentionWorker:
-    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int):
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int,
+                 device: str | torch.device = "cpu"):
         # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
         # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
         self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
         # The model is built on the thread that runs micro-batch 0 (the only one where ping-pong is off):
         # a model built on one thread and run on another decoded 15-25% slower here (see AsyncEngine).
-        self.model = self._threads[0].submit(load_model, model_dir, dtype, routed_experts=False).result()
+        self.device = torch.device(device)
+        self.model = self._threads[0].submit(load_model, model_dir, dtype, str(self.device),
+                                             routed_experts=False).result()
         self.block_size = block_size
         self.kv_caches = self._threads[0].submit(self.model.allocate_kv_cache, num_blocks, block_size).result()
-        self.link = None  # set by the actor graph: GrpcRouterLink or CollectiveRouterLink
+        self.link = None  # set by the actor graph: a link of expertmesh.transport (gRPC or collective)
         self._context = threading.local()  # (step, micro-batch) of the forward pass on this thread
         for layer in self.model.model.layers:
             if isinstance(layer.mlp, MoEBlock):
@@ -57,21 +45,23 @@ class AttentionWorker:
         self.timings: deque[tuple[float, float]] = deque(maxlen=1024)
 
     def _routed(self, layer_idx: int, block: MoEBlock, hidden: torch.Tensor):
-        return _TimedWait(self.link.submit(self._context.step, self._context.micro_batch, layer_idx, hidden),
-                          self._waits)
+        # the data plane carries host tensors; the routed output comes back to this actor's device
+        pending = self.link.submit(self._context.step, self._context.micro_batch, layer_idx, hidden.cpu())
+        return _TimedWait(pending, self._waits, self.device)
 
     @torch.inference_mode()
     def _forward(self, step: int, index: int, mb: MicroBatch) -> torch.Tensor:
         self._context.step, self._context.micro_batch = step, index
         meta = AttentionMetadata.build(
             query_lens=mb.query_lens, context_lens=mb.context_lens, block_tables=mb.block_tables,
-            block_size=self.block_size, device=torch.device("cpu"),
+            block_size=self.block_size, device=self.device,
         )
-        ids = torch.tensor(mb.input_ids, dtype=torch.int64)
-        return self.model(ids, meta, self.kv_caches, torch.tensor(mb.logits_indices, dtype=torch.int64))
+        ids = torch.tensor(mb.input_ids, dtype=torch.int64, device=self.device)
+        rows = torch.tensor(mb.logits_indices, dtype=torch.int64, device=self.device)
+        return self.model(ids, meta, self.kv_caches, rows).cpu()
 
     def execute(self, step: int, micro_batches: list[MicroBatch | None]) -> list[torch.Tensor | None]:
-        """Logits [rows, V] per micro-batch (None where this actor has none of it)."""
+        """Logits [rows, V] per micro-batch, on the CPU (None where this actor has none of it)."""
         if self.link is None:
             raise RuntimeError("the attention actor is not connected to a router")
         self.link.start_step(step)
@@ -97,12 +87,12 @@ class AttentionWorker:
 class _TimedWait:
     """A pending routed output that adds the time its `wait` blocks to a step's tally."""
 
-    def __init__(self, pending, tally: list[float]):
-        self.pending, self.tally = pending, tally
+    def __init__(self, pending, tally: list[float], device: torch.device):
+        self.pending, self.tally, self.device = pending, tally, device
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.pending.wait()
+            return self.pending.wait().to(self.device)
         finally:
             self.tally.append(time.perf_counter() - start)

@@ -1,17 +1,17 @@
-"""An expert shard: some (layer, expert) pairs' weights, the math on them, and its side of the data plane.
+"""An expert shard: some (layer, expert) pairs' weights and the math on them.
 
 `ExpertShard` is the runtime, usable in any process: it loads only its experts from the checkpoint and
 answers one layer's request (hidden states, the logical expert ids routed to it, routing weights) with the
 weighted sum of its experts' outputs per token. It checks every request against what it holds and the
-placement version it was told, and names what does not match. `ExpertShardActor` wraps it as a Ray actor
-that serves the gRPC data plane or takes part in a torch.distributed group.
+placement version it is on, and names what does not match. What it holds changes between steps in two
+moves: `stage` loads new replicas by name beside the ones in use (while steps go on), and `commit` swaps
+to the new holding and version at once, dropping what it no longer holds.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,8 +19,8 @@ import torch
 from expertmesh import kernels
 from expertmesh.model import LayerExperts, load_experts, resolve_dtype
 from expertmesh.model.config import ModelConfig
-from expertmesh.protos import expert_dispatch_pb2 as pb
-from expertmesh.protos.tensor_codec import from_proto, to_proto
+
+Expert = tuple[int, int]  # (layer, expert)
 
 
 class ShardRequestError(ValueError):
@@ -31,7 +31,7 @@ class ExpertShard:
     def __init__(
         self,
         model_dir: str | Path,
-        experts: Iterable[tuple[int, int]],
+        experts: Iterable[Expert],
         *,
         dtype: str | torch.dtype = "float32",
         shard_index: int = 0,
@@ -39,27 +39,84 @@ class ExpertShard:
         device: str | torch.device = "cpu",
     ):
         config = ModelConfig.from_pretrained(model_dir)
+        self.model_dir = model_dir
         self.device = torch.device(device)
         self.shard_index = shard_index
         self.placement_version = placement_version
         self.dtype = resolve_dtype(dtype)
         self.hidden_size = config.hidden_size
         self.num_experts = config.routing.num_experts
-        self.layers = {  # {layer: LayerExperts}; on a GPU the registry runs them with the Triton fused-MoE kernel
-            layer: LayerExperts(held.expert_ids, held.w13.to(self.device), held.w2.to(self.device))
-            for layer, held in load_experts(model_dir, experts, self.dtype).items()
-        }
+        self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
+        self._staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, not yet in use
+        self.pairs_served = 0  # (token, expert) pairs computed since start: where the router sends work
+        self._install(self._load(experts))
+
+    def _load(self, experts: Iterable[Expert]) -> dict[int, LayerExperts]:
+        """Reads the experts' weights from the checkpoint onto this shard's device; on a GPU the registry
+        runs them with the Triton fused-MoE kernel."""
+        return {layer: LayerExperts(held.expert_ids, held.w13.to(self.device), held.w2.to(self.device))
+                for layer, held in load_experts(self.model_dir, experts, self.dtype).items()}
+
+    def _install(self, layers: dict[int, LayerExperts]) -> None:
         # logical expert id -> row of the stacked weights, or -1 where this shard does not hold it
-        self._local: dict[int, torch.Tensor] = {}
-        for layer, held in self.layers.items():
+        local: dict[int, torch.Tensor] = {}
+        for layer, held in layers.items():
             index = torch.full((self.num_experts,), -1, dtype=torch.int64)
             index[list(held.expert_ids)] = torch.arange(len(held.expert_ids))
-            self._local[layer] = index
+            local[layer] = index
+        self.layers, self._local = layers, local
 
     @property
-    def experts(self) -> list[tuple[int, int]]:
+    def experts(self) -> list[Expert]:
         return [(layer, e) for layer, held in sorted(self.layers.items()) for e in held.expert_ids]
 
+    # -- placement changes -------------------------------------------------------------------------
+    def stage(self, experts: Iterable[Expert]) -> list[Expert]:
+        """Loads the replicas among `experts` that this shard does not hold yet, without using them; returns
+        those it loaded. Serving goes on meanwhile."""
+        with self._lock:
+            new = sorted({(int(layer), int(e)) for layer, e in experts} - set(self.experts) - set(self._staged))
+        loaded = self._load(new)  # the slow part, outside the lock: requests go on being served
+        with self._lock:
+            for layer, held in loaded.items():
+                for row, e in enumerate(held.expert_ids):
+                    self._staged[layer, e] = (held.w13[row], held.w2[row])
+        return new
+
+    def commit(self, version: int, experts: Iterable[Expert]) -> None:
+        """Holds exactly `experts` from now on, on placement `version`: replicas it held or staged are
+        kept; the rest are dropped. Refused, changing nothing, if an expert was neither held nor staged."""
+        wanted = sorted({(int(layer), int(e)) for layer, e in experts})
+        with self._lock:
+            missing = [x for x in wanted if x not in self._staged and self._row(*x) is None]
+            if missing:
+                raise ValueError(f"expert shard {self.shard_index} cannot hold {missing[:8]}: neither held nor "
+                                 f"staged (stage them first)")
+            by_layer: dict[int, list[int]] = {}
+            for layer, e in wanted:
+                by_layer.setdefault(layer, []).append(e)
+            layers = {}
+            for layer, ids in by_layer.items():
+                rows = [self._weights(layer, e) for e in ids]
+                layers[layer] = LayerExperts(tuple(ids), torch.stack([w13 for w13, _ in rows]),
+                                             torch.stack([w2 for _, w2 in rows]))
+            self._install(layers)
+            self.placement_version = version
+            self._staged.clear()
+
+    def _row(self, layer: int, expert: int) -> int | None:
+        index = self._local.get(layer)
+        row = -1 if index is None else int(index[expert])
+        return None if row < 0 else row
+
+    def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self._row(layer, expert)
+        if row is None:
+            return self._staged[layer, expert]
+        held = self.layers[layer]
+        return held.w13[row], held.w2[row]
+
+    # -- serving -----------------------------------------------------------------------------------
     def check(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, version: int
     ) -> None:
@@ -99,67 +156,23 @@ class ExpertShard:
     @torch.inference_mode()
     def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_k(hidden[t]) over the slots this shard holds (ids >= 0): [T, H], on the
-        device the inputs came from."""
+        CPU."""
         held = self.layers[layer]
         tokens, slots = (expert_ids >= 0).nonzero(as_tuple=True)  # one row per routed (token, expert) pair
         out = torch.zeros(hidden.shape, dtype=torch.float32)
         if tokens.numel() == 0:
             return out.to(hidden.dtype)
+        self.pairs_served += tokens.numel()
         local = self._local[layer][expert_ids[tokens, slots]].unsqueeze(1)  # [P, 1]
         dev = self.device
         pair_out = kernels.fused_moe(hidden[tokens].to(dev), held.w13, held.w2,
                                      weights[tokens, slots].unsqueeze(1).to(dev), local.to(dev))
         return out.index_add_(0, tokens, pair_out.float().cpu()).to(hidden.dtype)
 
-    def handle(self, request: pb.ExpertRequest) -> pb.ExpertResponse:
-        """One gRPC request in, its response out; ShardRequestError (or ValueError from the codec) if bad."""
-        hidden = from_proto(request.hidden_states, name="hidden_states")
-        expert_ids = from_proto(request.expert_ids, name="expert_ids")
-        weights = from_proto(request.weights, name="weights")
-        self.check(request.layer, hidden, expert_ids, weights, request.placement_version)
-        start = time.perf_counter()
-        out = self.forward(request.layer, hidden, expert_ids, weights)
-        return pb.ExpertResponse(step=request.step, layer=request.layer, output=to_proto(out),
-                                 compute_seconds=time.perf_counter() - start)
-
-
-class ExpertShardServicer:
-    """The `ExpertShard` gRPC service over one runtime. A bad request ends its stream with INVALID_ARGUMENT
-    and the reason; the router reopens a stream for its next request."""
-
-    def __init__(self, shard: ExpertShard):
-        self.shard = shard
-        self._lock = threading.Lock()  # one request at a time: the kernels already use every thread we have
-
-    def Dispatch(self, request_iterator: Iterator[pb.ExpertRequest], context) -> Iterator[pb.ExpertResponse]:
-        import grpc
-
-        for request in request_iterator:
-            try:
-                with self._lock:
-                    response = self.shard.handle(request)
-            except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                return
-            yield response
-
-
-def start_grpc_server(shard: ExpertShard, host: str, port: int = 0):
-    """Serves `shard` on host:port (0 picks a free port); returns (server, "host:port")."""
-    from concurrent import futures
-
-    import grpc
-
-    from expertmesh.protos import expert_dispatch_pb2_grpc as pb_grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_GRPC_OPTIONS)
-    pb_grpc.add_ExpertShardServicer_to_server(ExpertShardServicer(shard), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise RuntimeError(f"expert shard {shard.shard_index} could not bind a gRPC port on {host}:{port}")
-    server.start()
-    return server, f"{host}:{bound}"
-
-
-# Hidden states of a large prefill exceed gRPC's default 4 MiB message limit.
-_GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    def serve(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              version: int) -> torch.Tensor:
+        """A data-plane request: checked, then computed (one at a time: the kernels already use every thread
+        this shard has)."""
+        with self._lock:
+            self.check(layer, hidden, expert_ids, weights, version)
+            return self.forward(layer, hidden, expert_ids, weights)

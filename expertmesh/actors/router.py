@@ -16,14 +16,12 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.actors.dispatch import Dispatch, ShardWork
-from expertmesh.engine.expert_load import ExpertLoad
+from expertmesh.actors.step import StepPlan
+from expertmesh.engine.executor import count_routed
+from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.model import load_gates, resolve_dtype
 from expertmesh.model.moe import route
-from expertmesh.platform.placement import PlacementTable
-
-# One step's plan: per micro-batch, {attention rank: number of tokens}.
-StepPlan = Sequence[dict[int, int]]
+from expertmesh.transport import Dispatch, ShardWork
 
 
 class RouterCore:
@@ -44,7 +42,8 @@ class RouterCore:
         self.set_placement(placement)
 
     def set_placement(self, table: PlacementTable) -> None:
-        """Swaps in a placement table (between steps); it must cover this model's MoE layers and experts."""
+        """Swaps in a placement table (between steps); it must cover this model's MoE layers and experts.
+        Every transport reads `layer_shards` and the version at each call, so the next step uses it."""
         if tuple(table.moe_layers) != tuple(self.moe_layers) or table.num_experts != self.num_experts:
             raise ValueError(f"placement table is for MoE layers {list(table.moe_layers)} x {table.num_experts} "
                              f"experts; this model has {self.moe_layers} x {self.num_experts}")
@@ -90,7 +89,7 @@ class RouterCore:
     def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """The routed-expert output of one layer for [T, H] hidden states, computed on the shards."""
         weights, ids = self.route(layer, hidden)
-        self.load.add(layer, ids)
+        self.load.add(layer, count_routed(ids, self.num_experts))
         works = self.split(layer, hidden, weights, ids)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)

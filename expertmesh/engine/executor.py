@@ -1,28 +1,83 @@
-"""Executors run a scheduled batch through the model and return logits.
+"""The executor seam: what the engine and the server need from whatever runs the model.
 
-The engine never imports Ray: `LocalExecutor` runs the model in this process; the actor graph provides
-another executor with the same `execute` method.
+The engine hands a scheduled batch to an `Executor` and gets logits back; the server asks the same object
+for the experts' load, the placement, health, what recovery did, and stops it. `LocalExecutor` runs the
+model in this process; the actor graph (`expertmesh.graph`) provides another. The engine is given an
+`ExecutorFactory` and never builds (or imports) the actor graph itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
 import torch
 
-from expertmesh.engine.expert_load import ExpertLoad
 from expertmesh.engine.scheduler import ScheduledBatch
+from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.kernels.cpu_ext import small_m_kernels
-from expertmesh.model import AttentionMetadata, MoECausalLM
+from expertmesh.model import AttentionMetadata, MoECausalLM, load_model
 from expertmesh.model.moe import MoEBlock
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutorSpec:
+    """What the engine asks an executor factory to build: the checkpoint, its dtype, where the engine
+    samples, and the paged cache's size (blocks of `block_size` tokens)."""
+
+    model: str
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The part of an executor that answers a question (the router actor, say) did not answer in time."""
+
+
+@runtime_checkable
+class Executor(Protocol):
+    device: torch.device  # where logits come back, so the sampler runs there
+    mode: str  # for operators: "local", "actor graph (grpc, 3 shards)", ...
+    placement: PlacementTable  # the placement the current steps run with
+    recoveries: Sequence[str]  # what recovery has done, oldest first
+
+    def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
+        """Logits [N, V] float32: one row per sequence of `batch.sample_mask`, or with `all_logits` one row
+        per scheduled token."""
+        ...
+
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        """(token, expert) pairs routed to each expert per MoE layer: since the start, or over the recent
+        window. Raises ExecutorUnavailable when the part that counts does not answer in time."""
+        ...
+
+    def health(self) -> list[str]:
+        """What is wrong, one line each; [] when every part answers and recent steps succeed."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+ExecutorFactory = Callable[[ExecutorSpec], Executor]
+
+
 class LocalExecutor:
-    """Owns the model and its paged KV cache, and counts the tokens routed to each expert."""
+    """Owns the model and its paged KV cache, and counts the tokens routed to each expert. Every expert
+    lives here: the placement is one shard holding them all."""
+
+    mode = "local"
 
     def __init__(self, model: MoECausalLM, *, num_blocks: int, block_size: int):
         self.model = model
         blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
-        config = model.config
-        self.load = ExpertLoad([b.layer_idx for b in blocks], config.routing.num_experts)
+        num_experts = model.config.routing.num_experts
+        moe_layers = [b.layer_idx for b in blocks]
+        self.load = ExpertLoad(moe_layers, num_experts)
+        self.placement = PlacementTable.balanced(sorted(moe_layers), num_experts, 1)
+        self.recoveries: list[str] = []  # nothing to recover in one process
         for block in blocks:
             block.backend = self._counting_backend
         self.block_size = block_size
@@ -31,10 +86,14 @@ class LocalExecutor:
         if self.device.type == "cpu":
             small_m_kernels()  # build the C++ decode kernels now rather than during the first request
 
+    @classmethod
+    def build(cls, spec: ExecutorSpec) -> LocalExecutor:
+        """The default executor factory: loads the whole model on `spec.device`."""
+        model = load_model(spec.model, spec.dtype, spec.device)
+        return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
-        """Logits [N, V] float32: by default one row per sequence of `batch.sample_mask`; with `all_logits`
-        one row per scheduled token."""
         input_ids, query_lens, context_lens, tables = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
@@ -59,9 +118,19 @@ class LocalExecutor:
     def _counting_backend(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
         """The local backend (gate and experts in this process), counting the routing decisions."""
         topk_weights, topk_ids = block.gate(hidden_states)
-        self.load.add(layer_idx, topk_ids)
+        self.load.add(layer_idx, count_routed(topk_ids, self.load.num_experts))
         return block.experts(hidden_states, topk_weights, topk_ids)
 
     def load_counts(self, window: bool = False) -> dict[int, list[int]]:
-        """Pairs routed to each expert per MoE layer: since the start, or over the recent window."""
         return self.load.counts(window)
+
+    def health(self) -> list[str]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+
+def count_routed(topk_ids: torch.Tensor, num_experts: int) -> list[int]:
+    """(token, expert) pairs per expert of one layer's routing decisions [T, K]."""
+    return torch.bincount(topk_ids.reshape(-1).cpu(), minlength=num_experts).tolist()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from expertmesh.engine.executor import ExecutorFactory
 from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import SamplingParams
@@ -16,18 +17,17 @@ from expertmesh.engine.tokenizer import Tokenizer
 
 
 class LLM:
-    """An engine over one checkpoint directory: in this process, or on an actor graph when given a
-    `deployment` (a dict, a YAML path or a DeploymentConfig); both give the same outputs."""
+    """An engine over one checkpoint directory: in this process, or on an actor graph when given
+    `executor=ActorGraph(deployment)` (`expertmesh.graph`); both give the same outputs."""
 
-    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, deployment: Any = None,
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, executor: ExecutorFactory | None = None,
                  **engine_kwargs: Any):
         torch.manual_seed(seed)  # unseeded sampling draws from the global generator, as in vLLM
-        self.llm_engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, deployment=deployment,
-                                                 **engine_kwargs))
+        self.llm_engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, **engine_kwargs), executor)
         self._counter = itertools.count()
 
     def shutdown(self) -> None:
-        """Stops the actor graph, if any (and the Ray cluster it started)."""
+        """Stops the executor: the actor graph, if any, and the Ray cluster it started."""
         self.llm_engine.shutdown()
 
     def __enter__(self) -> LLM:

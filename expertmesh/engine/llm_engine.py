@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from expertmesh.engine.executor import LocalExecutor
+from expertmesh.engine.executor import Executor, ExecutorFactory, ExecutorSpec, LocalExecutor
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.sampler import make_generator, sample
 from expertmesh.engine.sampling_params import SamplingParams
@@ -16,7 +15,7 @@ from expertmesh.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConf
 from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.stop import StopChecker
 from expertmesh.engine.tokenizer import ByteTokenizer, Tokenizer, load_eos_token_ids
-from expertmesh.model import ModelConfig, MoECausalLM, load_model, resolve_dtype
+from expertmesh.model import ModelConfig, MoECausalLM, resolve_dtype
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -30,9 +29,6 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gib, capped at what max_num_seqs can use
     kv_cache_gib: float = 2.0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    # None: run in this process. Else the actor graph to run on: a dict, a YAML path or a DeploymentConfig
-    # (see expertmesh.platform.deployment).
-    deployment: Any = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -60,12 +56,11 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, executor: ExecutorFactory | None = None):
+        """`executor` builds what runs the model (default: `LocalExecutor.build`, the whole model in this
+        process; `expertmesh.graph.ActorGraph(deployment)` runs it on an actor graph)."""
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
-        deployment = _deployment(config.deployment)
-        # Actor mode never loads the whole model here: the actors load their parts.
-        self.model = load_model(config.model, config.dtype, config.device) if deployment is None else None
         self.tokenizer = Tokenizer.from_pretrained(config.model)
         self.eos_token_ids = tuple(load_eos_token_ids(config.model)) or self.model_config.eos_token_ids
         max_pos = self.model_config.max_position_embeddings
@@ -75,16 +70,9 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_pos}"
             )
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
-        if deployment is None:
-            self.executor = LocalExecutor(self.model, num_blocks=num_blocks, block_size=config.block_size)
-        else:
-            if config.device != "cpu":
-                raise ValueError("with a deployment, each actor picks its own device: leave device='cpu'")
-            # Imported only when asked for: the engine itself never imports Ray.
-            from expertmesh.platform.graph import ActorGraphExecutor
-
-            self.executor = ActorGraphExecutor(config.model, deployment, dtype=config.dtype, num_blocks=num_blocks,
-                                               block_size=config.block_size)
+        spec = ExecutorSpec(model=config.model, dtype=config.dtype, device=config.device, num_blocks=num_blocks,
+                            block_size=config.block_size)
+        self.executor: Executor = (executor or LocalExecutor.build)(spec)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -228,10 +216,8 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Stops the actor graph (a no-op in local mode)."""
-        shutdown = getattr(self.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        """Stops the executor (the actor graph and the Ray it started; nothing in local mode)."""
+        self.executor.shutdown()
 
     def run_batch(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits for every scheduled token of a batch (teacher forcing); advances the scheduler."""
@@ -239,17 +225,3 @@ class LLMEngine:
         self.scheduler.postprocess(batch)
         return logits
 
-
-
-def _deployment(spec: Any):
-    if spec is None:
-        return None
-    from expertmesh.platform.deployment import DeploymentConfig  # pure Python: no Ray
-
-    if isinstance(spec, DeploymentConfig):
-        return spec
-    if isinstance(spec, dict):
-        return DeploymentConfig.from_dict(spec)
-    if isinstance(spec, (str, Path)):
-        return DeploymentConfig.from_yaml(spec)
-    raise TypeError(f"deployment must be a dict, a YAML path or a DeploymentConfig, got {type(spec).__name__}")

@@ -141,3 +141,35 @@ def test_check_names_every_missing_expert(shard):
     # an expert this shard holds in another layer is still missing in this one
     with pytest.raises(ShardRequestError, match=r"does not hold experts \[1\] of layer 1"):
         shard.check(1, request["hidden"], torch.tensor([[0, 1, -1, -1]] * 6), request["weights"], 3)
+
+
+def test_stage_then_commit_changes_what_it_holds_and_its_version(tiny_model_dir, full_model):
+    """New replicas are loaded by name beside the ones in use (serving on the old version meanwhile), then
+    one commit swaps to the new holding and version and drops what is no longer held."""
+    shard = ExpertShard(tiny_model_dir, [(1, 0), (1, 3), (2, 1)], shard_index=0, placement_version=4)
+    hidden, ids, weights = random_routing(16, seed=11)
+    _, old_ids, old_weights = restrict(ids, weights, {0, 3})
+    before = shard.serve(1, hidden, old_ids, old_weights, 4)
+
+    assert shard.stage([(1, 3), (1, 9), (3, 2)]) == [(1, 9), (3, 2)]  # (1, 3) is held already
+    assert torch.equal(shard.serve(1, hidden, old_ids, old_weights, 4), before)  # staged, not in use
+    with pytest.raises(ShardRequestError, match=r"does not hold experts \[9\]"):
+        shard.check(1, hidden, *restrict(ids, weights, {9})[1:], 4)
+
+    shard.commit(5, [(1, 3), (1, 9), (3, 2)])  # keeps (1, 3), takes the staged two, drops (1, 0) and (2, 1)
+    assert shard.experts == [(1, 3), (1, 9), (3, 2)] and shard.placement_version == 5
+    assert sorted(shard.layers) == [1, 3]
+    held, new_ids, new_weights = restrict(ids, weights, {3, 9})
+    got = shard.serve(1, hidden, new_ids, new_weights, 5)
+    torch.testing.assert_close(got, reference(full_model, 1, hidden, ids, weights, held), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ShardRequestError, match="placement version 5 but the request was routed with version 4"):
+        shard.serve(1, hidden, new_ids, new_weights, 4)
+
+
+def test_commit_of_an_expert_neither_held_nor_staged_changes_nothing(tiny_model_dir):
+    shard = ExpertShard(tiny_model_dir, [(1, 0)], shard_index=1, placement_version=2)
+    with pytest.raises(ValueError, match=r"expert shard 1 cannot hold \[\(2, 5\)\]: neither held nor staged"):
+        shard.commit(3, [(1, 0), (2, 5)])
+    assert shard.experts == [(1, 0)] and shard.placement_version == 2
+    shard.commit(3, [])  # drained: holds nothing, refuses every layer
+    assert shard.experts == [] and shard.layers == {}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertmesh.actors.dispatch import InProcessDispatch
+from expertmesh.transport.inprocess import InProcessDispatch
 from expertmesh.actors.expert_shard import ExpertShard, ShardRequestError
 from expertmesh.actors.router import RouterCore
 from expertmesh.model import load_model
 from expertmesh.model.moe import local_backend, route
-from expertmesh.platform.placement import PlacementTable
+from expertmesh.experts import PlacementTable
 from tests.hf_models import build_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
@@ -30,9 +30,9 @@ def balanced():
     return PlacementTable.balanced(TINY_LAYERS, TINY_EXPERTS, NUM_SHARDS)
 
 
-def build_shards(model_dir, table: PlacementTable) -> list[ExpertShard]:
-    return [ExpertShard(model_dir, table.shard_experts(s), shard_index=s, placement_version=table.version)
-            for s in range(table.num_shards)]
+def build_shards(model_dir, table: PlacementTable) -> dict[int, ExpertShard]:
+    return {s: ExpertShard(model_dir, table.shard_experts(s), shard_index=s, placement_version=table.version)
+            for s in range(table.num_shards)}
 
 
 def hidden_states(num_tokens: int, hidden: int = TINY_HIDDEN, seed: int = 0) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_route_equals_the_models_gate(tiny_model_dir, full_model, balanced, laye
 def test_moe_over_balanced_shards_equals_local(tiny_model_dir, full_model, balanced):
     core = RouterCore(tiny_model_dir, balanced)
     shards = build_shards(tiny_model_dir, balanced)
-    assert sorted(e for s in shards for e in s.experts) == sorted(balanced.replicas)  # a partition
+    assert sorted(e for s in shards.values() for e in s.experts) == sorted(balanced.replicas)  # a partition
     dispatch = InProcessDispatch(shards)
     for step, layer in enumerate(TINY_LAYERS):
         x = hidden_states(23, seed=10 + layer)
@@ -118,7 +118,7 @@ def test_moe_with_replicas_equals_local_and_deals_hot_experts_to_both(tiny_model
 
     shards = build_shards(tiny_model_dir, table)
     for e in hot:
-        assert sum((layer, e) in s.experts for s in shards) == 2
+        assert sum((layer, e) in s.experts for s in shards.values()) == 2
     got = core.moe(1, layer, x, InProcessDispatch(shards))
     torch.testing.assert_close(got, local_routed(full_model, layer, x), atol=1e-5, rtol=1e-5)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from expertmesh import LLM, EngineConfig, LLMEngine, SamplingParams
-from expertmesh.model.init_model import ASSISTANT_TOKEN, BOS_TOKEN, USER_TOKEN
+from expertmesh.testing.init_model import ASSISTANT_TOKEN, BOS_TOKEN, USER_TOKEN
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from expertmesh.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer, Tokenizer, load_eos_token_ids
-from expertmesh.model.init_model import write_random_checkpoint
+from expertmesh.testing import write_random_checkpoint
 
 TEXTS = [
     "",

@@ -49,7 +49,7 @@ def test_gpu_worker_types_scale_from_zero_with_their_custom_resource(config):
 
 @pytest.mark.skipif(not DEPLOYMENT.exists(), reason="infra/serve/deployment-gpu.yaml is not there")
 def test_every_resource_the_gpu_deployment_asks_for_is_advertised(config):
-    from expertmesh.platform.deployment import DeploymentConfig
+    from expertmesh.graph.deployment import DeploymentConfig
 
     deployment = DeploymentConfig.from_yaml(DEPLOYMENT)
     advertised = {}

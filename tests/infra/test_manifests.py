@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from expertmesh.platform.deployment import DeploymentConfig
+from expertmesh.graph.deployment import DeploymentConfig
 from infra.check import crd, manifests
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,10 +25,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model_dir, *, api_keys=(API_KEY,), engine_kwargs=None, **settings_kwargs):
-    """Yields (base_url, AsyncEngine); stops the server and the engine afterwards, even on failure."""
+def running_app(model_dir, *, api_keys=(API_KEY,), engine_kwargs=None, executor=None, **settings_kwargs):
+    """Yields (base_url, AsyncEngine); stops the server and the engine afterwards, even on failure.
+    `executor`: the engine's executor factory (default: local mode)."""
     settings = ServerSettings(model=str(model_dir), api_keys=tuple(api_keys), **settings_kwargs)
-    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(model_dir), **(engine_kwargs or {}))),
+    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(model_dir), **(engine_kwargs or {})), executor),
                          max_waiting=settings.max_waiting, retry_after_s=settings.retry_after_s)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=port,

@@ -1,17 +1,27 @@
-"""The /dashboard page, run by headless Chromium against the real app: its heatmap, health table and engine
-figures match /v1/experts and /metrics, its fetches carry the key from the page's URL, a wrong key shows the
-error banner, and the page draws something.
+"""The /dashboard page, run by headless Chromium against the real app: its heatmap, health table, shard table
+and engine figures match /v1/experts and /metrics (the shares drawn are the server's, never recomputed by the
+page), its fetches carry the key from the page's URL, a wrong key shows the error banner, and the page draws
+something.
 
-Skipped without Chromium (Debian package `chromium`). The page's own HTML is checked without it."""
+Skipped without Chromium (Debian package `chromium`). The page's own HTML, and that it ships as package data,
+are checked without it."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 import shutil
 import struct
 import subprocess
+import threading
+import tomllib
 import zlib
+from contextlib import contextmanager
 from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
 
 import httpx2 as httpx
 import numpy as np
@@ -132,6 +142,45 @@ def png_rgb(path) -> np.ndarray:
     return out.reshape(height, width, bpp)[..., :3].astype(np.uint8)
 
 
+@contextmanager
+def serving(experts: dict):
+    """Serves the page, `experts` as /v1/experts and no metrics on 127.0.0.1 with no keys; yields the base URL."""
+    routes = {"/dashboard": ("text/html", DASHBOARD_HTML), "/v1/experts": ("application/json", json.dumps(experts)),
+              "/metrics": ("text/plain", "")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            kind, body = routes.get(self.path.split("?")[0], ("text/plain", ""))
+            data = body.encode()
+            self.send_response(200 if self.path.split("?")[0] in routes else 404)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # keep the test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(15)
+        server.server_close()
+
+
+def test_page_is_package_data():
+    """A non-editable install (the container image) carries only the files pyproject's package-data names."""
+    page = resources.files("expertmesh.platform.server").joinpath("dashboard.html")
+    assert page.read_text(encoding="utf-8") == DASHBOARD_HTML
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"].get("expertmesh.platform.server", [])
+    assert any(fnmatch.fnmatch("dashboard.html", p) for p in patterns), patterns
+
+
 def test_page_is_self_contained_and_inserts_no_html():
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", DASHBOARD_HTML), "loads something from elsewhere"
     assert "@import" not in DASHBOARD_HTML and "url(" not in DASHBOARD_HTML
@@ -164,6 +213,9 @@ def test_dashboard_shows_the_live_load_fetched_with_the_key_from_its_url(loaded_
     for c in cells:  # the shards holding each expert are written under its count
         layer, e = int(c["attrs"]["data-layer"]), int(c["attrs"]["data-expert"])
         assert text(c) == f"{shown[layer, e]}s" + ",".join(map(str, replicas[f"{layer}:{e}"]))
+    shares = experts["shares"]["window"]
+    assert {(int(c["attrs"]["data-layer"]), int(c["attrs"]["data-expert"])): float(c["attrs"]["data-share"])
+            for c in cells} == {(layer, e): shares[str(layer)][e] for layer in layers for e in range(num_experts)}
 
     rows = [n for n in dom.inside("health", "tr") if "data-layer" in n["attrs"]]
     assert [int(r["attrs"]["data-layer"]) for r in rows] == layers
@@ -173,10 +225,47 @@ def test_dashboard_shows_the_live_load_fetched_with_the_key_from_its_url(loaded_
 
     shards = [n for n in dom.inside("shards", "tr") if "data-shard" in n["attrs"]]
     assert [int(s["attrs"]["data-shard"]) for s in shards] == list(range(experts["placement"]["num_shards"]))
+    assert_shard_rows(shards, experts["shards"]["window"])
     kv = dom.by_id("m-kv")["attrs"]
     assert float(kv["data-total"]) == metric(metrics, "expertmesh_kv_cache_blocks_total")
     assert float(kv["data-value"]) == metric(metrics, "expertmesh_kv_cache_blocks_used")
     assert float(dom.by_id("m-running")["attrs"]["data-value"]) == 0
+
+
+def assert_shard_rows(rows: list[dict], expected: list[dict]) -> None:
+    """The shard table's rows are the server's `shards` figures, in its order."""
+    assert [int(r["attrs"]["data-shard"]) for r in rows] == [s["shard"] for s in expected]
+    for row, s in zip(rows, expected):
+        assert float(row["attrs"]["data-share"]) == s["share"], (row["attrs"], s)
+        # cells: "shard N", experts held, replicated, then the share as a percentage
+        assert text(row).startswith(f"shard {s['shard']}{s['experts']}{s['replicated']}"), (text(row), s)
+
+
+@needs_chromium
+def test_page_draws_the_servers_shares_not_its_own(loaded_app, tmp_path):
+    """Served shares that the counts do not imply are drawn as served: the page derives none of its own."""
+    _, client = loaded_app
+    experts = client.get("/v1/experts").json()
+    layers, num_experts = experts["placement"]["moe_layers"], experts["num_experts"]
+    for scope in ("window", "total"):
+        experts["shares"][scope] = {str(layer): [(i * num_experts + e + 1) / 1000 for e in range(num_experts)]
+                                    for i, layer in enumerate(layers)}
+        experts["shards"][scope] = [{**s, "experts": 100 + s["shard"], "replicated": 50 + s["shard"],
+                                     "share": (s["shard"] + 1) / 1000} for s in experts["shards"][scope]]
+    counts = experts["load"]["window"]
+    recomputed = {str(layer): [c / (sum(counts[str(layer)]) / experts["top_k"]) for c in counts[str(layer)]]
+                  for layer in layers}
+    assert recomputed != experts["shares"]["window"]  # otherwise this test could not tell the two apart
+
+    with serving(experts) as url:
+        dom = Dom(run_chromium(tmp_path, f"{url}/dashboard", "--dump-dom"))
+    assert classes(dom.by_id("status")) == {"ok"}, text(dom.by_id("banner"))
+    cells = [n for n in dom.inside("heatmap", "td") if "data-expert" in n["attrs"]]
+    shares = experts["shares"]["window"]
+    assert {(int(c["attrs"]["data-layer"]), int(c["attrs"]["data-expert"])): float(c["attrs"]["data-share"])
+            for c in cells} == {(layer, e): shares[str(layer)][e] for layer in layers for e in range(num_experts)}
+    assert_shard_rows([n for n in dom.inside("shards", "tr") if "data-shard" in n["attrs"]],
+                      experts["shards"]["window"])
 
 
 @needs_chromium

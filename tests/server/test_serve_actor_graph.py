@@ -14,7 +14,7 @@ import ray
 import yaml
 
 from expertmesh import LLM, SamplingParams
-from expertmesh.platform.graph import ACTOR_NAMESPACE
+from expertmesh.graph.runtime import ACTOR_NAMESPACE
 from tests.server.cli_server import cli_server
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def _shards() -> list[str]:
 
 def test_experts_endpoint_shows_the_graph_placement(server):
     body = httpx.get(server.url + "/v1/experts", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
-    assert body["mode"] == "actor graph (grpc)"
+    assert body["mode"] == "actor graph (grpc)" and body["placement"]["version"] == 0
     assert body["placement"]["num_shards"] == 2
     shards = {s for replicas in body["placement"]["replicas"].values() for s in replicas}
     assert shards == {0, 1}

@@ -12,17 +12,21 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from expertmesh.engine.executor import Executor, ExecutorUnavailable
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.platform.expert_health import expert_health
+from expertmesh.experts import expert_health, expert_shares, shard_loads
 from expertmesh.platform.server import errors
 from expertmesh.platform.server.async_engine import AsyncEngine
 from expertmesh.platform.server.dashboard import DASHBOARD_HTML
 from expertmesh.platform.server.generation import generate
+from expertmesh.platform.server.health import HEALTH_MAX_AGE_S, HealthCache
 from expertmesh.platform.server.metrics import ServerMetrics
 from expertmesh.platform.server.middleware import AuthMiddleware, BodyLimitMiddleware
 from expertmesh.platform.server.protocol import ChatCompletionRequest, CompletionRequest
 from expertmesh.platform.server.settings import ServerSettings
 
+# Readiness turns red once this many steps in a row have failed (each already retried by the executor).
+UNREADY_AFTER_FAILED_STEPS = 2
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 
 
@@ -33,18 +37,24 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.llm = engine.engine
+        self.executor: Executor = self.llm.executor
         self.tokenizer = self.llm.tokenizer
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.snapshot)
+        self._health = HealthCache(self._check_health, max_age_s=HEALTH_MAX_AGE_S)
 
     # -- state read by /metrics, /v1/experts and the dashboard (blocking: call off the event loop) ------
     def load_counts(self, window: bool = True) -> dict[int, list[int]]:
-        return {int(k): v for k, v in self.llm.executor.load_counts(window).items()}
+        """Raises ExecutorUnavailable when the executor's counter (the router actor) does not answer in time."""
+        return {int(k): v for k, v in self.executor.load_counts(window).items()}
 
     def snapshot(self) -> dict:
         sched = self.llm.scheduler
         blocks = sched.block_manager
-        load = self.load_counts(window=True)
+        try:
+            load = self.load_counts(window=True)
+        except ExecutorUnavailable:  # the engine's own figures still go out; the experts' wait for the next scrape
+            load = {}
         top_k = self.llm.model_config.routing.top_k
         return {
             "running": sched.num_running, "waiting": self.engine.num_waiting(),
@@ -54,38 +64,37 @@ class ServerState:
         }
 
     def experts(self) -> dict:
-        executor = self.llm.executor
-        config = self.llm.model_config
-        window = self.load_counts(window=True)
-        total = self.load_counts(window=False)
-        placement_info = getattr(executor, "placement_info", None)
-        if placement_info is not None:
-            table = placement_info()
-            mode = f"actor graph ({executor.deployment.transport})"
-            recoveries = list(executor.recoveries)
-        else:  # local mode: every expert in this process
-            layers = sorted(total)
-            table = {"version": 0, "num_shards": 1, "moe_layers": layers,
-                     "replicas": {f"{layer}:{e}": [0] for layer in layers for e in range(config.routing.num_experts)}}
-            mode = "local"
-            recoveries = []
-        top_k = config.routing.top_k
+        """The placement, the load per expert and per shard, and the health figures: everything the
+        dashboard draws, computed here so that the page only displays it."""
+        table = self.executor.placement
+        top_k = self.llm.model_config.routing.top_k
+        load = {"window": self.load_counts(window=True), "total": self.load_counts(window=False)}
         return {
-            "object": "expert_load", "model": self.settings.model_name, "mode": mode,
-            "num_experts": config.routing.num_experts, "top_k": top_k,
-            "placement": table,
-            "load": {"window": {str(k): v for k, v in window.items()},
-                     "total": {str(k): v for k, v in total.items()}},
-            "health": [h.to_dict() for h in expert_health(window, top_k)] if window else [],
-            "recoveries": recoveries,  # what the actor graph did to recover from lost actors
+            "object": "expert_load", "model": self.settings.model_name, "mode": self.executor.mode,
+            "num_experts": table.num_experts, "top_k": top_k,
+            "placement": {"version": table.version, "num_shards": table.num_shards,
+                          "moe_layers": list(table.moe_layers), "slots": list(table.slots),
+                          "replicas": {f"{layer}:{e}": list(s) for (layer, e), s in sorted(table.replicas.items())}},
+            "load": {scope: {str(k): v for k, v in counts.items()} for scope, counts in load.items()},
+            # each expert's share of its layer's tokens, and each shard's share of all routed pairs
+            "shares": {scope: {str(k): expert_shares(v, top_k) for k, v in counts.items()}
+                       for scope, counts in load.items()},
+            "shards": {scope: [s.to_dict() for s in shard_loads(table, counts)] for scope, counts in load.items()},
+            "health": [h.to_dict() for h in expert_health(load["window"], top_k)] if load["window"] else [],
+            "recoveries": list(self.executor.recoveries),  # what the actor graph did to recover from lost actors
         }
 
-    def unhealthy(self) -> list[str]:
+    def _check_health(self) -> list[str]:
         problems = [] if self.engine.alive else [f"engine stopped: {self.engine.error or 'shut down'}"]
-        check = getattr(self.llm.executor, "unhealthy", None)
-        if check is not None:
-            problems += check()
-        return problems
+        failed = self.engine.stats.failed_in_a_row
+        if failed >= UNREADY_AFTER_FAILED_STEPS:
+            problems.append(f"the last {failed} steps failed")
+        return problems + self.executor.health()
+
+    def unhealthy(self) -> list[str]:
+        """What is wrong, from a check at most HEALTH_MAX_AGE_S old: probes arriving together share one
+        check instead of each pinging every actor."""
+        return self._health.get()
 
     # -- requests ----------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -157,7 +166,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/experts")
     async def experts() -> dict:
-        return await asyncio.to_thread(state.experts)
+        try:
+            return await asyncio.to_thread(state.experts)
+        except ExecutorUnavailable as e:
+            raise errors.APIError(503, f"the expert load is not available right now: {e}") from None
 
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:

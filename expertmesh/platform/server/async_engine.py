@@ -51,6 +51,7 @@ class EngineStats:
     finished_requests: int = 0
     aborted_requests: int = 0
     failed_steps: int = 0
+    failed_in_a_row: int = 0  # steps failed since the last one that succeeded
     # (time, generated tokens) after recent steps: tokens/s over the last few seconds
     recent: deque = field(default_factory=lambda: deque(maxlen=512))
 
@@ -211,6 +212,7 @@ class AsyncEngine:
             except Exception as e:  # the executor gave up (recovery failed): fail what is running, go on
                 logger.exception("engine step failed")
                 self.stats.failed_steps += 1
+                self.stats.failed_in_a_row += 1
                 self._fail_all(EngineDead(f"a step failed and the requests in it were dropped: {e}"))
                 continue
             self._deliver(outputs)
@@ -241,6 +243,7 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self.stats.steps += 1
+        self.stats.failed_in_a_row = 0
         self.stats.generated_tokens += len(outputs)
         self.stats.recent.append((time.monotonic(), self.stats.generated_tokens))
         for out in outputs:

@@ -6,7 +6,6 @@ cluster) and on SIGTERM or Ctrl-C takes Serve and that Ray down again before exi
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -50,7 +49,7 @@ def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
         args["served_model_name"] = settings.served_model_name
     if settings.deployment is not None:
         # inlined, so the config is whole on a cluster that has no copy of the file; checked first
-        from expertmesh.platform.deployment import DeploymentConfig
+        from expertmesh.graph import DeploymentConfig
 
         deployment = settings.deployment
         if not isinstance(deployment, dict):
@@ -69,38 +68,30 @@ def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
     }
 
 
-def _cluster_cpus(settings: ServerSettings) -> int:
-    """Logical CPUs for the Ray we start: the machine's, or enough for the deployment's actors plus the
-    replica (they spend much of a step waiting on one another)."""
+def _cluster_cpus(settings: ServerSettings) -> float:
+    """Logical CPUs the Ray we start needs at least: the replica's, plus the deployment's actors (they spend
+    much of a step waiting on one another, so a machine with fewer cores still runs them)."""
     need = 1.0
     if settings.deployment is not None:
-        from expertmesh.platform.deployment import DeploymentConfig
+        from expertmesh.graph import DeploymentConfig
 
-        need += DeploymentConfig.from_yaml(settings.deployment).total_cpus
-    return max(os.cpu_count() or 1, math.ceil(need))
+        need += DeploymentConfig.load(settings.deployment).total_cpus
+    return need
 
 
 def run(args) -> int:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`
     settings = settings_from_args(args)
     if args.print_serve_config:
         print(yaml.safe_dump(serve_config(settings, args.host, args.port), sort_keys=False), end="")
         return 0
-    import ray
+    from expertmesh.graph import runtime
     from ray import serve
 
     from expertmesh.platform.server.serve_app import APP_NAME, build_application
 
-    address = os.environ.get("RAY_ADDRESS")
-    owns_ray = not address
-    if owns_ray:
-        # Ray starts its workers at niceness 15; the replica here is the server itself, so it should not
-        # yield its cores to whatever else runs on the machine (Ray's job manager does the same for drivers)
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=_cluster_cpus(settings), include_dashboard=False,
-                 log_to_driver=args.verbose)
-    else:
-        ray.init(address=address, log_to_driver=args.verbose)
+    # Ray starts its workers at niceness 15; the replica here is the server itself, so it should not yield
+    # its cores to whatever else runs on the machine (Ray's job manager does the same for drivers)
+    owns_ray = runtime.connect(num_cpus=_cluster_cpus(settings), log_to_driver=args.verbose, worker_niceness=0)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
@@ -113,11 +104,11 @@ def run(args) -> int:
             stop.wait(0.5)
         print("shutting down ...", flush=True)
     finally:
-        _shutdown(serve, ray, owns_ray)
+        _shutdown(serve, runtime, owns_ray)
     return 0
 
 
-def _shutdown(serve, ray, owns_ray: bool) -> None:
+def _shutdown(serve, runtime, owns_ray: bool) -> None:
     def force_exit():  # a hung shutdown must not keep the process past the deadline
         time.sleep(SHUTDOWN_DEADLINE_S - 5)
         print("shutdown took too long; exiting", file=sys.stderr, flush=True)
@@ -127,8 +118,7 @@ def _shutdown(serve, ray, owns_ray: bool) -> None:
     try:
         serve.shutdown()
     finally:
-        if owns_ray:
-            ray.shutdown()
+        runtime.disconnect(owns_ray)
 
 
 def _print_banner(settings: ServerSettings, host: str, port: int) -> None:

@@ -12,14 +12,14 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: keep 127.0.0.1
-
-from ray import serve
+import expertmesh.graph.runtime  # noqa: F401 - first: it sets Ray's environment before Ray loads
+from ray import serve  # noqa: I001
 
 from expertmesh.platform.server.settings import ServerSettings
 
 DEPLOYMENT_NAME = "ExpertmeshServer"
 APP_NAME = "expertmesh"
+RESTART_AFTER_FAILED_STEPS = 5  # liveness: a replica whose steps keep failing is restarted by Serve
 MAX_ONGOING_REQUESTS = 1024  # per replica; the engine's own queue (max_waiting) answers 429 first
 
 
@@ -31,6 +31,7 @@ class ExpertmeshServer:
         import torch
 
         from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
+        from expertmesh.graph import ActorGraph
         from expertmesh.platform.server.async_engine import AsyncEngine
 
         self.settings = ServerSettings(**settings)
@@ -38,8 +39,9 @@ class ExpertmeshServer:
         # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; local mode computes here, so use the machine's cores
         torch.set_num_threads(int(s.num_threads or os.cpu_count() or 1))
         torch.manual_seed(0)  # as the offline LLM does: unseeded sampling draws from the global generator
+        executor = None if s.deployment is None else ActorGraph(s.deployment)
         self.engine = AsyncEngine(
-            lambda: LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, deployment=s.deployment, **s.engine_kwargs)),
+            lambda: LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, **s.engine_kwargs), executor),
             max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
 
     def __serve_build_asgi_app__(self):
@@ -48,11 +50,15 @@ class ExpertmeshServer:
         return build_app(self.engine, self.settings)
 
     def check_health(self) -> None:
-        """Ray Serve's liveness check, which restarts a replica that fails it: only a stopped engine fails.
-        A dead actor of the graph does not: the executor replaces it and retries the step, and restarting
-        the replica would drop every open stream. `GET /health` (readiness) does report dead actors."""
+        """Ray Serve's liveness check, which restarts a replica that fails it: a stopped engine fails it, and
+        so does a run of failed steps that recovery did not end (every request is failing anyway). A dead
+        actor of the graph does not: the executor replaces it and retries the step, and restarting the
+        replica would drop every open stream. `GET /health` (readiness) reports dead actors."""
         if not self.engine.alive:
             raise RuntimeError(f"engine stopped: {self.engine.error or 'shut down'}")
+        failed = self.engine.stats.failed_in_a_row
+        if failed >= RESTART_AFTER_FAILED_STEPS:
+            raise RuntimeError(f"the last {failed} steps failed; restarting the replica")
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -1,0 +1,255 @@
+"""The actor graph as the engine's executor: one model replica on Ray actors.
+
+`ActorGraph(deployment)` is the executor factory the engine is handed; it builds an `ActorGraphExecutor`,
+which starts every actor in a placement group of its own (`builder.py`), wires the data plane
+(`wiring.py`), and per step plans the work (`planning.py`) and makes one Ray call per actor. When a step
+fails it replaces what died or stalled (`recovery.py`) and retries. Between steps it swaps in a new expert
+placement (`placement_swap.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from pathlib import Path
+
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from expertmesh.actors import ExpertShardActor
+from expertmesh.engine.executor import ExecutorSpec, ExecutorUnavailable
+from expertmesh.engine.scheduler import ScheduledBatch
+from expertmesh.experts import PlacementTable
+from expertmesh.graph.builder import GraphBuilder, Member, label
+from expertmesh.graph.deployment import DeploymentConfig
+from expertmesh.graph.placement_swap import PlacementSwap
+from expertmesh.graph.planning import Homes, PlannedStep, assemble, collective_slots, plan_step
+from expertmesh.graph.recovery import Recovery, RecoveryFailed, ping_all
+from expertmesh.graph.runtime import connect, disconnect, ray
+from expertmesh.graph.wiring import wire
+from expertmesh.model.config import ModelConfig
+from expertmesh.transport import PeerFault
+from expertmesh.transport.auth import new_secret
+
+log = logging.getLogger(__name__)
+
+ABORT_GRACE_S = 30.0  # how long a failed step's other calls get to return once told to abort
+
+
+class StepFailed(RuntimeError):
+    """A step did not complete; `suspects` are the actors that stalled or answered wrongly (still alive as
+    far as Ray can tell, but to be replaced)."""
+
+    def __init__(self, message: str, suspects: set[tuple[str, int]]):
+        super().__init__(message)
+        self.suspects = suspects
+
+
+class ActorGraph:
+    """An executor factory: `LLM(model, executor=ActorGraph({"expert_shards": 2, "transport": "grpc"}))`.
+
+    `deployment` is a DeploymentConfig, a dict or a YAML path. `shard_class` is the Ray actor class run for
+    each expert shard (a subclass of ExpertShardActor, for instance one that injects faults in tests)."""
+
+    def __init__(self, deployment: DeploymentConfig | dict | str | Path, *, shard_class: type = ExpertShardActor):
+        self.deployment = DeploymentConfig.load(deployment)
+        self.shard_class = shard_class
+
+    def __call__(self, spec: ExecutorSpec) -> ActorGraphExecutor:
+        if spec.device != "cpu":
+            raise ValueError("with a deployment, each actor picks its own device (the GPU Ray gives it): leave "
+                             "device='cpu'")
+        return ActorGraphExecutor(spec, self.deployment, shard_class=self.shard_class)
+
+
+class ActorGraphExecutor:
+    def __init__(self, spec: ExecutorSpec, deployment: DeploymentConfig, *, max_retries: int = 3,
+                 shard_class: type = ExpertShardActor):
+        self.deployment, self.max_retries = deployment, max_retries
+        self.device = torch.device("cpu")  # logits come back to the driver's CPU
+        self.mode = f"actor graph ({deployment.transport})"
+        model_config = ModelConfig.from_pretrained(spec.model)
+        self.placement: PlacementTable = deployment.placement_for(model_config)  # refused if experts are left out
+        self.moe_layers = list(self.placement.moe_layers)
+        self.recoveries: list[str] = []  # what recovery did, for operators and tests
+        self.calls_per_step: deque[int] = deque(maxlen=1024)  # Ray calls per step (per-layer traffic is not Ray's)
+        self._next_step = 1
+        self.homes = Homes(deployment.attention_actors)  # which attention actor holds each sequence
+        self.attention_members: list[Member] = []
+        self.router_member: Member | None = None
+        self.shard_members: list[Member] = []
+        self.builder = GraphBuilder(spec.model, deployment, dtype=spec.dtype, num_blocks=spec.num_blocks,
+                                    block_size=spec.block_size, secret=new_secret(), shard_class=shard_class)
+        self.recovery = Recovery(self)
+        self.swap = PlacementSwap(self)
+        self._owns_ray = connect(deployment.ray_address, num_cpus=deployment.total_cpus)
+        try:
+            if not deployment.cluster_autoscales:
+                deployment.check_cluster(ray.cluster_resources())
+            self._start_all()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- the graph's actors --------------------------------------------------------------------------
+    @property
+    def attention(self) -> list:
+        return [m.handle for m in self.attention_members]
+
+    @property
+    def router(self):
+        return self.router_member.handle
+
+    @property
+    def shards(self) -> list:
+        return [m.handle for m in self.shard_members]
+
+    def members(self) -> list[Member]:
+        return [*self.attention_members, *([self.router_member] if self.router_member else []), *self.shard_members]
+
+    def _start_all(self) -> None:
+        d, b = self.deployment, self.builder
+        for rank in range(d.attention_actors):
+            self.attention_members.append(b.start_attention(rank, self.members()))
+        self.router_member = b.start_router(self.placement, self.members())
+        for s in range(d.shard_actors):
+            self.shard_members.append(b.start_shard(s, self.placement, self.members()))
+        b.wait_ready(self.members(), d.placement_timeout_s, "the deployment could not start")
+        self.settle_micro_batches()
+        self.wire()
+
+    def settle_micro_batches(self) -> None:
+        """Ping-pong of two micro-batches pays only where attention and experts use different cores."""
+        self.micro_batches = self.deployment.micro_batches
+        if self.micro_batches == "auto":
+            attention_nodes = {m.node_id for m in self.attention_members}
+            expert_nodes = {m.node_id for m in (self.shard_members or [self.router_member])}
+            self.micro_batches = 1 if attention_nodes & expert_nodes else 2
+
+    def wire(self) -> None:
+        # connecting may load experts ("inprocess": the router hosts them all), so it gets recovery's time
+        wire(self.deployment.transport, self.attention_members, self.router_member, self.shard_members,
+             self.placement, first_step=self._next_step, timeout_s=self.deployment.recovery_timeout_s)
+
+    # -- a step --------------------------------------------------------------------------------------
+    def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
+        self.homes.forget_finished()
+        self.swap.commit_if_ready()
+        if self.recovery.pending:  # an earlier recovery gave up, or a swap left actors behind: mend first
+            self.recovery.run(set())
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            planned = plan_step(batch, self.homes, micro_batches=self.micro_batches, all_logits=all_logits)
+            step, self._next_step = self._next_step, self._next_step + 1
+            try:
+                results = self._run(step, planned)
+            except StepFailed as e:
+                last = e
+                log.warning("actor-graph step failed (attempt %d): %s", attempt + 1, e)
+                self.recovery.run(e.suspects)
+                continue
+            self.homes.recomputed(s.seq_id for s in batch.seqs)
+            return torch.from_numpy(assemble(results, planned))
+        raise RuntimeError(f"the step failed {self.max_retries + 1} times; last error: {last}")
+
+    def _run(self, step: int, planned: PlannedStep) -> dict[int, list]:
+        calls: dict = {self.router.step.remote(step, planned.router_plan): ("router", 0)}
+        for rank, mbs in planned.inputs.items():
+            calls[self.attention_members[rank].handle.execute.remote(step, mbs)] = ("attention", rank)
+        if self.deployment.transport == "collective":
+            for m in self.shard_members:
+                slots = collective_slots(self.placement, m.index, planned.active_micro_batches)
+                calls[m.handle.serve_step.remote(slots)] = ("shard", m.index)
+        self.calls_per_step.append(len(calls))
+        pending = list(calls)
+        results: dict[int, list] = {}
+        backstop = self.deployment.data_plane_timeout_s * (2 * len(self.moe_layers) + 4)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=backstop)
+            if not done:
+                still = ", ".join(label(*calls[r]) for r in pending)
+                self._abort(step, pending, f"no answer within {backstop:g} s")
+                raise StepFailed(f"step {step}: no actor finished within {backstop:g} s (still running: {still})", set())
+            role, who = calls[done[0]]
+            try:
+                value = ray.get(done[0])
+            except Exception as e:  # an actor died, or raised: abort the others' waits, then fail the step
+                reason = f"{label(role, who)} failed: {_short(e)}"
+                suspects = _suspects(e) | self._abort(step, pending, reason)
+                raise StepFailed(f"step {step}: {reason}", suspects) from e
+            if role == "attention":
+                results[who] = value
+        return results
+
+    def _abort(self, step: int, pending: list, reason: str) -> set[tuple[str, int]]:
+        """Tells everyone waiting on the data plane that the step is over; returns the suspects named by the
+        calls that then fail."""
+        if self.deployment.transport == "collective":
+            # a receive blocked in torch.distributed cannot be interrupted: the whole graph is restarted
+            for m in self.members():
+                ray.kill(m.handle, no_restart=True)
+            self.recovery.restart_all = True
+        else:
+            for m in [self.router_member, *self.attention_members]:
+                m.handle.abort.remote(step, reason)
+        suspects: set[tuple[str, int]] = set()
+        if pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=ABORT_GRACE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - collecting who is to blame
+                    suspects |= _suspects(e)
+        return suspects
+
+    # -- what the server asks ------------------------------------------------------------------------
+    def load_counts(self, window: bool = False) -> dict[int, list[int]]:
+        """Pairs routed to each expert per MoE layer: since the start, or over the router's recent window."""
+        return self._control(self.router.load_counts.remote(window), "the router's load counts")
+
+    def health(self) -> list[str]:
+        """The actors that do not answer a ping within the control timeout (all pinged at once)."""
+        members = self.members()
+        answers = ping_all(members, self.deployment.control_timeout_s)
+        bad = [f"{m.label} (no answer)" for i, m in enumerate(members) if answers[i] is None]
+        if self.recovery.pending:
+            bad.append(f"recovery has not finished: {self.recovery.pending}")
+        return bad
+
+    def _control(self, ref, what: str):
+        try:
+            return ray.get(ref, timeout=self.deployment.control_timeout_s)
+        except GetTimeoutError:
+            raise ExecutorUnavailable(f"{what}: no answer within {self.deployment.control_timeout_s:g} s") from None
+        except RayActorError as e:
+            raise ExecutorUnavailable(f"{what}: the actor is gone ({_short(e)}); recovery replaces it") from None
+
+    def set_placement(self, table: PlacementTable, *, wait: bool = True,
+                      timeout_s: float | None = None) -> PlacementTable:
+        """Swaps in a new expert placement between steps, while requests go on (see `placement_swap.py`);
+        returns it with the version it takes effect under."""
+        return self.swap.start(table, wait=wait, timeout_s=timeout_s)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        for m in self.members():
+            self.builder.stop(m)
+        self.attention_members, self.router_member, self.shard_members = [], None, []
+        disconnect(self._owns_ray)
+        self._owns_ray = False
+
+
+def _suspects(e: BaseException) -> set[tuple[str, int]]:
+    """The peer a failed call blamed: a PeerFault raised inside the actor reaches us as its RayTaskError."""
+    cause = e.cause if isinstance(e, RayTaskError) else e
+    return {(cause.role, cause.index)} if isinstance(cause, PeerFault) else set()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[-1] if text else type(e).__name__
+    return msg[:limit]
+
+
+__all__ = ["ActorGraph", "ActorGraphExecutor", "RecoveryFailed", "StepFailed"]

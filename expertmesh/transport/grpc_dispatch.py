@@ -1,0 +1,171 @@
+"""The router -> expert shards data plane over gRPC.
+
+One persistent bidirectional `ExpertShard.Dispatch` stream per shard, opened on first use and kept;
+tensors travel as raw bytes with dtype and shape. Every answer is waited for with a deadline and checked
+against the request it answers (step, layer, shape, dtype): a shard that stalls or answers out of step is
+named in a PeerFault, and its stream is reset so a late answer can never be read as the next one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from expertmesh.protos import expert_dispatch_pb2 as pb
+from expertmesh.transport.auth import call_metadata
+from expertmesh.transport.codec import from_proto, to_proto
+from expertmesh.transport.errors import DataPlaneError, PeerFault
+from expertmesh.transport.settings import DataPlaneSettings
+from expertmesh.transport.work import ShardRuntime, ShardWork
+
+
+class _ShardStream:
+    """A persistent stream to one shard, reopened after an error; a reader thread hands answers over."""
+
+    def __init__(self, shard: int, address: str, secret: str, settings: DataPlaneSettings):
+        import grpc
+
+        from expertmesh.protos import expert_dispatch_pb2_grpc as pb_grpc
+
+        self.shard, self.address, self._secret = shard, address, secret
+        self.channel = grpc.insecure_channel(address, options=settings.channel_options())
+        self.stub = pb_grpc.ExpertShardStub(self.channel)
+        self._requests: queue.SimpleQueue | None = None
+        self._answers: queue.SimpleQueue | None = None
+        self._call = None
+
+    def _open(self) -> None:
+        import grpc
+
+        requests, answers = queue.SimpleQueue(), queue.SimpleQueue()
+        call = self.stub.Dispatch(iter(requests.get, None), metadata=call_metadata(self._secret))
+
+        def read() -> None:
+            try:
+                for response in call:
+                    answers.put(response)
+                answers.put(DataPlaneError(f"expert shard {self.shard} at {self.address} closed its stream"))
+            except grpc.RpcError as e:
+                answers.put(DataPlaneError(f"expert shard {self.shard} at {self.address}: "
+                                           f"{e.code().name}: {e.details()}"))
+
+        threading.Thread(target=read, name=f"dispatch-in-{self.shard}", daemon=True).start()
+        self._requests, self._answers, self._call = requests, answers, call
+
+    def send(self, request: pb.ExpertRequest) -> None:
+        if self._requests is None:
+            self._open()
+        self._requests.put(request)
+
+    def receive(self, timeout_s: float) -> pb.ExpertResponse:
+        try:
+            item = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            self.reset()
+            raise PeerFault(f"expert shard {self.shard} at {self.address} did not answer within {timeout_s:g} s",
+                            "shard", self.shard) from None
+        if isinstance(item, Exception):
+            self.reset()
+            raise item
+        return item
+
+    def reset(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)  # ends the request iterator
+            self._call.cancel()
+        self._requests = self._answers = self._call = None
+
+    def close(self) -> None:
+        self.reset()
+        self.channel.close()
+
+
+class GrpcDispatch:
+    def __init__(self, addresses: Mapping[int, str], *, secret: str, settings: DataPlaneSettings):
+        self.settings = settings
+        self.streams = {s: _ShardStream(s, a, secret, settings) for s, a in addresses.items()}
+        self.last_compute_s = 0.0
+
+    def dispatch(self, step, layer, version, works):
+        unknown = [w.shard for w in works if w.shard not in self.streams]
+        if unknown:  # checked before anything is sent, so no stream is left waiting for a read
+            raise DataPlaneError(f"the router has no connection to expert shards {unknown}")
+        for w in works:
+            self.streams[w.shard].send(pb.ExpertRequest(
+                step=step, layer=layer, placement_version=version, hidden_states=to_proto(w.hidden_states),
+                expert_ids=to_proto(w.expert_ids), weights=to_proto(w.weights),
+            ))
+        outs, error, compute = [], None, 0.0
+        for w in works:  # read every answer even after an error, so no stream is left out of step
+            stream = self.streams[w.shard]
+            try:
+                response = stream.receive(self.settings.timeout_s)
+                outs.append(_checked_output(response, step, layer, w))
+                compute = max(compute, response.compute_seconds)
+            except PeerFault as e:
+                stream.reset()
+                error = error or e
+            except DataPlaneError as e:
+                error = error or e
+        self.last_compute_s = compute
+        if error is not None:
+            raise error
+        return outs
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
+
+
+def _checked_output(response: pb.ExpertResponse, step: int, layer: int, work: ShardWork) -> torch.Tensor:
+    """The output a shard sent, if it answers this very request; a PeerFault naming the shard otherwise."""
+    who = f"expert shard {work.shard}"
+    if response.step != step or response.layer != layer:
+        raise PeerFault(f"{who} answered step {response.step} layer {response.layer} to the request for step "
+                        f"{step} layer {layer}", "shard", work.shard)
+    try:
+        out = from_proto(response.output, name=f"{who}'s output")
+    except ValueError as e:
+        raise PeerFault(str(e), "shard", work.shard) from None
+    want = work.hidden_states
+    if out.shape != want.shape or out.dtype != want.dtype:
+        raise PeerFault(f"{who} answered layer {layer} with {out.dtype} {list(out.shape)}, expected {want.dtype} "
+                        f"{list(want.shape)}", "shard", work.shard)
+    return out
+
+
+class ExpertShardServicer:
+    """The `ExpertShard` gRPC service over one shard runtime. A bad request ends its stream with
+    INVALID_ARGUMENT and the reason; the router reopens a stream for its next request."""
+
+    def __init__(self, runtime: ShardRuntime):
+        self.runtime = runtime
+
+    def Dispatch(self, request_iterator: Iterator[pb.ExpertRequest], context) -> Iterator[pb.ExpertResponse]:
+        import grpc
+
+        for request in request_iterator:
+            try:
+                hidden = from_proto(request.hidden_states, name="hidden_states")
+                expert_ids = from_proto(request.expert_ids, name="expert_ids")
+                weights = from_proto(request.weights, name="weights")
+                start = time.perf_counter()
+                out = self.runtime.serve(request.layer, hidden, expert_ids, weights, request.placement_version)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                return
+            yield pb.ExpertResponse(step=request.step, layer=request.layer, output=to_proto(out),
+                                    compute_seconds=time.perf_counter() - start)
+
+
+def start_shard_server(runtime: ShardRuntime, host: str, *, secret: str, settings: DataPlaneSettings, port: int = 0):
+    """Serves `runtime` on host:port (0: a free port); returns (server, "host:port")."""
+    from expertmesh.protos import expert_dispatch_pb2_grpc as pb_grpc
+    from expertmesh.transport.grpc_server import start_server
+
+    return start_server(pb_grpc.add_ExpertShardServicer_to_server, ExpertShardServicer(runtime), host,
+                        secret=secret, settings=settings, what=f"expert-shard-{runtime.shard_index}", port=port)
