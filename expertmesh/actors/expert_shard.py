@@ -11,6 +11,7 @@ to the new holding and version at once, dropping what it no longer holds.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class ExpertShard:
         self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
         self._staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, not yet in use
         self.pairs_served = 0  # (token, expert) pairs computed since start: where the router sends work
+        self.last_compute_s = 0.0  # the last request's time on the expert math, reported to the router
         self._install(self._load(experts))
 
     def _load(self, experts: Iterable[Expert]) -> dict[int, LayerExperts]:
@@ -175,4 +177,7 @@ class ExpertShard:
         this shard has)."""
         with self._lock:
             self.check(layer, hidden, expert_ids, weights, version)
-            return self.forward(layer, hidden, expert_ids, weights)
+            start = time.perf_counter()
+            out = self.forward(layer, hidden, expert_ids, weights)
+            self.last_compute_s = time.perf_counter() - start
+            return out

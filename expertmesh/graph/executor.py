@@ -170,7 +170,8 @@ class ActorGraphExecutor:
             if not done:
                 still = ", ".join(label(*calls[r]) for r in pending)
                 self._abort(step, pending, f"no answer within {backstop:g} s")
-                raise StepFailed(f"step {step}: no actor finished within {backstop:g} s (still running: {still})", set())
+                raise StepFailed(f"step {step}: no actor finished within {backstop:g} s (still running: {still})",
+                                 set())
             role, who = calls[done[0]]
             try:
                 value = ray.get(done[0])

@@ -111,7 +111,8 @@ def assemble(results: Mapping[int, Sequence[np.ndarray | None]], step: PlannedSt
 def collective_slots(placement: PlacementTable, shard: int, micro_batches: Sequence[int]) -> list[tuple[int, int]]:
     """The (layer, micro-batch) messages a shard answers in one step of the collective transport, in the
     router's order: every micro-batch of every layer it holds experts of."""
-    return [(layer, mb) for layer in placement.moe_layers if placement.holds_layer(shard, layer) for mb in micro_batches]
+    layers = [layer for layer in placement.moe_layers if placement.holds_layer(shard, layer)]
+    return [(layer, mb) for layer in layers for mb in micro_batches]
 
 
 def split_two(items: list) -> list[list]:

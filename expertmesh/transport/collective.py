@@ -9,7 +9,6 @@ member proves it holds the graph's secret (`auth.proof`) and a group with a stra
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -101,11 +100,10 @@ def serve_collective_layer(runtime: ShardRuntime, layer: int, micro_batch: int, 
         dist.recv(hidden, router_rank, tag=tag(layer, micro_batch, "shard_hidden"))
         dist.recv(ids, router_rank, tag=tag(layer, micro_batch, "shard_ids"))
         dist.recv(weights, router_rank, tag=tag(layer, micro_batch, "shard_weights"))
-    start = time.perf_counter()
     out = runtime.serve(layer, hidden, ids, weights, version)  # with no token: only the checks
     if not num_tokens:
         return
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    elapsed = torch.tensor([runtime.last_compute_s], dtype=torch.float64)
     dist.send(out.contiguous(), router_rank, tag=tag(layer, micro_batch, "shard_out"))
     dist.send(elapsed, router_rank, tag=tag(layer, micro_batch, "shard_time"))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -153,13 +152,12 @@ class ExpertShardServicer:
                 hidden = from_proto(request.hidden_states, name="hidden_states")
                 expert_ids = from_proto(request.expert_ids, name="expert_ids")
                 weights = from_proto(request.weights, name="weights")
-                start = time.perf_counter()
                 out = self.runtime.serve(request.layer, hidden, expert_ids, weights, request.placement_version)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 return
             yield pb.ExpertResponse(step=request.step, layer=request.layer, output=to_proto(out),
-                                    compute_seconds=time.perf_counter() - start)
+                                    compute_seconds=self.runtime.last_compute_s)
 
 
 def start_shard_server(runtime: ShardRuntime, host: str, *, secret: str, settings: DataPlaneSettings, port: int = 0):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 from expertmesh.transport.work import ShardRuntime
@@ -14,11 +13,11 @@ class InProcessDispatch:
         self.last_compute_s = 0.0
 
     def dispatch(self, step, layer, version, works):
-        outs = []
-        start = time.perf_counter()
+        outs, self.last_compute_s = [], 0.0
         for w in works:
-            outs.append(self.shards[w.shard].serve(layer, w.hidden_states, w.expert_ids, w.weights, version))
-        self.last_compute_s = time.perf_counter() - start  # one after the other: all of it is compute
+            shard = self.shards[w.shard]
+            outs.append(shard.serve(layer, w.hidden_states, w.expert_ids, w.weights, version))
+            self.last_compute_s += shard.last_compute_s  # one after the other: the sum is the compute
         return outs
 
     def close(self) -> None:

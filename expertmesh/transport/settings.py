@@ -26,8 +26,7 @@ class DataPlaneSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
-    def channel_options(self) -> list[tuple[str, int]]:
-        """gRPC options of a client channel."""
+    def _common(self) -> list[tuple[str, int]]:
         keepalive_ms = int(self.keepalive_s * 1000)
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -35,18 +34,14 @@ class DataPlaneSettings:
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
         ]
 
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC options of a client channel: the size caps, and keepalive pings on idle connections."""
+        return [*self._common(), ("grpc.http2.max_pings_without_data", 0)]
+
     def server_options(self) -> list[tuple[str, int]]:
-        """gRPC options of a server: the same size caps, and it accepts the clients' keepalive pings."""
-        keepalive_ms = int(self.keepalive_s * 1000)
-        return [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", keepalive_ms),
-            ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms // 2)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", max(1000, keepalive_ms // 2)),
-            ("grpc.http2.max_ping_strikes", 0),
-        ]
+        """gRPC options of a server: the same, and it accepts the clients' keepalive pings."""
+        min_ping_ms = max(1000, int(self.keepalive_s * 1000) // 2)
+        return [*self._common(), ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
+                ("grpc.http2.max_ping_strikes", 0)]

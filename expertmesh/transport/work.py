@@ -29,6 +29,7 @@ class ShardRuntime(Protocol):
     shard_index: int
     hidden_size: int
     dtype: torch.dtype
+    last_compute_s: float  # seconds the last `serve` spent on the expert math (its checks left out)
 
     def serve(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
               version: int) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import pytest
 import ray  # tests/conftest.py has set Ray's environment (127.0.0.1 stays 127.0.0.1)
 from ray.cluster_utils import Cluster
 
@@ -32,6 +34,24 @@ def stop_cluster(cluster: Cluster) -> None:
     cluster.shutdown()
 
 
+def cluster_fixtures(num_nodes: int):
+    """A test module's `cluster` (module-scoped, `num_nodes` nodes of 2 CPUs) and an autouse fixture that
+    starts each test on an idle cluster, so SPREAD really spreads its graph. In the module:
+    `cluster, free_cluster = cluster_fixtures(3)`."""
+
+    @pytest.fixture(scope="module")
+    def cluster():
+        cluster = start_cluster(num_nodes)
+        yield cluster
+        stop_cluster(cluster)
+
+    @pytest.fixture(autouse=True)
+    def free_cluster(cluster):
+        settle()
+
+    return cluster, free_cluster
+
+
 def settle(timeout_s: float = 60) -> None:
     """Waits until every CPU of the cluster is free again: actors of an earlier graph give theirs back a
     moment after they are killed, and a placement group made meanwhile would be squeezed onto fewer nodes."""
@@ -51,3 +71,20 @@ def token_ids(outputs) -> list[list[int]]:
 
 def local_tokens(model_dir, prompts, params=GREEDY) -> list[list[int]]:
     return token_ids(LLM(str(model_dir)).generate(prompts, params))
+
+
+def generate_with(llm: LLM, prompts, params: SamplingParams, before_step: Callable[[int], None]) -> list[list[int]]:
+    """Runs the engine step by step, calling `before_step(i)` before step i (to inject a fault, swap a
+    placement...); every request's tokens, in prompt order."""
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params, index=i)
+    done: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        before_step(step)
+        step += 1
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[str(i)] for i in range(len(prompts))]

@@ -27,7 +27,7 @@ from expertmesh.transport.auth import call_metadata
 from expertmesh.transport.codec import to_proto
 from expertmesh.transport.grpc_dispatch import ExpertShardServicer
 from expertmesh.transport.grpc_server import start_server
-from tests.graph.fixtures import local_tokens, settle, start_cluster, stop_cluster
+from tests.graph.fixtures import cluster_fixtures, generate_with, local_tokens
 from tests.server.app_server import API_KEY, running_app
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -82,16 +82,7 @@ class _Misbehaving:
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the shard class travels to Ray's workers
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_nodes=3)
-    yield cluster
-    stop_cluster(cluster)
-
-
-@pytest.fixture(autouse=True)
-def free_cluster(cluster):
-    settle()
+cluster, free_cluster = cluster_fixtures(3)
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +93,6 @@ def local(tiny_model_dir):
 def graph(**extra) -> ActorGraph:
     deployment = {"expert_shards": 2, "transport": "grpc", "data_plane_timeout_s": TIMEOUT_S, **extra}
     return ActorGraph(deployment, shard_class=FaultyShard)
-
-
-def generate_with(llm: LLM, before_step) -> list[list[int]]:
-    """Runs the engine step by step, calling `before_step(i)` before step i; tokens in prompt order."""
-    engine = llm.llm_engine
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, PARAMS, index=i)
-    done: dict[str, list[int]] = {}
-    step = 0
-    while engine.has_unfinished_requests():
-        before_step(step)
-        step += 1
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(PROMPTS))]
 
 
 def at_step(n: int, action):
@@ -140,7 +115,7 @@ def test_a_route_stream_taken_over_is_reopened_and_the_step_retried(tiny_model_d
                 threading.Timer(0.01, take_over).start()
 
         try:
-            assert generate_with(llm, during_step) == local
+            assert generate_with(llm, PROMPTS, PARAMS, during_step) == local
         finally:
             idle.set()
             for channel, stream in streams:
@@ -158,7 +133,8 @@ def test_a_dispatch_stream_closed_or_an_answer_out_of_step_fails_the_step_which_
     with LLM(str(tiny_model_dir), executor=graph()) as llm:
         executor = llm.llm_engine.executor
         shard = executor.shards[1]
-        assert generate_with(llm, at_step(4, lambda: ray.get(shard.inject.remote(fault)))) == local
+        inject = at_step(4, lambda: ray.get(shard.inject.remote(fault)))
+        assert generate_with(llm, PROMPTS, PARAMS, inject) == local
         assert len(executor.recoveries) == 1
         if fault == "close":  # a closed stream is reopened: the shard itself stays
             assert executor.shards[1] is shard
@@ -177,7 +153,7 @@ def test_a_shard_that_stalls_in_dispatch_is_replaced_within_the_deadline(tiny_mo
                 ray.get(stalled.inject.remote("stall", 120.0))  # answers pings all along
             times[i] = time.monotonic()
 
-        assert generate_with(llm, stall) == local
+        assert generate_with(llm, PROMPTS, PARAMS, stall) == local
         assert executor.recoveries == ["expert shard 0"] and executor.shards[0] is not stalled
         # the stall was noticed after TIMEOUT_S, not after the 120 s it would have lasted
         assert times[4] - times[3] < 60
@@ -204,7 +180,7 @@ def test_strangers_on_every_data_plane_port_are_refused_and_the_generation_goes_
                                                weights=to_proto(torch.ones(2, 1)))
                     codes.append(_code(pb_grpc.ExpertShardStub(channel).Dispatch(iter([request]), timeout=10)))
 
-        assert generate_with(llm, at_step(3, knock)) == local
+        assert generate_with(llm, PROMPTS, PARAMS, at_step(3, knock)) == local
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
         assert executor.recoveries == []  # nothing the strangers did reached the graph
 

@@ -16,7 +16,7 @@ import torch
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.graph import ActorGraph
-from tests.graph.fixtures import local_tokens, node_of, settle, start_cluster, stop_cluster
+from tests.graph.fixtures import cluster_fixtures, generate_with, local_tokens, node_of, settle
 from tests.hf_models import build_hf_checkpoint, make_prompts
 
 pytestmark = pytest.mark.timeout(600)
@@ -24,16 +24,7 @@ pytestmark = pytest.mark.timeout(600)
 PARAMS = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_nodes=4)  # one node more than a graph needs: room to replace a lost node
-    yield cluster
-    stop_cluster(cluster)
-
-
-@pytest.fixture(autouse=True)
-def free_cluster(cluster):
-    settle()  # each graph is placed on an idle cluster
+cluster, free_cluster = cluster_fixtures(4)  # one node more than a graph needs: room to replace a lost node
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +33,6 @@ def model(tmp_path_factory):
     ckpt = build_hf_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"), num_hidden_layers=3)
     prompts = [{"prompt_token_ids": p} for p in make_prompts(223, [5, 23, 12, 2], seed=7)]
     return str(ckpt), prompts, local_tokens(ckpt, prompts, PARAMS)
-
-
-def generate_with(llm: LLM, prompts, before_step) -> list[list[int]]:
-    """Runs the engine step by step, calling `before_step(i)` before step i; tokens in prompt order."""
-    engine = llm.llm_engine
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, PARAMS, index=i)
-    done: dict[str, list[int]] = {}
-    step = 0
-    while engine.has_unfinished_requests():
-        before_step(step)
-        step += 1
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(prompts))]
 
 
 def kill_at(step: int, actor_of, *, concurrently: bool = False):
@@ -94,7 +69,7 @@ def test_killed_shard_is_replaced_and_the_step_retried(cluster, model):
     with LLM(ckpt, executor=ActorGraph({"expert_shards": 3, "transport": "grpc"})) as llm:
         executor = llm.llm_engine.executor
         hook = kill_at(4, lambda: executor.shards[1])
-        assert generate_with(llm, prompts, hook) == local
+        assert generate_with(llm, prompts, PARAMS, hook) == local
         assert any("expert shard 1" in r for r in executor.recoveries)
         assert executor.shards[1] is not hook.killed[0]
         assert ray.get(executor.shards[1].ping.remote())["num_experts"] > 0  # reloaded its experts
@@ -104,7 +79,8 @@ def test_shard_killed_while_a_step_is_in_flight(cluster, model):
     ckpt, prompts, local = model
     with LLM(ckpt, executor=ActorGraph({"expert_shards": 3, "transport": "grpc"})) as llm:
         executor = llm.llm_engine.executor
-        assert generate_with(llm, prompts, kill_at(6, lambda: executor.shards[2], concurrently=True)) == local
+        hook = kill_at(6, lambda: executor.shards[2], concurrently=True)
+        assert generate_with(llm, prompts, PARAMS, hook) == local
         assert any("expert shard 2" in r for r in executor.recoveries)
 
 
@@ -112,7 +88,7 @@ def test_killed_attention_actor_re_prefills_its_sequences(cluster, model):
     ckpt, prompts, local = model
     with LLM(ckpt, executor=ActorGraph({"attention_actors": 2, "expert_shards": 2, "transport": "grpc"})) as llm:
         executor = llm.llm_engine.executor
-        assert generate_with(llm, prompts, kill_at(5, lambda: executor.attention[0])) == local
+        assert generate_with(llm, prompts, PARAMS, kill_at(5, lambda: executor.attention[0])) == local
         assert any("attention actor 0" in r for r in executor.recoveries)
 
 
@@ -123,7 +99,7 @@ def test_killed_router_is_replaced(cluster, model, transport):
     deployment = {"expert_shards": 2, "transport": transport, "router_resources": {"num_cpus": 0}}
     with LLM(ckpt, executor=ActorGraph(deployment)) as llm:
         executor = llm.llm_engine.executor
-        assert generate_with(llm, prompts, kill_at(2, lambda: executor.router)) == local
+        assert generate_with(llm, prompts, PARAMS, kill_at(2, lambda: executor.router)) == local
         assert any("router" in r for r in executor.recoveries)
 
 
@@ -131,7 +107,7 @@ def test_collective_graph_recovers_from_a_killed_shard(cluster, model):
     ckpt, prompts, local = model
     with LLM(ckpt, executor=ActorGraph({"expert_shards": 2, "transport": "collective"})) as llm:
         executor = llm.llm_engine.executor
-        assert generate_with(llm, prompts, kill_at(3, lambda: executor.shards[0])) == local
+        assert generate_with(llm, prompts, PARAMS, kill_at(3, lambda: executor.shards[0])) == local
         assert any("expert shard 0" in r for r in executor.recoveries)
 
 
@@ -176,7 +152,7 @@ def test_lost_node_is_survived(cluster, model):
                 # once the shard's process is really gone, so a step meets the loss
                 wait_for_exit(victim_pid)
 
-        assert generate_with(llm, prompts, before_step) == local
+        assert generate_with(llm, prompts, PARAMS, before_step) == local
         assert executor.recoveries
         assert all(node_of(s) != victim_node.node_id for s in executor.shards)
 

@@ -14,9 +14,7 @@ import expertmesh.transport
 from expertmesh import LLM
 from expertmesh.experts import expert_health
 from expertmesh.graph import ActorGraph
-from tests.graph.fixtures import (
-    GREEDY, local_tokens, node_of, settle, start_cluster, stop_cluster, token_ids,
-)
+from tests.graph.fixtures import GREEDY, cluster_fixtures, local_tokens, node_of, token_ids
 from tests.hf_models import build_hf_checkpoint, load_reference, make_prompts, reference_greedy
 
 pytestmark = pytest.mark.timeout(600)
@@ -24,17 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 LENGTHS = [3, 17, 9, 30, 1]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_nodes=3)
-    yield cluster
-    stop_cluster(cluster)
-
-
-@pytest.fixture(autouse=True)
-def free_cluster(cluster):
-    """Each test's graph is placed on an idle cluster, so SPREAD really spreads it."""
-    settle()
+cluster, free_cluster = cluster_fixtures(3)
 
 
 @pytest.fixture(scope="module")
@@ -137,5 +125,6 @@ def test_bfloat16_weights_over_the_collective_transport(cluster, tiny_model_dir)
     """bf16 hidden states cross gloo and the shards run bf16 experts: the tokens of local bf16 mode."""
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 11, 7, 20)]
     want = token_ids(LLM(str(tiny_model_dir), dtype="bfloat16").generate(prompts, GREEDY))
-    with LLM(str(tiny_model_dir), dtype="bfloat16", executor=ActorGraph({"expert_shards": 2, "transport": "collective"})) as llm:
+    graph = ActorGraph({"expert_shards": 2, "transport": "collective"})
+    with LLM(str(tiny_model_dir), dtype="bfloat16", executor=graph) as llm:
         assert token_ids(llm.generate(prompts, GREEDY)) == want

@@ -8,7 +8,7 @@ import pytest
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.graph import ActorGraph
-from tests.graph.fixtures import local_tokens, ray, settle, start_cluster, stop_cluster
+from tests.graph.fixtures import cluster_fixtures, generate_with, local_tokens, ray
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -16,36 +16,12 @@ PARAMS = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": list(range(7 + i, 7 + i + n))} for i, n in enumerate([4, 19, 8, 2, 11])]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_nodes=3)
-    yield cluster
-    stop_cluster(cluster)
-
-
-@pytest.fixture(autouse=True)
-def free_cluster(cluster):
-    settle()
+cluster, free_cluster = cluster_fixtures(3)
 
 
 @pytest.fixture(scope="module")
 def local(tiny_model_dir):
     return local_tokens(tiny_model_dir, PROMPTS, PARAMS)
-
-
-def generate_with(llm: LLM, before_step) -> list[list[int]]:
-    engine = llm.llm_engine
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, PARAMS, index=i)
-    done: dict[str, list[int]] = {}
-    step = 0
-    while engine.has_unfinished_requests():
-        before_step(step)
-        step += 1
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(PROMPTS))]
 
 
 def pairs_served(executor, transport: str) -> list[int]:
@@ -76,7 +52,7 @@ def test_replicate_a_hot_expert_then_drain_a_shard_mid_generation(tiny_model_dir
             if i == 8:
                 seen["drained_at"] = pairs_served(executor, transport)
 
-        assert generate_with(llm, before_step) == local
+        assert generate_with(llm, PROMPTS, PARAMS, before_step) == local
         assert executor.recoveries == []  # no step failed
         assert [h["outcome"] for h in executor.swap.history] == ["swapped", "swapped"]
         assert executor.placement.version == 2 and executor.placement.shard_experts(2) == []

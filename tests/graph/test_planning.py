@@ -101,3 +101,13 @@ def test_collective_slots_cover_the_layers_a_shard_holds():
     assert collective_slots(table, 0, [0, 1]) == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert collective_slots(table, 1, [0]) == [(3, 0)]
     assert collective_slots(table.drained(1), 1, [0, 1]) == []
+
+
+def test_planning_needs_no_ray():
+    """These tests run without a cluster: the planning module does not even import Ray."""
+    import subprocess
+    import sys
+
+    probe = "import sys, expertmesh.graph.planning; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -188,6 +188,8 @@ def test_metrics_after_traffic(server, client, model_name):
     assert tokens and sum(tokens) > 0
     assert 0 < value(r'expertmesh_routing_entropy\{layer="1"\}') <= 1
     assert 0 < value(r'expertmesh_expert_busiest_share\{layer="1"\}') <= 1
+    assert value(r'expertmesh_layer_balancedness\{layer="1"\}') == 1.0  # local mode: one shard holds all
+    assert value(r"expertmesh_placement_version") == 0
 
 
 def _metric(url: str, name: str) -> float:

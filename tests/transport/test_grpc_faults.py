@@ -35,6 +35,7 @@ class ScaleRuntime:
     def __init__(self):
         self.served = 0
         self.stall_s = 0.0
+        self.last_compute_s = 0.0
 
     def serve(self, layer, hidden, expert_ids, weights, version):
         self.served += 1
@@ -46,7 +47,8 @@ class ScaleRuntime:
 
 def work(num_tokens: int = 3, seed: int = 0) -> ShardWork:
     gen = torch.Generator().manual_seed(seed)
-    return ShardWork(shard=0, tokens=torch.arange(num_tokens), hidden_states=torch.randn(num_tokens, HIDDEN, generator=gen),
+    return ShardWork(shard=0, tokens=torch.arange(num_tokens),
+                     hidden_states=torch.randn(num_tokens, HIDDEN, generator=gen),
                      expert_ids=torch.zeros(num_tokens, 1, dtype=torch.int64), weights=torch.ones(num_tokens, 1))
 
 

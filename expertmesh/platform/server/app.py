@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from expertmesh.engine.executor import Executor, ExecutorUnavailable
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.experts import expert_health, expert_shares, shard_loads
+from expertmesh.experts import expert_health, expert_shares, layer_balancedness, shard_loads
 from expertmesh.platform.server import errors
 from expertmesh.platform.server.async_engine import AsyncEngine
 from expertmesh.platform.server.dashboard import DASHBOARD_HTML
@@ -56,11 +56,14 @@ class ServerState:
         except ExecutorUnavailable:  # the engine's own figures still go out; the experts' wait for the next scrape
             load = {}
         top_k = self.llm.model_config.routing.top_k
+        table = self.executor.placement
         return {
             "running": sched.num_running, "waiting": self.engine.num_waiting(),
             "blocks_used": blocks.num_blocks - blocks.num_free_blocks, "blocks_total": blocks.num_blocks,
             "tokens_per_s": self.engine.stats.tokens_per_second(), "steps": self.engine.stats.steps,
             "load": load, "health": [h.to_dict() for h in expert_health(load, top_k)] if load else [],
+            "placement_version": table.version,
+            "balancedness": {layer: layer_balancedness(table, layer, counts) for layer, counts in load.items()},
         }
 
     def experts(self) -> dict:

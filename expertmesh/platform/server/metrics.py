@@ -91,3 +91,11 @@ class _EngineCollector:
             for h in s["health"]:
                 family.add_metric([str(h["layer"])], h[key])
             yield family
+        balance = GaugeMetricFamily("expertmesh_layer_balancedness",
+                                    "Mean over busiest shard's load of a MoE layer, over the recent window (1 is even)",
+                                    labels=["layer"])
+        for layer, value in sorted(s["balancedness"].items()):
+            balance.add_metric([str(layer)], value)
+        yield balance
+        yield GaugeMetricFamily("expertmesh_placement_version", "Version of the expert placement in force",
+                                value=s["placement_version"])
