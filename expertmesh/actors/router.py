@@ -44,18 +44,16 @@ class RouterCore:
     def set_placement(self, table: PlacementTable) -> None:
         """Swaps in a placement table (between steps); it must cover this model's MoE layers and experts.
         Every transport reads `layer_shards` and the version at each call, so the next step uses it."""
-        if tuple(table.moe_layers) != tuple(self.moe_layers) or table.num_experts != self.num_experts:
-            raise ValueError(f"placement table is for MoE layers {list(table.moe_layers)} x {table.num_experts} "
-                             f"experts; this model has {self.moe_layers} x {self.num_experts}")
-        self.placement = table
-        self._primary: dict[int, torch.Tensor] = {}
-        self._replicated: dict[int, bool] = {}
-        self.layer_shards: dict[int, list[int]] = {}
+        table.check_fits(self.moe_layers, self.num_experts)
+        primary, replicated = {}, {}
         for layer in self.moe_layers:
             replicas = [table.shards_for(layer, e) for e in range(self.num_experts)]
-            self._primary[layer] = torch.tensor([r[0] for r in replicas], dtype=torch.int64)
-            self._replicated[layer] = any(len(r) > 1 for r in replicas)
-            self.layer_shards[layer] = sorted({s for r in replicas for s in r})
+            primary[layer] = torch.tensor([r[0] for r in replicas], dtype=torch.int64)  # [E] first replica
+            replicated[layer] = any(len(r) > 1 for r in replicas)
+        # built whole, then swapped in together
+        self._primary, self._replicated = primary, replicated
+        self.layer_shards = {layer: table.layer_shards(layer) for layer in self.moe_layers}
+        self.placement = table
 
     def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate = self.gates[layer]

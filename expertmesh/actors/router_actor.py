@@ -25,11 +25,16 @@ class RouterActor:
         self._step_thread = setup(num_threads)
         self.model_dir, self.dtype_name, self.transport = model_dir, dtype, transport
         self._attention_ranks, self._secret, self._data_plane = list(attention_ranks), secret, data_plane
-        self.core = RouterCore(model_dir, PlacementTable.from_dict(placement), dtype=dtype)
+        table = PlacementTable.from_dict(placement)
+        self.core = RouterCore(model_dir, table, dtype=dtype)
         self.dispatch = None
         self.attention = None
         self._server = None
-        self._hosted: dict[int, ExpertShard] = {}  # "inprocess": the shards, by index
+        self._hosted: dict[int, ExpertShard] = {}  # "inprocess": the shards, by index, loaded with the router
+        if transport == "inprocess":
+            self._hosted = {s: ExpertShard(model_dir, table.shard_experts(s), dtype=dtype, shard_index=s,
+                                           placement_version=table.version) for s in range(table.num_shards)}
+            self.dispatch = InProcessDispatch(self._hosted)
         self._ranks: list[int] = []
         self._on_micro_batch = None
 
@@ -44,18 +49,6 @@ class RouterActor:
                                                first_step=first_step)
             self._server, self._address = start_router_server(self.attention, node_info()["ip"], secret=self._secret)
         return self._address
-
-    def host_shards(self, assignment: dict[int, list[Expert]]) -> None:
-        """The "inprocess" transport: every shard's experts live in this process (loaded once: wiring again
-        after another actor's replacement keeps them)."""
-        version = self.core.placement.version
-        if set(self._hosted) == set(assignment) and all(
-                self._hosted[s].placement_version == version and self._hosted[s].experts == sorted(map(tuple, held))
-                for s, held in assignment.items()):
-            return
-        self._hosted = {s: ExpertShard(self.model_dir, experts, dtype=self.dtype_name, shard_index=s,
-                                       placement_version=version) for s, experts in sorted(assignment.items())}
-        self.dispatch = InProcessDispatch(self._hosted)
 
     def connect_shards(self, addresses: dict[int, str]) -> None:
         if self.dispatch is not None:

@@ -10,6 +10,5 @@ from expertmesh.engine.tokenizer import Tokenizer
 
 __all__ = [
     "LLM", "CompletionOutput", "EngineConfig", "Executor", "ExecutorFactory", "ExecutorSpec", "ExecutorUnavailable",
-    "LLMEngine",
-    "LocalExecutor", "RequestOutput", "SamplingParams", "Tokenizer",
+    "LLMEngine", "LocalExecutor", "RequestOutput", "SamplingParams", "Tokenizer",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from expertmesh.engine.scheduler import ScheduledBatch
@@ -37,7 +38,6 @@ class ExecutorUnavailable(RuntimeError):
     """The part of an executor that answers a question (the router actor, say) did not answer in time."""
 
 
-@runtime_checkable
 class Executor(Protocol):
     device: torch.device  # where logits come back, so the sampler runs there
     mode: str  # for operators: "local", "actor graph (grpc, 3 shards)", ...
@@ -131,6 +131,6 @@ class LocalExecutor:
         pass
 
 
-def count_routed(topk_ids: torch.Tensor, num_experts: int) -> list[int]:
-    """(token, expert) pairs per expert of one layer's routing decisions [T, K]."""
-    return torch.bincount(topk_ids.reshape(-1).cpu(), minlength=num_experts).tolist()
+def count_routed(topk_ids: torch.Tensor, num_experts: int) -> np.ndarray:
+    """(token, expert) pairs per expert of one layer's routing decisions [T, K]: [E] int64."""
+    return torch.bincount(topk_ids.reshape(-1).cpu(), minlength=num_experts).numpy()

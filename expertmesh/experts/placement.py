@@ -93,6 +93,12 @@ class PlacementTable:
         return cls(num_shards=num_shards, num_experts=num_experts, moe_layers=tuple(moe_layers),
                    replicas={k: tuple(v) for k, v in held.items()})
 
+    def check_fits(self, moe_layers: Sequence[int], num_experts: int) -> None:
+        """Refuses a table made for another model (other MoE layers or expert count)."""
+        if tuple(self.moe_layers) != tuple(moe_layers) or self.num_experts != num_experts:
+            raise ValueError(f"placement table is for MoE layers {list(self.moe_layers)} x {self.num_experts} "
+                             f"experts; this model has {list(moe_layers)} x {num_experts}")
+
     def shard_experts(self, shard: int) -> list[Expert]:
         """What a shard must load, in (layer, expert) order."""
         return sorted(e for e, shards in self.replicas.items() if shard in shards)

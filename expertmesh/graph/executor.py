@@ -128,9 +128,9 @@ class ActorGraphExecutor:
             self.micro_batches = 1 if attention_nodes & expert_nodes else 2
 
     def wire(self) -> None:
-        # connecting may load experts ("inprocess": the router hosts them all), so it gets recovery's time
+        # a part of recovery (a gloo group waits for every member to join): it gets recovery's time
         wire(self.deployment.transport, self.attention_members, self.router_member, self.shard_members,
-             self.placement, first_step=self._next_step, timeout_s=self.deployment.recovery_timeout_s)
+             first_step=self._next_step, timeout_s=self.deployment.recovery_timeout_s)
 
     # -- a step --------------------------------------------------------------------------------------
     def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:

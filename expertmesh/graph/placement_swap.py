@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class _Swap:
     table: PlacementTable
     loads: list  # ObjectRefs of the shards' `stage` calls
+    loaded: int  # replicas the shards load
+    dropped: int  # replicas they drop at the swap
     started: float = field(default_factory=time.monotonic)
 
 
@@ -45,9 +47,7 @@ class PlacementSwap:
         happens at the next step boundary). The table gets the version after the current one. Returns it."""
         ex = self.ex
         current = ex.placement
-        if (table.moe_layers, table.num_experts) != (current.moe_layers, current.num_experts):
-            raise ValueError(f"the placement is for MoE layers {list(table.moe_layers)} x {table.num_experts} experts; "
-                             f"this model has {list(current.moe_layers)} x {current.num_experts}")
+        table.check_fits(current.moe_layers, current.num_experts)
         if table.num_shards != current.num_shards:
             raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {current.num_shards}")
         with self._lock:
@@ -55,8 +55,10 @@ class PlacementSwap:
                 raise ValueError(f"a swap to placement version {self._pending.table.version} is pending (it loads, "
                                  f"then takes effect at a step boundary): wait for it first")
             table = dataclasses.replace(table, version=current.version + 1)
-            loads = [self._stage(s, added) for s, (added, _) in current.diff(table).items() if added]
-            self._pending = _Swap(table, loads)
+            diff = current.diff(table)
+            loads = [self._stage(s, added) for s, (added, _) in diff.items() if added]
+            self._pending = _Swap(table, loads, loaded=sum(len(a) for a, _ in diff.values()),
+                                  dropped=sum(len(d) for _, d in diff.values()))
         if wait:
             ray.wait(loads, num_returns=len(loads), timeout=timeout_s or ex.deployment.recovery_timeout_s)
         return table
@@ -83,9 +85,8 @@ class PlacementSwap:
                 return
             self._pending = None
         ex, table = self.ex, swap.table
-        diff = ex.placement.diff(table)
         record = {"version": table.version, "at": time.time(), "load_seconds": time.monotonic() - swap.started,
-                  "loaded": sum(len(a) for a, _ in diff.values()), "dropped": sum(len(d) for _, d in diff.values())}
+                  "loaded": swap.loaded, "dropped": swap.dropped}
         try:
             ray.get(swap.loads)
         except Exception as e:  # noqa: BLE001 - a shard died or refused while loading: nothing was swapped

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from expertmesh.experts import PlacementTable
 from expertmesh.graph.builder import Member
 from expertmesh.graph.runtime import ray
 
 
-def wire(transport: str, attention: list[Member], router: Member, shards: list[Member], placement: PlacementTable,
-         *, first_step: int, timeout_s: float) -> None:
+def wire(transport: str, attention: list[Member], router: Member, shards: list[Member], *, first_step: int,
+         timeout_s: float) -> None:
     """Connects every actor; `first_step` is the next step the executor will run (the router takes
     messages of the step under way and the next one only)."""
     def get(refs):
@@ -27,9 +26,7 @@ def wire(transport: str, attention: list[Member], router: Member, shards: list[M
         get(calls)
         return
     address = get(router.handle.serve_attention.remote(first_step))
-    if transport == "inprocess":
-        get(router.handle.host_shards.remote({s: placement.shard_experts(s) for s in range(placement.num_shards)}))
-    else:
+    if transport != "inprocess":  # "inprocess": the router loaded every shard's experts when it started
         addresses = get([m.handle.serve_grpc.remote() for m in shards])
         get(router.handle.connect_shards.remote({m.index: addr for m, addr in zip(shards, addresses)}))
     get([m.handle.connect_router.remote(address) for m in attention])
