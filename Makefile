@@ -2,6 +2,9 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# Every target runs with the venv's bin first on PATH, as an activated shell does: the CPU kernels' build then
+# finds the same ninja (the venv's) whichever way it is started, and tools the package installs are found.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 MODEL_DIR ?= models/tiny
 
 .PHONY: serve test venv test-venv bench bench-graph bench-serve image infra-check serve-config clean

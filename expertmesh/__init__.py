@@ -5,7 +5,15 @@ Users import from here: `from expertmesh import LLM, SamplingParams`, and for th
 first used, so `import expertmesh` does not).
 """
 
-from expertmesh.engine import LLM, CompletionOutput, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from expertmesh.engine import (
+    LLM,
+    CompletionOutput,
+    EngineConfig,
+    LLMEngine,
+    RequestOutput,
+    RequestOutputKind,
+    SamplingParams,
+)
 from expertmesh.graph import DeploymentConfig
 from expertmesh.model import ModelConfig, load_model
 
@@ -13,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "ActorGraph", "CompletionOutput", "DeploymentConfig", "EngineConfig", "LLMEngine", "ModelConfig",
-    "RequestOutput", "SamplingParams", "load_model", "__version__",
+    "RequestOutput", "RequestOutputKind", "SamplingParams", "load_model", "__version__",
 ]
 
 

@@ -10,7 +10,7 @@ import time
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and fine-tune MoE LLMs.")
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve MoE LLMs (fine-tuning is not there yet).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init-model", help="write a deterministic random-init checkpoint")
@@ -56,6 +56,8 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-gib", type=float, default=None)
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond it get 429")
     srv.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    srv.add_argument("--max-request-work", type=int, default=1 << 20,
+                     help="the most token entries one answer may hold: prompts x n x max_tokens x (1 + logprobs)")
     srv.add_argument("--print-serve-config", action="store_true",
                      help="print a Serve config file for `serve deploy`/`serve run` with these settings and exit")
     srv.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
@@ -71,8 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
             write_random_checkpoint("tiny", default, seed=0, dtype="float32")
         args.model = default
     # a Serve config for a cluster names the model where the cluster keeps it (a volume), not here
-    if not args.print_serve_config and not os.path.exists(os.path.join(args.model, "config.json")):
-        raise ValueError(f"--model {args.model}: no config.json there (a Hugging Face checkpoint directory)")
+    if not args.print_serve_config:
+        from expertmesh.model.checkpoint_check import check_checkpoint
+
+        check_checkpoint(args.model)  # before Ray starts: a bad checkpoint is one line, as from `generate`
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.device is not None and args.deployment:
@@ -98,6 +102,9 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from expertmesh import LLM, SamplingParams
+    from expertmesh.model.checkpoint_check import check_checkpoint
+
+    check_checkpoint(args.model)  # the same check, and so the same error, as `serve`
 
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,43 @@ def test_bad_deployment_file_is_a_one_line_error(tiny_model_dir, tmp_path):
     deployment.write_text("expert_shards: 2\ntransport: smoke-signals\n")
     proc = run("generate", "--model", tiny_model_dir, "--prompt", "Hi", "--deployment", deployment)
     assert_one_line_error(proc, "expertmesh generate: error:", "transport must be one of")
+
+
+def _unsupported_model_type(ckpt: Path) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+
+
+def _truncated_weights(ckpt: Path) -> None:
+    weights = ckpt / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    pytest.param(_unsupported_model_type, "unsupported model_type 'llama'", id="unsupported_model_type"),
+    pytest.param(_truncated_weights, "lies past the end of the file (truncated download?)", id="truncated_safetensors"),
+])
+def test_serve_and_generate_refuse_a_bad_checkpoint_with_the_same_line_before_ray(tmp_path, damage, needle):
+    """`expertmesh serve` checks the checkpoint before it starts Ray: the one line `generate` prints, at once.
+    A `ray` package that records its import stands first on the path: neither command may reach it."""
+    from expertmesh.testing import write_random_checkpoint
+
+    ckpt = write_random_checkpoint("tiny", tmp_path / "ckpt")
+    damage(ckpt)
+    fake = tmp_path / "fake-site"
+    (fake / "ray").mkdir(parents=True)
+    marker = tmp_path / "ray-imported"
+    (fake / "ray" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('no Ray here')\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), ENV.get("PYTHONPATH")]))}
+    messages = {}
+    for command, extra in (("generate", ["--prompt", "hi"]), ("serve", ["--port", "8765"])):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "expertmesh", command, "--model", str(ckpt), *extra],
+                              capture_output=True, text=True, env=env, timeout=120)
+        elapsed = time.monotonic() - start
+        assert proc.returncode == 2, proc.stderr
+        assert_one_line_error(proc, f"expertmesh {command}: error:", needle)
+        assert elapsed < 10, f"{command} took {elapsed:.1f}s to refuse the checkpoint"
+        assert not marker.exists(), f"{command} imported Ray"
+        messages[command] = proc.stderr.strip().split(": error: ", 1)[1]
+    assert messages["serve"] == messages["generate"]

@@ -5,10 +5,10 @@ from expertmesh.engine.executor import Executor, ExecutorFactory, ExecutorSpec, 
 from expertmesh.engine.llm import LLM
 from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
-from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 from expertmesh.engine.tokenizer import Tokenizer
 
 __all__ = [
     "LLM", "CompletionOutput", "EngineConfig", "Executor", "ExecutorFactory", "ExecutorSpec", "ExecutorUnavailable",
-    "LLMEngine", "LocalExecutor", "RequestOutput", "SamplingParams", "Tokenizer",
+    "LLMEngine", "LocalExecutor", "RequestOutput", "RequestOutputKind", "SamplingParams", "Tokenizer",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 from expertmesh.engine.executor import ExecutorFactory
 from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
 from expertmesh.engine.outputs import RequestOutput
-from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.tokenizer import Tokenizer
 
@@ -55,6 +56,8 @@ class LLM:
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 request_id = str(next(self._counter))
+                # only the finished output is kept: the engine need not build one every step
+                sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
                 engine.add_request(request_id, prompt, sp, index=i)
                 order[request_id] = i
             while engine.has_unfinished_requests():

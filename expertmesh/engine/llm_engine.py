@@ -10,7 +10,7 @@ import torch
 from expertmesh.engine.executor import Executor, ExecutorFactory, ExecutorSpec, LocalExecutor
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.sampler import make_generator, sample
-from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 from expertmesh.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.stop import StopChecker
@@ -53,6 +53,8 @@ class _Request:
     stop: StopChecker
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
+    sent_tokens: int = 0  # DELTA outputs: tokens and characters already handed out
+    sent_chars: int = 0
 
 
 class LLMEngine:
@@ -196,7 +198,11 @@ class LLMEngine:
                 self.scheduler.finish(req.seq, reason)
                 del self._requests[req.seq.seq_id]
                 del self._seq_ids[req.request_id]
-            outputs.append(self._output(req))
+            kind = req.params.output_kind
+            if kind is RequestOutputKind.DELTA:
+                outputs.append(self._delta_output(req))
+            elif kind is RequestOutputKind.CUMULATIVE or req.seq.is_finished:
+                outputs.append(self._output(req))
         return outputs
 
     def _output(self, req: _Request) -> RequestOutput:
@@ -210,6 +216,34 @@ class LLMEngine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
         )
+        return self._request_output(req, completion)
+
+    def _delta_output(self, req: _Request) -> RequestOutput:
+        """What is new since the last output. Until the request finishes, the last `longest stop string - 1`
+        characters stay back: a stop string that completes later is cut from the text, and what was
+        already sent cannot be taken back."""
+        seq, text = req.seq, req.stop.text
+        end = len(text)
+        if not seq.is_finished and req.params.stop:
+            end = max(req.sent_chars, end - max(map(len, req.params.stop)) + 1)
+        first = seq.num_prompt_tokens + req.sent_tokens
+        completion = CompletionOutput(
+            index=0,
+            text=text[req.sent_chars:end],
+            token_ids=seq.token_ids[first:],
+            finish_reason=seq.finish_reason,
+            stop_reason=req.stop.stop_reason,
+            logprobs=req.logprobs,  # handed out whole: the engine keeps no entry it has sent
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        )
+        req.sent_chars, req.sent_tokens = end, seq.num_output_tokens
+        if req.logprobs is not None:
+            req.logprobs = []
+        return self._request_output(req, completion)
+
+    @staticmethod
+    def _request_output(req: _Request, completion: CompletionOutput) -> RequestOutput:
+        seq = req.seq
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=seq.prompt_token_ids,
             outputs=[completion], finished=seq.is_finished,

@@ -28,3 +28,18 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+
+    def add(self, later: RequestOutput) -> None:
+        """Appends a later delta output of the same request to this one (which becomes their sum)."""
+        if later.request_id != self.request_id:
+            raise ValueError(f"cannot add an output of {later.request_id!r} to one of {self.request_id!r}")
+        for mine, theirs in zip(self.outputs, later.outputs):
+            mine.text += theirs.text
+            mine.token_ids.extend(theirs.token_ids)
+            if theirs.logprobs is not None:
+                if mine.logprobs is None:
+                    mine.logprobs = []
+                mine.logprobs.extend(theirs.logprobs)
+            mine.cumulative_logprob = theirs.cumulative_logprob
+            mine.finish_reason, mine.stop_reason = theirs.finish_reason, theirs.stop_reason
+        self.finished = later.finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -11,6 +12,19 @@ _MAX_LOGPROBS = 20
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's names).
+
+    CUMULATIVE: everything so far (each step copies the whole output: fine for short outputs and tests).
+    DELTA: only what is new since the previous output (tokens, text, logprobs), so a step costs the same
+    at token 4000 as at token 1; text that could still turn into a stop string is held back until it
+    cannot. FINAL_ONLY: one output, when the request finishes."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,6 +42,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -51,6 +66,8 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         object.__setattr__(self, "stop", self._normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))
 

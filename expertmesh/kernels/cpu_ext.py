@@ -2,8 +2,9 @@
 
 The kernels are compiled for this machine (`-march=native`) the first time they are needed and cached
 under `$EXPERTMESH_CACHE` (default `~/.cache/expertmesh`), keyed by the source, torch version and CPU
-flags. Where they cannot be built (no compiler, no ninja, `EXPERTMESH_CPU_EXT=0`) the torch paths run
-instead, with one warning saying why.
+flags (not by the shell's PATH: the build always prefers this environment's own ninja, see `build_tools`).
+Where they cannot be built (no compiler, no ninja, `EXPERTMESH_CPU_EXT=0`) the torch paths run instead, with
+one warning saying why.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from expertmesh.kernels.build_tools import build_failure_reason, build_path, missing_tool
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in ("small_m.cpp", "decode_ops.cpp")]
@@ -55,17 +58,21 @@ def small_m_kernels() -> ModuleType | None:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_cxx_compiler, load
 
-        return load(
-            name="expertmesh_small_m",
-            sources=[str(p) for p in _SOURCES],
-            extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(_build_dir()),
-            verbose=False,
-        )
-    except Exception as e:  # a missing compiler or ninja must not take serving down
-        warnings.warn(f"expertmesh: CPU kernels could not be built ({type(e).__name__}: {e}); using torch paths",
-                      RuntimeWarning, stacklevel=2)
-        return None
+        with build_path() as path:  # this environment's ninja, whichever shell started us
+            reason = missing_tool(path, get_cxx_compiler())
+            if reason is None:
+                return load(
+                    name="expertmesh_small_m",
+                    sources=[str(p) for p in _SOURCES],
+                    extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(_build_dir()),
+                    verbose=False,
+                )
+    except Exception as e:  # a failed build must not take serving down
+        reason = build_failure_reason(e)
+    warnings.warn(f"expertmesh: CPU kernels could not be built ({reason}); using torch paths",
+                  RuntimeWarning, stacklevel=2)
+    return None

@@ -165,8 +165,10 @@ class ModelConfig:
             raise ValueError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint directory?")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw)
 
     @classmethod
@@ -183,6 +185,8 @@ class ModelConfig:
             return parser(Raw(raw))
         except KeyError as e:
             raise ValueError(f"config.json for {model_type} is missing the field {e.args[0]!r}") from None
+        except (TypeError, AttributeError) as e:  # a field of the wrong type, e.g. a string for a number
+            raise ValueError(f"config.json for {model_type} has a field of the wrong type: {e}") from None
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

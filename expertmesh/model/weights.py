@@ -1,22 +1,24 @@
 """Weights by name from safetensors files, memory-mapped.
 
-We parse the safetensors header ourselves (8-byte length + JSON, the whole format) instead of going through
-`safetensors.safe_open` because loading needs two things it does not expose: tensors that are zero-copy
-views of the mapped file (so a parameter costs no second copy in RAM), and the byte range of each tensor, so
-the pages of per-expert tensors can be dropped as soon as they are stacked into `[E, ...]`. Nothing is ever
-unpickled: a checkpoint without safetensors files is rejected.
+We parse the safetensors header ourselves (8-byte length + JSON, the whole format: `safetensors_header.py`)
+instead of going through `safetensors.safe_open` because loading needs two things it does not expose:
+tensors that are zero-copy views of the mapped file (so a parameter costs no second copy in RAM), and the
+byte range of each tensor, so the pages of per-expert tensors can be dropped as soon as they are stacked into
+`[E, ...]`. Nothing is ever unpickled: a checkpoint without safetensors files is rejected.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from expertmesh.model.safetensors_header import read_header
+
+INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -37,64 +39,61 @@ class _Entry:
 class _MappedFile:
     def __init__(self, path: Path):
         self.path = path
+        self.entries: dict[str, _Entry] = {
+            name: _Entry(path, _DTYPES[span.dtype], span.shape, span.start, span.end)
+            for name, span in read_header(path).items()
+        }
         with open(path, "rb") as f:
             # ACCESS_COPY: a private mapping, so torch gets a writable buffer without copying any page.
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        if len(self.mm) < 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than its header)")
-        (header_len,) = struct.unpack("<Q", self.mm[:8])
-        if header_len > len(self.mm) - 8:
-            raise ValueError(f"{path} is not a safetensors file (header length {header_len} past end of file)")
-        try:
-            header = json.loads(self.mm[8 : 8 + header_len])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from e
-        base = 8 + header_len
-        self.entries: dict[str, _Entry] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info.get("dtype") not in _DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
-            self.entries[name] = _Entry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
-            if base + end > len(self.mm):
-                raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated download?)")
+        if any(e.end > len(self.mm) for e in self.entries.values()):  # shrunk since its header was read
+            raise ValueError(f"{path} changed while it was being opened (truncated?)")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those its index names, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"checkpoint directory {model_dir} does not exist")
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        files = sorted({model_dir / f for f in read_weight_map(model_dir).values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index.name} names shard files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"{model_dir} holds only pickled weights ({', '.join(pickled)}); expertmesh loads safetensors "
+            "only (convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise ValueError(f"{model_dir} has no .safetensors weight files")
+
+
+def read_weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Tensor name -> file name, from the directory's model.safetensors.index.json."""
+    index = Path(model_dir) / INDEX_NAME
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a safetensors index (JSON with a weight_map): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    return weight_map
 
 
 class SafetensorsCheckpoint:
     """All tensors of a checkpoint directory (one file or sharded with model.safetensors.index.json)."""
 
     def __init__(self, model_dir: str | Path):
-        model_dir = Path(model_dir)
-        files = self._files(model_dir)
-        self._files_by_path = {p: _MappedFile(p) for p in files}
+        self._files_by_path = {p: _MappedFile(p) for p in checkpoint_files(model_dir)}
         self._entries: dict[str, _Entry] = {}
         for mf in self._files_by_path.values():
             self._entries.update(mf.entries)
-
-    @staticmethod
-    def _files(model_dir: Path) -> list[Path]:
-        if not model_dir.is_dir():
-            raise ValueError(f"checkpoint directory {model_dir} does not exist")
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted({model_dir / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise ValueError(f"{index.name} names shard files that are missing: {', '.join(missing)}")
-            return files
-        files = sorted(model_dir.glob("*.safetensors"))
-        if files:
-            return files
-        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickled:
-            raise ValueError(
-                f"{model_dir} holds only pickled weights ({', '.join(pickled)}); expertmesh loads safetensors "
-                "only (convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
-            )
-        raise ValueError(f"{model_dir} has no .safetensors weight files")
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

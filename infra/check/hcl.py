@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = ROOT / "terraform"
@@ -51,6 +51,25 @@ def _blocks(tree: dict, kind: str) -> list[tuple[str, dict]]:
 def _resources(tree: dict, rtype: str) -> list[tuple[str, dict]]:
     return [(name, body) for entry in tree.get("resource", []) for t, named in entry.items() if t == rtype
             for name, body in named.items()]
+
+
+def first_block(body: Any, name: str) -> dict:
+    """A nested block of `body` (python-hcl2 gives a list of one dict) or an object attribute; {} if absent."""
+    value = body.get(name) if isinstance(body, dict) else None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, dict) else {}
+
+
+def walk(node: Any, trail: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(keys leading to it, value) of `node` and of every value under it; list indices are left out."""
+    yield trail, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from walk(value, (*trail, str(key)))
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value, trail)
 
 
 def _bounded(constraint: str) -> bool:

@@ -28,7 +28,8 @@ class Manifest:
     @property
     def name(self) -> str:
         meta = self.doc.get("metadata") or {}
-        return f"{self.path.relative_to(ROOT)}#{self.index} {self.doc.get('kind')}/{meta.get('name')}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path}#{self.index} {self.doc.get('kind')}/{meta.get('name')}"
 
 
 def manifest_files(root: Path = K8S_DIR) -> list[Path]:

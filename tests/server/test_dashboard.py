@@ -1,6 +1,7 @@
 """The /dashboard page, run by headless Chromium against the real app: its heatmap, health table, shard table
 and engine figures match /v1/experts and /metrics (the shares drawn are the server's, never recomputed by the
-page), its fetches carry the key from the page's URL, a wrong key shows the error banner, and the page draws
+page), its fetches carry the key from the page's URL fragment, the key leaves the address bar once the page
+has it and no request carries it in a Referer, a wrong key shows the error banner, and the page draws
 something.
 
 Skipped without Chromium (Debian package `chromium`). The page's own HTML, and that it ships as package data,
@@ -143,13 +144,16 @@ def png_rgb(path) -> np.ndarray:
 
 
 @contextmanager
-def serving(experts: dict):
-    """Serves the page, `experts` as /v1/experts and no metrics on 127.0.0.1 with no keys; yields the base URL."""
+def serving(experts: dict, pages: dict[str, str] | None = None, seen: list | None = None):
+    """Serves the page, `experts` as /v1/experts, no metrics and `pages` (path: HTML) on 127.0.0.1 with no keys;
+    yields the base URL. Each request's (path, headers) is appended to `seen`."""
     routes = {"/dashboard": ("text/html", DASHBOARD_HTML), "/v1/experts": ("application/json", json.dumps(experts)),
-              "/metrics": ("text/plain", "")}
+              "/metrics": ("text/plain", ""), **{path: ("text/html", html) for path, html in (pages or {}).items()}}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if seen is not None:
+                seen.append((self.path, dict(self.headers)))
             kind, body = routes.get(self.path.split("?")[0], ("text/plain", ""))
             data = body.encode()
             self.send_response(200 if self.path.split("?")[0] in routes else 404)
@@ -193,7 +197,7 @@ def test_dashboard_shows_the_live_load_fetched_with_the_key_from_its_url(loaded_
     url, client = loaded_app
     # The data routes take the key only as a header: data on the page proves its fetches sent one.
     assert httpx.get(f"{url}/v1/experts?key={API_KEY}").status_code == 401
-    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard?key={API_KEY}", "--dump-dom"))
+    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard#key={API_KEY}", "--dump-dom"))
     experts = client.get("/v1/experts").json()  # no traffic since: the window's counts have not moved
     metrics = client.get("/metrics").text
 
@@ -268,14 +272,52 @@ def test_page_draws_the_servers_shares_not_its_own(loaded_app, tmp_path):
                       experts["shards"]["window"])
 
 
+# A page of the same origin that opens the dashboard in a frame and, once it has run, writes the frame's
+# address and the number of history entries into its own DOM.
+_FRAME = """<!doctype html><html><body>
+<iframe id="f" src="{src}"></iframe>
+<script>
+setTimeout(() => {{
+  const w = document.getElementById("f").contentWindow;
+  document.body.setAttribute("data-href", w.location.href);
+  document.body.setAttribute("data-status", w.document.getElementById("status").className);
+}}, 3000);
+</script></body></html>"""
+
+
+@needs_chromium
+@pytest.mark.parametrize("given", ["#key=", "?key="])
+def test_the_key_leaves_the_address_bar_and_never_travels_in_a_referer(loaded_app, tmp_path, given):
+    _, client = loaded_app
+    experts = client.get("/v1/experts").json()
+    seen: list = []
+    with serving(experts, {"/frame": _FRAME.format(src=f"/dashboard{given}SECRET-KEY")}, seen) as url:
+        dom = Dom(run_chromium(tmp_path, f"{url}/frame", "--dump-dom"))
+    body = [n for n in dom.nodes if n["tag"] == "body"][0]["attrs"]
+    assert body["data-href"] == f"{url}/dashboard"  # no key in the address, so none in the history either
+    assert body["data-status"] == "ok"
+    fetches = [headers for path, headers in seen if path.startswith("/v1/experts")]
+    assert fetches, seen
+    for headers in fetches:  # the key went where it belongs, and nowhere else
+        assert headers.get("Authorization") == "Bearer SECRET-KEY"
+        assert "SECRET-KEY" not in headers.get("Referer", "")
+    assert all("SECRET-KEY" not in headers.get("Referer", "") for _, headers in seen)
+
+
+def test_the_page_is_served_without_a_key_and_with_no_referrer(loaded_app):
+    url, _ = loaded_app
+    r = httpx.get(f"{url}/dashboard", timeout=30)
+    assert r.status_code == 200 and r.headers["referrer-policy"] == "no-referrer"
+    assert httpx.get(f"{url}/v1/experts", timeout=30).status_code == 401  # the data still needs the key
+
+
 @needs_chromium
 def test_a_key_the_data_routes_refuse_shows_the_error_banner(loaded_app, tmp_path):
     url, _ = loaded_app
-    # The middleware admits the page on any matching `key`; the script sends the first one, which is wrong.
-    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard?key=WRONG&key={API_KEY}", "--dump-dom"))
+    dom = Dom(run_chromium(tmp_path, f"{url}/dashboard#key=WRONG", "--dump-dom"))
     banner = dom.by_id("banner")
     assert "hidden" not in banner["attrs"]
-    assert text(banner).startswith("API key missing or wrong: open /dashboard?key=")
+    assert text(banner).startswith("API key missing or wrong: open /dashboard#key=")
     assert "error" in classes(dom.by_id("status"))
     assert not [n for n in dom.inside("heatmap", "td") if "data-expert" in n["attrs"]]
 
@@ -284,7 +326,7 @@ def test_a_key_the_data_routes_refuse_shows_the_error_banner(loaded_app, tmp_pat
 def test_dashboard_screenshot_is_not_blank(loaded_app, tmp_path):
     url, _ = loaded_app
     shot = tmp_path / "dashboard.png"
-    run_chromium(tmp_path, f"{url}/dashboard?key={API_KEY}", f"--screenshot={shot}", "--window-size=1280,900")
+    run_chromium(tmp_path, f"{url}/dashboard#key={API_KEY}", f"--screenshot={shot}", "--window-size=1280,900")
     pixels = png_rgb(shot)  # [H, W, 3]
     assert pixels.shape == (900, 1280, 3)
     packed = pixels.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)  # [H, W] one int per colour

@@ -3,9 +3,12 @@ existing cluster: valid for Ray Serve's own schema, and its import path builds o
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,8 @@ def _config(*args: str) -> dict:
     return yaml.safe_load(out)
 
 
-def test_printed_config_validates_and_builds_the_app(tiny_model_dir, tmp_path):
+def test_printed_config_validates_and_builds_the_app(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTMESH_API_KEY", "key-from-a-secret")  # as the KubeRay manifests give it
     deploy = tmp_path / "deploy.yaml"
     deploy.write_text("attention_actors: 1\nexpert_shards: 2\ntransport: grpc\n")
     config = _config("--model", str(tiny_model_dir), "--deployment", str(deploy), "--port", "8100",
@@ -41,6 +45,47 @@ def test_printed_config_validates_and_builds_the_app(tiny_model_dir, tmp_path):
     assert settings["deployment"] == {"attention_actors": 1, "expert_shards": 2, "transport": "grpc"}
     assert settings["engine_kwargs"] == {"max_num_seqs": 8}
     assert "api_keys" not in app["args"]  # keys never go into a file meant for sharing
+    assert settings["api_keys"] == ("key-from-a-secret",) and not settings["allow_no_api_key"]
+
+
+def test_serve_entry_points_fail_closed_without_a_key(tiny_model_dir, monkeypatch):
+    from expertmesh.platform.server.serve_app import app_builder
+
+    monkeypatch.delenv("EXPERTMESH_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="no API key is configured.*allow_no_api_key: true"):
+        app_builder({"model": str(tiny_model_dir)})
+    for flag in (True, "true", "True"):  # a config file gives a bool, `serve run ... k=v` a string
+        settings = app_builder({"model": str(tiny_model_dir), "allow_no_api_key": flag})._bound_deployment.init_args[0]
+        assert settings["api_keys"] == () and settings["allow_no_api_key"] is True
+    with pytest.raises(ValueError, match="allow_no_api_key must be true or false"):
+        app_builder({"model": str(tiny_model_dir), "allow_no_api_key": "yes please"})
+    # the deployment itself refuses too, however it was bound (e.g. serve.run(build_application(...)))
+    from expertmesh.platform.server.serve_app import ExpertmeshServer
+
+    replica = object.__new__(ExpertmeshServer)
+    with pytest.raises(ValueError, match="no API key is configured"):  # Serve's ingress makes __init__ async
+        asyncio.run(ExpertmeshServer.__init__(replica, {"model": str(tiny_model_dir)}))
+
+
+@pytest.mark.parametrize(("given", "keys"), [("sekrit", ("sekrit",)), (["k1", "k2"], ("k1", "k2")),
+                                             (("k1",), ("k1",))])
+def test_api_keys_are_one_string_or_a_list(tiny_model_dir, monkeypatch, given, keys):
+    from expertmesh.platform.server.serve_app import app_builder
+
+    monkeypatch.delenv("EXPERTMESH_API_KEY", raising=False)
+    settings = app_builder({"model": str(tiny_model_dir), "api_keys": given})._bound_deployment.init_args[0]
+    assert settings["api_keys"] == keys  # never ('s', 'e', 'k', ...)
+
+
+def test_printed_config_of_a_keyless_server_says_so(tiny_model_dir, monkeypatch):
+    from expertmesh.platform.server.serve_app import app_builder
+
+    monkeypatch.delenv("EXPERTMESH_API_KEY", raising=False)
+    (app,) = _config("--model", str(tiny_model_dir), "--no-api-key")["applications"]
+    assert app["args"]["allow_no_api_key"] is True
+    app_builder(app["args"])  # builds
+    (app,) = _config("--model", str(tiny_model_dir))["applications"]
+    assert "allow_no_api_key" not in app["args"]
 
 
 def test_app_builder_refuses_unknown_settings(tiny_model_dir):
@@ -74,8 +119,21 @@ def test_device_flag(tmp_path, tiny_model_dir, capsys):
     assert app["args"]["engine_kwargs"] == {"device": "cuda"}
     from expertmesh.platform.server.serve_app import app_builder
 
-    options = app_builder(app["args"])._bound_deployment.ray_actor_options
+    options = app_builder({**app["args"], "api_keys": "k"})._bound_deployment.ray_actor_options
     assert options["num_gpus"] == 1
-    cpu_options = app_builder({"model": str(tiny_model_dir)})._bound_deployment.ray_actor_options
+    cpu_options = app_builder({"model": str(tiny_model_dir), "api_keys": "k"})._bound_deployment.ray_actor_options
     assert cpu_options["num_gpus"] == 0
 
+
+
+def test_serve_run_of_the_app_builder_without_a_key_refuses_before_starting_anything(tiny_model_dir, tmp_path):
+    """Ray's own `serve run` CLI calls the builder before it starts or joins Ray: without a key it must stop
+    there, with our message, instead of serving the API to anyone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EXPERTMESH_API_KEY", "RAY_ADDRESS")}
+    serve_cli = Path(sys.executable).with_name("serve")
+    r = subprocess.run([str(serve_cli), "run", "expertmesh.platform.server.serve_app:app_builder",
+                        f"model={tiny_model_dir}"], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=tmp_path)
+    assert r.returncode != 0
+    assert "no API key is configured" in r.stderr + r.stdout
+    assert "Started a local Ray instance" not in r.stderr + r.stdout

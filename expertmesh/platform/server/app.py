@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -20,14 +22,17 @@ from expertmesh.platform.server.async_engine import AsyncEngine
 from expertmesh.platform.server.dashboard import DASHBOARD_HTML
 from expertmesh.platform.server.generation import generate
 from expertmesh.platform.server.health import HEALTH_MAX_AGE_S, HealthCache
+from expertmesh.platform.server.loop_lag import LoopLagMonitor
 from expertmesh.platform.server.metrics import ServerMetrics
-from expertmesh.platform.server.middleware import AuthMiddleware, BodyLimitMiddleware
+from expertmesh.platform.server.middleware import AuthMiddleware, BodyLimitMiddleware, has_valid_key
 from expertmesh.platform.server.protocol import ChatCompletionRequest, CompletionRequest
 from expertmesh.platform.server.settings import ServerSettings
 
 # Readiness turns red once this many steps in a row have failed (each already retried by the executor).
 UNREADY_AFTER_FAILED_STEPS = 2
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+# A client's X-Request-Id is kept (it ties their logs to ours) when it is this plain; else we make one.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class ServerState:
@@ -41,6 +46,7 @@ class ServerState:
         self.tokenizer = self.llm.tokenizer
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.snapshot)
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)
         self._health = HealthCache(self._check_health, max_age_s=HEALTH_MAX_AGE_S)
 
     # -- state read by /metrics, /v1/experts and the dashboard (blocking: call off the event loop) ------
@@ -105,6 +111,37 @@ class ServerState:
             raise errors.APIError(404, f"model {model!r} does not exist; this server serves "
                                        f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
+    def tokenize(self, prompts: list) -> list[dict]:
+        """Engine prompts for a completion's prompts (text is tokenized here, in the caller's thread)."""
+        return [{"prompt": p, "prompt_token_ids": self.tokenizer.encode(p)} if isinstance(p, str)
+                else {"prompt_token_ids": p} for p in prompts]
+
+    def chat_prompt(self, messages: list[dict]) -> dict:
+        try:
+            text = self.tokenizer.apply_chat_template(messages)
+        except ValueError as e:
+            raise errors.APIError(400, f"messages: {e}", param="messages") from None
+        # the template writes the special tokens itself, as LLM.chat does
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def check_work(self, num_prompts: int, n: int, max_tokens: int | None, logprobs: int | None,
+                   max_tokens_field: str, logprobs_field: str) -> None:
+        """Refuses a request whose answer could exceed `max_request_work` token entries: prompts x n x
+        max_tokens x (1 + logprobs alternatives). Each entry costs engine time, memory while it is held and
+        a share of the answer's bytes; the cap keeps one request from taking the server for minutes."""
+        tokens = max_tokens if max_tokens is not None else self.settings.default_max_tokens
+        if tokens > self.settings.max_tokens_limit:
+            return  # refused with its own message when the sampling parameters are made
+        per_token = 1 + (logprobs or 0)
+        work = num_prompts * n * tokens * per_token
+        limit = self.settings.max_request_work
+        if work > limit:
+            raise errors.APIError(
+                400, f"this request asks for up to {work} tokens of work (prompts {num_prompts} x n {n} x "
+                     f"{max_tokens_field} {tokens} x (1 + {logprobs_field} {logprobs or 0})), above this server's "
+                     f"limit of {limit}; send fewer prompts or lower n, {max_tokens_field} or {logprobs_field}",
+                param=max_tokens_field, code="request_too_large")
+
     def sampling_params(self, req, max_tokens: int | None, seed_offset: int, logprobs: int | None) -> SamplingParams:
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
@@ -122,7 +159,9 @@ class ServerState:
             raise errors.APIError(400, str(e), param=str(e).split()[0]) from None
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id: bool = True) -> FastAPI:
+    """`echo_request_id=False` behind Ray Serve, whose proxy gives every request an `x-request-id` (the
+    client's, or one it makes) and echoes it on the response itself."""
     state = ServerState(engine, settings)
     app = FastAPI(title="expertmesh", version="0.1.0",
                   description="OpenAI-compatible serving of Mixture-of-Experts LLMs on a Ray actor graph.")
@@ -136,24 +175,34 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
+        state.loop_lag.ensure_running()
         route = request.url.path if request.url.path in _ROUTES else "other"
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         start = time.perf_counter()
         metrics.inflight.inc()
         try:
             response = await call_next(request)
         finally:
             metrics.inflight.dec()
+        if echo_request_id:
+            response.headers["X-Request-Id"] = request.state.request_id
         metrics.requests.labels(route, str(response.status_code)).inc()
         if route not in _GENERATE:  # the generate routes observe their own, at their last byte
             metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        """Readiness, for load balancers and probes, which send no key: ok or unhealthy. What is wrong (the
+        engine's error, which actor does not answer) only for a caller with a key, or on a server without."""
         problems = await asyncio.to_thread(state.unhealthy)
-        if problems:
-            return errors.error_response(503, "not ready: " + "; ".join(problems))
-        return JSONResponse({"status": "ok"})
+        if not problems:
+            return JSONResponse({"status": "ok"})
+        body: dict = {"status": "unhealthy"}
+        if not settings.api_keys or has_valid_key(request.headers, settings.api_keys):
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -168,15 +217,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/experts")
-    async def experts() -> dict:
+    async def experts(request: Request) -> dict:
         try:
             return await asyncio.to_thread(state.experts)
         except ExecutorUnavailable as e:
-            raise errors.APIError(503, f"the expert load is not available right now: {e}") from None
+            raise errors.server_failure(request.state.request_id, e) from None
 
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
-        return HTMLResponse(DASHBOARD_HTML)
+        """The page holds no data (it fetches /v1/experts with the key given in its address's fragment), so it
+        needs no key itself; its address never goes to another site (no referrer)."""
+        return HTMLResponse(DASHBOARD_HTML, headers={"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -186,22 +237,19 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             if isinstance(p, str) and not p:
                 raise errors.APIError(400, f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty",
                                       param="prompt")
-        engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+        state.check_work(len(prompts), body.n, body.max_tokens, body.logprobs, "max_tokens", "logprobs")
+        engine_prompts = await asyncio.to_thread(state.tokenize, prompts)  # off the event loop: prompts can be long
         return await generate(state, request, body, engine_prompts, "prompt", body.max_tokens, body.logprobs,
                                chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tok = state.tokenizer
-        try:
-            text = tok.apply_chat_template(messages)
-        except ValueError as e:
-            raise errors.APIError(400, f"messages: {e}", param="messages") from None
-        # the template writes the special tokens itself, as LLM.chat does
-        prompt = {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        state.check_work(1, body.n, body.token_limit(), logprobs, max_field, "top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = await asyncio.to_thread(state.chat_prompt, messages)  # the template and tokenizer: off the loop
         return await generate(state, request, body, [prompt], "messages", body.token_limit(), logprobs, chat=True)
 
     return app

@@ -1,15 +1,21 @@
 """The engine behind the HTTP server: one thread steps the `LLMEngine`; requests stream out to asyncio.
 
 `LLMEngine` is not thread-safe, so only the engine thread touches it. Handlers on the event loop queue
-their adds and aborts; the engine thread applies them between steps, then runs a step (continuous
-batching: every running request advances one token per step), and hands each request's new output to
-its stream through `loop.call_soon_threadsafe`. A request is accepted or refused by the engine thread
-itself (a prompt that can never fit is refused there), so the handler knows before it answers 200.
+their adds and aborts; the engine thread takes both queues at once between steps, drops every add whose
+abort came with it (a client that hung up while its request was being accepted), applies the rest, then
+runs a step (continuous batching: every running request advances one token per step) and hands each
+request's new output to its stream. A request is accepted or refused by the engine thread itself (a
+prompt that can never fit is refused there), so the handler knows before it answers 200.
+
+Requests ask for DELTA outputs, and a stream holds at most one of them: what arrives before the handler
+looks is merged into the one waiting, so a slow or absent reader costs the size of its output, not a copy
+of it per step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -21,7 +27,7 @@ from typing import Any
 
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.outputs import RequestOutput
-from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,10 @@ class QueueFull(Exception):
 
 class EngineDead(RuntimeError):
     """The engine thread has stopped (shut down, or a step failed beyond recovery)."""
+
+
+class RequestAborted(Exception):
+    """The request was aborted before the engine took it (its client went away while it was being added)."""
 
 
 @dataclass
@@ -64,15 +74,40 @@ class EngineStats:
 
 
 class _Stream:
+    """One request's items from the engine thread to its handler, in order: acceptance (or the refusal),
+    outputs, maybe an error. Consecutive outputs merge into one (`RequestOutput.add`), so at most three
+    items ever wait here, whatever the reader does."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._items: deque = deque()
+        self._ready = asyncio.Event()  # set (on the loop) when an item arrives at an empty stream
 
     def put(self, item: Any) -> None:  # from the engine thread
+        with self._lock:
+            last = self._items[-1] if self._items else None
+            if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+                last.add(item)
+                return
+            self._items.append(item)
+            if last is not None:  # the reader has yet to take what is there: it will find this too
+                return
         try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+    async def get(self) -> Any:
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+                self._ready.clear()
+            await self._ready.wait()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(slots=True)
@@ -96,6 +131,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self.stats = EngineStats()
+        self._lock = threading.Lock()  # guards _adds and _aborts, which the engine thread takes together
         self._adds: deque[_Add] = deque()
         self._aborts: deque[str] = deque()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -129,7 +165,7 @@ class AsyncEngine:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Queues a request and yields its outputs (cumulative) until it finishes.
+        """Queues a request and yields its outputs (deltas, merged while unread) until it finishes.
 
         Raises before the first output: `QueueFull`, `EngineDead`, or the engine's own ValueError/TypeError
         for a prompt it refuses. Cancelling the consumer (a client gone) aborts the request and frees its
@@ -143,11 +179,14 @@ class AsyncEngine:
         waiting = self.num_waiting()
         if waiting >= self.max_waiting:
             raise QueueFull(waiting, self.max_waiting, self.retry_after_s)
+        if isinstance(params, SamplingParams) and params.output_kind is not RequestOutputKind.DELTA:
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)  # what streams merge
         stream = _Stream(asyncio.get_running_loop())
-        self._adds.append(_Add(request_id, prompt, params, stream))
+        with self._lock:
+            self._adds.append(_Add(request_id, prompt, params, stream))
         self._wake.set()
         try:
-            first = await stream.queue.get()
+            first = await stream.get()
         except asyncio.CancelledError:
             self.abort(request_id)
             raise
@@ -159,7 +198,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -171,7 +210,9 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._aborts.append(request_id)
+        """Aborts a request, whether the engine has taken it yet or not (an add still queued is dropped)."""
+        with self._lock:
+            self._aborts.append(request_id)
         self._wake.set()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -201,8 +242,7 @@ class AsyncEngine:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            self._apply_aborts()
-            self._apply_adds()
+            self._apply_requests()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
@@ -218,28 +258,38 @@ class AsyncEngine:
             self._deliver(outputs)
         self._fail_all(EngineDead("the server is shutting down"))
 
-    def _apply_aborts(self) -> None:
-        while self._aborts:
-            request_id = self._aborts.popleft()
+    def _apply_requests(self) -> None:
+        """Takes the queued adds and aborts together, so that an abort queued with its own add (or before
+        it) drops the add instead of missing it: applying aborts first would find no request yet, and the
+        add after them would then run to max_tokens with nobody reading."""
+        with self._lock:
+            adds, self._adds = self._adds, deque()
+            aborts, self._aborts = set(self._aborts), deque()
+        for add in adds:
+            if add.request_id in aborts:
+                aborts.discard(add.request_id)
+                self.stats.aborted_requests += 1
+                add.stream.put(RequestAborted(f"request {add.request_id} was aborted before it started"))
+                continue
+            self._add(add)
+        for request_id in aborts:
             if self._streams.pop(request_id, None) is not None:
                 self.engine.abort_request(request_id)
                 self.stats.aborted_requests += 1
 
-    def _apply_adds(self) -> None:
-        while self._adds:
-            add = self._adds.popleft()
-            try:
-                seq = self.engine.add_request(add.request_id, add.prompt, add.params)
-            except (ValueError, TypeError) as e:  # the prompt or its parameters: the client's to fix
-                add.stream.put(e)
-                continue
-            except Exception as e:  # anything else is ours: say so, but keep the loop alive
-                logger.exception("add_request failed")
-                add.stream.put(EngineDead(f"the engine could not take the request: {e}"))
-                continue
-            self.stats.prompt_tokens += len(seq.prompt_token_ids)
-            self._streams[add.request_id] = add.stream
-            add.stream.put(_ACCEPTED)
+    def _add(self, add: _Add) -> None:
+        try:
+            seq = self.engine.add_request(add.request_id, add.prompt, add.params)
+        except (ValueError, TypeError) as e:  # the prompt or its parameters: the client's to fix
+            add.stream.put(e)
+            return
+        except Exception as e:  # anything else is ours: say so, but keep the loop alive
+            logger.exception("add_request failed")
+            add.stream.put(EngineDead(f"the engine could not take the request: {e}"))
+            return
+        self.stats.prompt_tokens += len(seq.prompt_token_ids)
+        self._streams[add.request_id] = add.stream
+        add.stream.put(_ACCEPTED)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self.stats.steps += 1
@@ -260,5 +310,7 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
             stream.put(error)
         self._streams.clear()
-        while self._adds:
-            self._adds.popleft().stream.put(error)
+        with self._lock:
+            adds, self._adds = self._adds, deque()
+        for add in adds:
+            add.stream.put(error)

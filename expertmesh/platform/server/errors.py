@@ -32,6 +32,15 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def server_failure(request_id: str, exc: BaseException, status: int = 503) -> APIError:
+    """What a client is told when the server failed its request: the same words every time and the request
+    id. What failed (a shard's address, a gRPC status, an exception's text) goes only to the server log,
+    under that id."""
+    logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+    return APIError(status, f"the server could not complete the request (request id {request_id}); it may "
+                            f"succeed if retried", code="server_error")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
@@ -151,6 +160,7 @@ def install(app: FastAPI, fields: set[str]) -> None:
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):  # a bug of ours: say so without a traceback
-        logger.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}"[:500])
+    async def _unexpected(request: Request, exc: Exception):  # a bug of ours: the details go to the log only
+        request_id = getattr(request.state, "request_id", "-")
+        logger.exception("request %s: unhandled error", request_id)
+        return error_response(500, f"internal server error (request id {request_id})", code="internal_error")

@@ -1,88 +1,96 @@
 """Turning a completion or chat request into engine requests and its answer: one JSON body, or server-sent
-events as tokens come (stop strings held back, usage and logprobs), aborting the engine requests however
-the response ends."""
+events as tokens come (usage and logprobs), aborting the engine requests however the response ends.
+
+The engine hands out deltas (text that a stop string could still remove is held back there), so a stream
+sends each as it comes, and a whole answer is the sum of its deltas. Building a whole answer (its logprobs
+decoded token by token, then JSON) runs in a worker thread: a large one must not stall the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.platform.server import errors
-from expertmesh.platform.server.async_engine import AsyncEngine, EngineDead, QueueFull
+from expertmesh.platform.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestAborted
 
 if TYPE_CHECKING:
     from expertmesh.platform.server.app import ServerState
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class _Choice:
-    """One sub-request (a prompt x one of n) and what has been sent of it."""
+    """One sub-request (a prompt x one of n) and what has come of it."""
 
     index: int
     request_id: str
     outputs: AsyncIterator[RequestOutput]
-    sent_chars: int = 0
-    sent_tokens: int = 0
     prompt_tokens: int = 0
-    last: RequestOutput | None = None
+    num_tokens: int = 0  # generated so far
+    sent_chars: int = 0  # characters streamed so far (the logprobs' text offsets)
+    finished: bool = False
+    total: RequestOutput | None = None  # the sum of its deltas, for a whole answer
     last_time: float = 0.0  # perf_counter of its latest output, for inter-token latency
 
 
-
 async def generate(state: ServerState, request: Request, body, prompts: list, prompt_field: str,
-                    max_tokens: int | None, logprobs: int | None, *, chat: bool):
+                   max_tokens: int | None, logprobs: int | None, *, chat: bool):
     """Submits every prompt x n, then answers in one JSON body or as server-sent events."""
     started = time.perf_counter()
     engine = state.engine
+    rid = request.state.request_id
     choices: list[_Choice] = []
     try:
         for p_index, prompt in enumerate(prompts):
             for j in range(body.n):
                 params = state.sampling_params(body, max_tokens, j, logprobs)
-                rid = engine.new_request_id("chat" if chat else "cmpl")
+                sub_id = f"{rid}-{len(choices)}"
                 try:
-                    outputs = await engine.generate(rid, prompt, params)
+                    outputs = await engine.generate(sub_id, prompt, params)
                 except (ValueError, TypeError) as e:
                     message = str(e).replace("prompts[0]", prompt_field if len(prompts) == 1 else
                                              f"{prompt_field}[{p_index}]")
                     raise errors.APIError(400, message, param=prompt_field) from None
-                choices.append(_Choice(index=len(choices), request_id=rid, outputs=outputs))
+                choices.append(_Choice(index=len(choices), request_id=sub_id, outputs=outputs))
     except QueueFull as e:
         state.metrics.rejected.inc()
         await _close(choices, engine)
         raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
-    except EngineDead as e:
+    except (EngineDead, RequestAborted) as e:
         await _close(choices, engine)
-        raise errors.APIError(503, str(e)) from None
+        raise errors.server_failure(rid, e) from None
     except BaseException:
         await _close(choices, engine)
         raise
-    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, body, choices, response_id, started, chat, include_usage)
+        events = _stream(state, body, choices, rid, response_id, started, chat, include_usage)
         return _EventStream(events, choices, engine)
     try:
         await _drain(state, choices, started)
     except EngineDead as e:
-        raise errors.APIError(503, str(e)) from None
+        raise errors.server_failure(rid, e) from None
     except asyncio.CancelledError:
         state.metrics.cancelled.inc()
         raise
     finally:
         await _close(choices, engine)
+    answer = await asyncio.to_thread(_full_response_json, state, body, choices, response_id, chat)
     state.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
         time.perf_counter() - started)
-    return _full_response(state, body, choices, response_id, chat)
+    return Response(answer, media_type="application/json")
 
 
 async def _close(choices: list[_Choice], engine: AsyncEngine | None = None) -> None:
@@ -90,7 +98,7 @@ async def _close(choices: list[_Choice], engine: AsyncEngine | None = None) -> N
     iterated runs no cleanup when closed, so with `engine` the unfinished requests are aborted by id too."""
     for c in choices:
         await c.outputs.aclose()
-        if engine is not None and (c.last is None or not c.last.finished):
+        if engine is not None and not c.finished:
             engine.abort(c.request_id)  # a no-op for a request already gone
 
 
@@ -110,24 +118,32 @@ class _EventStream(StreamingResponse):
             await _close(self._choices, self._engine)
 
 
-def _observe_token(state: ServerState, choice: _Choice, out: RequestOutput, started: float) -> None:
+def _observe(state: ServerState, choice: _Choice, out: RequestOutput, started: float) -> None:
+    """Counts a delta (one step's token, or several merged while nobody read) into the metrics."""
     now = time.perf_counter()
-    n = len(out.outputs[0].token_ids)
-    if choice.last is None:
+    new = len(out.outputs[0].token_ids)
+    if choice.last_time == 0.0:
         choice.prompt_tokens = len(out.prompt_token_ids)
         state.metrics.prompt_tokens.inc(choice.prompt_tokens)
         state.metrics.ttft.observe(now - started)
-    elif n > (len(choice.last.outputs[0].token_ids)):
-        state.metrics.itl.observe(now - choice.last_time)
-    state.metrics.generation_tokens.inc(n - (len(choice.last.outputs[0].token_ids) if choice.last else 0))
+    elif new:
+        gap = (now - choice.last_time) / new
+        for _ in range(new):
+            state.metrics.itl.observe(gap)
+    state.metrics.generation_tokens.inc(new)
+    choice.num_tokens += new
+    choice.finished = out.finished
     choice.last_time = now
-    choice.last = out
 
 
 async def _drain(state: ServerState, choices: list[_Choice], started: float) -> None:
     async def one(choice: _Choice):
         async for out in choice.outputs:
-            _observe_token(state, choice, out, started)
+            _observe(state, choice, out, started)
+            if choice.total is None:
+                choice.total = out
+            else:
+                choice.total.add(out)
 
     await asyncio.gather(*(one(c) for c in choices))
 
@@ -139,70 +155,86 @@ def _top_n(body, chat: bool) -> int:
 def _usage(choices: list[_Choice], n: int) -> dict:
     """Token counts; like OpenAI, a prompt's tokens count once however many completions it has."""
     prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
-    completion = sum(len(c.last.outputs[0].token_ids) for c in choices if c.last is not None)
+    completion = sum(c.num_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _full_response(state: ServerState, body, choices: list[_Choice], response_id: str, chat: bool) -> dict:
+def _full_response_json(state: ServerState, body, choices: list[_Choice], response_id: str, chat: bool) -> bytes:
+    """The whole answer, as JSON bytes (built off the event loop, and encoded a slice at a time: see _json)."""
     out_choices = []
     for c in choices:
-        comp = c.last.outputs[0]
-        lp = None
+        comp = c.total.outputs[0]
+        lp = "null"
         if comp.logprobs is not None:
-            lp = _logprobs(state, comp.token_ids, comp.logprobs, _top_n(body, chat), chat, 0)
+            lp = _json(_logprobs(state, comp.token_ids, comp.logprobs, _top_n(body, chat), chat))
         if chat:
-            out_choices.append({"index": c.index, "message": {"role": "assistant", "content": comp.text},
-                                "logprobs": lp, "finish_reason": comp.finish_reason})
+            fields = {"index": c.index, "message": {"role": "assistant", "content": comp.text}}
         else:
-            out_choices.append({"index": c.index, "text": comp.text, "logprobs": lp,
-                                "finish_reason": comp.finish_reason})
-    return {"id": response_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": state.settings.model_name, "choices": out_choices,
-            "usage": _usage(choices, body.n)}
+            fields = {"index": c.index, "text": comp.text}
+        out_choices.append(f'{_dumps(fields)[:-1]},"logprobs":{lp},"finish_reason":{_dumps(comp.finish_reason)}}}')
+    head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": state.settings.model_name, "usage": _usage(choices, body.n)}
+    return f'{_dumps(head)[:-1]},"choices":[{",".join(out_choices)}]}}'.encode()
+
+
+_SLICE = 256  # list items encoded per json.dumps call
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json(value) -> str:
+    """`json.dumps(value)` for dicts of lists (a logprobs object), a slice of each list at a time. One
+    json.dumps call runs in C from start to end without letting another thread run: encoding a 30 MB answer
+    at once stalls the event loop for a second, even from a worker thread."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_dumps(k)}:{_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dumps(value[i:i + _SLICE])[1:-1] for i in range(0, len(value), _SLICE)) + "]"
+    return _dumps(value)
 
 
 def _logprobs(state: ServerState, token_ids: list[int], entries: list[dict[int, float]], top_n: int, chat: bool,
-              offset: int, text_offset: int = 0) -> dict:
-    """OpenAI's logprobs object for tokens [offset:] of a completion; `top_n` alternatives per token."""
-    def text(t: int) -> str:
-        return state.tokenizer.decode([t], skip_special_tokens=False)
+              text_offset: int = 0) -> dict:
+    """OpenAI's logprobs object for these tokens; `top_n` alternatives per token."""
+    pieces: dict[int, str] = {}  # a token's text, decoded once per answer
 
-    ids, rows = token_ids[offset:], entries[offset:]
-    tops = [sorted(entry.items(), key=lambda kv: -kv[1])[:top_n] for entry in rows]
+    def text(t: int) -> str:
+        piece = pieces.get(t)
+        if piece is None:
+            piece = pieces[t] = state.tokenizer.decode([t], skip_special_tokens=False)
+        return piece
+
+    tops = [sorted(entry.items(), key=lambda kv: -kv[1])[:top_n] for entry in entries]
     if chat:
         return {"content": [
             {"token": text(t), "logprob": entry[t], "bytes": list(text(t).encode()),
              "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(text(a).encode())} for a, v in top]}
-            for t, entry, top in zip(ids, rows, tops)
+            for t, entry, top in zip(token_ids, entries, tops)
         ]}
-    tokens = [text(t) for t in ids]
+    tokens = [text(t) for t in token_ids]
     offsets, pos = [], text_offset
     for piece in tokens:
         offsets.append(pos)
         pos += len(piece)
     return {
         "tokens": tokens,
-        "token_logprobs": [entry[t] for t, entry in zip(ids, rows)],
+        "token_logprobs": [entry[t] for t, entry in zip(token_ids, entries)],
         "top_logprobs": [{text(a): v for a, v in top} for top in tops],
         "text_offset": offsets,
     }
 
 
-def _held_back(body) -> int:
-    """Characters kept back while streaming, so a stop string is never half sent before it matches."""
-    stops = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-    return max((len(s) for s in stops), default=1) - 1
-
-
-async def _stream(state: ServerState, body, choices: list[_Choice], response_id: str, started: float, chat: bool,
+async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, response_id: str, started: float, chat: bool,
                   include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per new text of any choice, a last chunk per choice with its
-    finish_reason, the usage chunk when asked, then `data: [DONE]`."""
+    """Server-sent events: one chunk per delta of any choice, the last one of a choice with its
+    finish_reason, the usage chunk when asked, then `data: [DONE]`. A client that reads slowly holds up
+    the pumps at the bounded queue, and its requests' deltas merge in their streams meanwhile."""
     created = int(time.time())
     model = state.settings.model_name
     kind = "chat.completion.chunk" if chat else "text_completion"
-    hold = _held_back(body)
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(choices))
 
     async def pump(choice: _Choice):
         try:
@@ -230,28 +262,24 @@ async def _stream(state: ServerState, body, choices: list[_Choice], response_id:
                 done += 1
                 continue
             if isinstance(out, BaseException):
-                message = str(out) if isinstance(out, EngineDead) else f"{type(out).__name__}: {out}"
-                yield "data: " + json.dumps(errors.error_body(503, message)) + "\n\n"
+                failure = errors.server_failure(rid, out)
+                yield "data: " + json.dumps(errors.error_body(failure.status, failure.message,
+                                                              code=failure.code)) + "\n\n"
                 return
-            _observe_token(state, choice, out, started)
+            _observe(state, choice, out, started)
             comp = out.outputs[0]
-            end = len(comp.text) if out.finished else max(choice.sent_chars, len(comp.text) - hold)
-            delta = comp.text[choice.sent_chars:end]
-            new_tokens = len(comp.token_ids) - choice.sent_tokens
             lp = None
-            if comp.logprobs is not None and new_tokens > 0:
-                lp = _logprobs(state, comp.token_ids, comp.logprobs, _top_n(body, chat), chat, choice.sent_tokens,
-                               choice.sent_chars)
-            if delta or out.finished or lp is not None:
+            if comp.logprobs is not None and comp.token_ids:
+                lp = _logprobs(state, comp.token_ids, comp.logprobs, _top_n(body, chat), chat, choice.sent_chars)
+            if comp.text or out.finished or lp is not None:
                 finish = comp.finish_reason if out.finished else None
                 if chat:
-                    piece = {"index": choice.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                             "finish_reason": finish}
+                    piece = {"index": choice.index, "delta": {"content": comp.text} if comp.text else {},
+                             "logprobs": lp, "finish_reason": finish}
                 else:
-                    piece = {"index": choice.index, "text": delta, "logprobs": lp, "finish_reason": finish}
+                    piece = {"index": choice.index, "text": comp.text, "logprobs": lp, "finish_reason": finish}
                 yield chunk(piece)
-                choice.sent_chars = end
-                choice.sent_tokens = len(comp.token_ids)
+                choice.sent_chars += len(comp.text)
         if include_usage:
             yield "data: " + json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
                                          "choices": [], "usage": _usage(choices, body.n)}) + "\n\n"

@@ -44,6 +44,9 @@ class ServerMetrics:
                                  registry=r)
         self.prompt_tokens = Counter("expertmesh_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("expertmesh_generation_tokens", "Tokens generated", registry=r)
+        self.loop_lag = Histogram("expertmesh_event_loop_lag_seconds",
+                                  "How late the server's event loop ran a task that was due (every request waits "
+                                  "this on top of its own work)", buckets=_TOKEN_BUCKETS, registry=r)
         self.inflight = Gauge("expertmesh_http_requests_in_flight", "HTTP requests being answered", registry=r)
         r.register(_EngineCollector(snapshot))
 

@@ -13,7 +13,10 @@ from itertools import accumulate
 
 from expertmesh.platform.server.errors import error_body
 
-OPEN_PATHS = frozenset({"/health"})  # no key needed: load balancers and Kubernetes probe it
+# No key needed: load balancers and Kubernetes probe /health (which then says only ok or unhealthy); the
+# dashboard page holds no data and fetches it with the key from its address's fragment, which browsers never
+# send to a server.
+OPEN_PATHS = frozenset({"/health", "/dashboard"})
 # A JSON string, or the rest of the body after an unterminated one. Unrolled (no alternation inside the
 # repeat) and with an optional closing quote, so one pass over any body is linear: the plain
 # `"(?:[^"\\]|\\.)*"` rescans to the end from every quote of an unterminated `"\"\"\"...`, quadratic in
@@ -41,30 +44,31 @@ def json_depth(body: bytes) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
 
 
+def _bearer_ok(auth: bytes, keys: list[bytes]) -> bool:
+    scheme, _, token = auth.partition(b" ")
+    token = token.strip()
+    return scheme.lower() == b"bearer" and any(hmac.compare_digest(token, k) for k in keys)
+
+
+def has_valid_key(headers, keys: tuple[str, ...]) -> bool:
+    """Whether request headers (a Starlette `Headers`) carry one of `keys` as a bearer token."""
+    return _bearer_ok(headers.get("authorization", "").encode(), [k.encode() for k in keys])
+
+
 class AuthMiddleware:
-    """`Authorization: Bearer KEY` on every route but /health, when keys are configured. The dashboard page
-    also takes `?key=KEY`, since a browser cannot send a header when it opens a link."""
+    """`Authorization: Bearer KEY` on every route but OPEN_PATHS, when keys are configured."""
 
     def __init__(self, app, keys: tuple[str, ...]):
         self.app = app
         self.keys = [k.encode() for k in keys]
-
-    def _ok(self, candidate: bytes) -> bool:
-        return any(hmac.compare_digest(candidate, k) for k in self.keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and self._ok(token.strip()):
+        if _bearer_ok(auth, self.keys):
             return await self.app(scope, receive, send)
-        if scope["path"] == "/dashboard":
-            for pair in scope.get("query_string", b"").split(b"&"):
-                name, _, value = pair.partition(b"=")
-                if name == b"key" and self._ok(value):
-                    return await self.app(scope, receive, send)
         message = ("missing API key: send 'Authorization: Bearer <key>'" if not auth
                    else "invalid API key in the Authorization header")
         await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])

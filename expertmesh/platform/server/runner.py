@@ -36,14 +36,15 @@ def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
         model=str(Path(args.model).resolve()), served_model_name=args.served_model_name, dtype=args.dtype,
         deployment=str(Path(args.deployment).resolve()) if args.deployment else None,
-        engine_kwargs=engine_kwargs, api_keys=keys, max_waiting=args.max_waiting,
-        max_tokens_limit=args.max_tokens_limit,
+        engine_kwargs=engine_kwargs, api_keys=keys, allow_no_api_key=bool(args.no_api_key),
+        max_waiting=args.max_waiting, max_tokens_limit=args.max_tokens_limit, max_request_work=args.max_request_work,
     )
 
 
 def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
     """A Serve config file for `serve deploy` / `serve run` on an existing cluster, with these settings
-    (API keys left out: give the cluster `EXPERTMESH_API_KEY` or an `api_key_file`)."""
+    (API keys left out: give the cluster `EXPERTMESH_API_KEY` or an `api_key_file`; without either the app
+    refuses to start unless the config says `allow_no_api_key: true`, which --no-api-key writes)."""
     args = {"model": settings.model, "dtype": settings.dtype}
     if settings.served_model_name:
         args["served_model_name"] = settings.served_model_name
@@ -58,6 +59,8 @@ def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
         args["deployment"] = deployment
     if settings.engine_kwargs:
         args["engine_kwargs"] = dict(settings.engine_kwargs)
+    if settings.allow_no_api_key and not settings.api_keys:  # said on purpose (--no-api-key): keep saying it
+        args["allow_no_api_key"] = True
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port},
@@ -127,7 +130,7 @@ def _print_banner(settings: ServerSettings, host: str, port: int) -> None:
     print(f"expertmesh is serving {settings.model_name!r} at {url}/v1", flush=True)
     if settings.api_keys:
         print(f"API key: {settings.api_keys[0]}")
-    key_q = f"?key={settings.api_keys[0]}" if settings.api_keys else ""
+    key_q = f"#key={settings.api_keys[0]}" if settings.api_keys else ""  # a fragment: never sent to the server
     print(f"dashboard: {url}/dashboard{key_q}")
     print("try:")
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "

@@ -15,7 +15,7 @@ from typing import Any
 import expertmesh.graph.runtime  # noqa: F401 - first: it sets Ray's environment before Ray loads
 from ray import serve  # noqa: I001
 
-from expertmesh.platform.server.settings import ServerSettings
+from expertmesh.platform.server.settings import ServerSettings, require_api_key
 
 DEPLOYMENT_NAME = "ExpertmeshServer"
 APP_NAME = "expertmesh"
@@ -35,6 +35,7 @@ class ExpertmeshServer:
         from expertmesh.platform.server.async_engine import AsyncEngine
 
         self.settings = ServerSettings(**settings)
+        require_api_key(self.settings)  # the deployment itself fails closed, however it was built
         s = self.settings
         # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; local mode computes here, so use the machine's cores
         torch.set_num_threads(int(s.num_threads or os.cpu_count() or 1))
@@ -47,7 +48,7 @@ class ExpertmeshServer:
     def __serve_build_asgi_app__(self):
         from expertmesh.platform.server.app import build_app
 
-        return build_app(self.engine, self.settings)
+        return build_app(self.engine, self.settings, echo_request_id=False)  # Serve's proxy echoes it
 
     def check_health(self) -> None:
         """Ray Serve's liveness check, which restarts a replica that fails it: a stopped engine fails it, and
@@ -80,12 +81,21 @@ def build_application(settings: ServerSettings, *, num_cpus: float = 1.0):
 
 def app_builder(args: dict[str, Any]):
     """`serve run expertmesh.platform.server.serve_app:app_builder model=DIR [deployment=deploy.yaml] ...`:
-    the fields of ServerSettings, plus `api_key_file`."""
+    the fields of ServerSettings, plus `api_key_file`. Keys: `api_keys` (one key or a list), the file, and
+    $EXPERTMESH_API_KEY where the app is built; with none of them it refuses to build unless given
+    `allow_no_api_key: true`."""
     from expertmesh.platform.server.settings import read_api_keys
 
     args = dict(args)
     key_file = args.pop("api_key_file", None)
-    keys = tuple(args.pop("api_keys", ())) + read_api_keys(key_file)
+    given = args.pop("api_keys", None)
+    given = () if given is None else (given,) if isinstance(given, str) else tuple(given)
+    if isinstance(args.get("allow_no_api_key"), str):  # `serve run ... allow_no_api_key=true` passes text
+        flag = args["allow_no_api_key"].strip().lower()
+        if flag not in ("true", "false"):
+            raise ValueError(f"allow_no_api_key must be true or false, got {args['allow_no_api_key']!r}")
+        args["allow_no_api_key"] = flag == "true"
+    keys = tuple(dict.fromkeys(given + read_api_keys(key_file)))
     num_cpus = float(args.pop("replica_num_cpus", 1.0))
     known = set(ServerSettings.__dataclass_fields__)
     unknown = sorted(set(args) - known)
@@ -93,4 +103,6 @@ def app_builder(args: dict[str, Any]):
         raise ValueError(f"unknown settings {unknown}; known: {sorted(known | {'api_key_file', 'replica_num_cpus'})}")
     if "model" not in args:
         raise ValueError("the application needs model=DIR (a checkpoint directory)")
-    return build_application(ServerSettings(**args, api_keys=keys), num_cpus=num_cpus)
+    settings = ServerSettings(**args, api_keys=keys)
+    require_api_key(settings)
+    return build_application(settings, num_cpus=num_cpus)

@@ -20,22 +20,36 @@ class ServerSettings:
     deployment: Any = None
     engine_kwargs: dict = field(default_factory=dict)  # EngineConfig fields: max_num_seqs, kv_cache_gib, ...
     num_threads: int | None = None  # torch threads of the replica's engine; None: the machine's cores
-    api_keys: tuple[str, ...] = ()  # empty: no key needed
+    # One key (a string) or several (a list). Empty: no key is asked for, which the Serve entry points
+    # (`app_builder`, the deployment) refuse unless allow_no_api_key says so.
+    api_keys: tuple[str, ...] = ()
+    allow_no_api_key: bool = False
     max_request_bytes: int = 1 << 20
     max_json_depth: int = 32
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+    # The most token entries one request's answer may hold: prompts x n x max_tokens x (1 + logprobs).
+    # 2**20: 256 prompts of 4096 tokens, or 12 of them with 20 logprobs alternatives each.
+    max_request_work: int = 1 << 20
     default_max_tokens: int = 16  # OpenAI's default for completions
     max_waiting: int = 256  # requests queued beyond it get 429
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_json_depth", "max_tokens_limit", "default_max_tokens",
-                     "max_waiting", "retry_after_s"):
+                     "max_waiting", "retry_after_s", "max_request_work"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
-            raise ValueError("api_keys must be non-empty strings")
+        keys = self.api_keys
+        if isinstance(keys, str):  # `api_keys: sekrit` in a Serve config is one key, not six one-letter ones
+            keys = (keys,)
+        if keys is None:
+            keys = ()
+        if not isinstance(keys, (list, tuple)) or any(not isinstance(k, str) or not k.strip() for k in keys):
+            raise ValueError("api_keys must be a non-empty string (one key) or a list of them")
+        object.__setattr__(self, "api_keys", tuple(k.strip() for k in keys))
+        if not isinstance(self.allow_no_api_key, bool):
+            raise ValueError(f"allow_no_api_key must be true or false, got {self.allow_no_api_key!r}")
 
     @property
     def model_name(self) -> str:
@@ -58,6 +72,15 @@ def read_api_keys(key_file: str | None = None, env: dict[str, str] | None = None
             raise ValueError(f"API key file {key_file} holds no key")
     keys.extend(k.strip() for k in env.get(API_KEY_ENV, "").split(",") if k.strip())
     return tuple(dict.fromkeys(keys))
+
+
+def require_api_key(settings: ServerSettings) -> None:
+    """Fails closed: a server that would answer everyone must have been told so."""
+    if not settings.api_keys and not settings.allow_no_api_key:
+        raise ValueError(
+            f"no API key is configured: set api_keys (one key or a list), api_key_file, or ${API_KEY_ENV} in the "
+            "environment of the process that builds the app; or set allow_no_api_key: true to serve without "
+            "keys on purpose")
 
 
 def generate_api_key() -> str:

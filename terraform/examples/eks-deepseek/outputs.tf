@@ -19,6 +19,12 @@ output "api_key" {
   sensitive   = true
 }
 
+output "ray_auth_token" {
+  description = "Token of Ray's token auth on the expertmesh Ray clusters (also in Secret expertmesh/expertmesh-ray-auth)."
+  value       = module.expertmesh.ray_auth_token
+  sensitive   = true
+}
+
 output "grafana_admin_password" {
   description = "Password of Grafana's admin user."
   value       = random_password.grafana_admin.result
@@ -34,5 +40,7 @@ output "next_steps" {
     curl -H "Authorization: Bearer $(terraform output -raw api_key)" http://127.0.0.1:8000/v1/models
     # Grafana (user admin, password: terraform output -raw grafana_admin_password):
     kubectl -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80
+    # Ray's dashboard and job API take the token (export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(terraform output -raw ray_auth_token)):
+    kubectl -n expertmesh port-forward svc/expertmesh-head-svc 8265:8265
   EOT
 }

@@ -53,6 +53,28 @@ resource "kubernetes_secret" "api_key" {
   }
 }
 
+# Ray's token auth. The RayService and the RayJob name this Secret in
+# authOptions.secretName (the KubeRay operator sends the token with its Serve
+# deploys and job calls) and take RAY_AUTH_TOKEN from it on the head, the
+# workers and the RayJob's submitter: nobody without it reaches the GCS, the
+# dashboard or the job API of the Ray clusters.
+resource "random_password" "ray_auth_token" {
+  length  = 48
+  special = false # travels in an HTTP header
+}
+
+resource "kubernetes_secret" "ray_auth" {
+  metadata {
+    name      = "expertmesh-ray-auth"
+    namespace = kubernetes_namespace.expertmesh.metadata[0].name
+  }
+
+  type = "Opaque"
+  data = {
+    auth_token = random_password.ray_auth_token.result
+  }
+}
+
 # Read by the model-loader Job as a file; only made when a token is given.
 resource "kubernetes_secret" "hf_token" {
   count = var.hf_token == "" ? 0 : 1
@@ -90,6 +112,7 @@ resource "kubectl_manifest" "expertmesh" {
   depends_on = [
     kubernetes_namespace.expertmesh,
     kubernetes_secret.api_key,
+    kubernetes_secret.ray_auth,
     kubernetes_secret.hf_token,
   ]
 }

@@ -8,3 +8,9 @@ output "api_key" {
   value       = random_password.api_key.result
   sensitive   = true
 }
+
+output "ray_auth_token" {
+  description = "Token of Ray's token auth on the expertmesh Ray clusters (also in Secret expertmesh/expertmesh-ray-auth, key auth_token): RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<it> for `ray job` or the dashboard."
+  value       = random_password.ray_auth_token.result
+  sensitive   = true
+}

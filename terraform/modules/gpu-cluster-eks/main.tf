@@ -69,6 +69,15 @@ module "eks" {
     vpc-cni = {
       # The CNI must exist before nodes join or they never become Ready.
       before_compute = true
+      # Its AWS calls (ENIs, IPs) go through its own IRSA role, not the node role.
+      service_account_role_arn = module.vpc_cni_irsa.iam_role_arn
+      # The add-on enforces no NetworkPolicy unless asked to: without this the
+      # policy of infra/k8s would leave Ray's GCS, client, job and data-plane
+      # ports open to every pod of the cluster. The add-on's schema types the
+      # value as a string.
+      configuration_values = jsonencode({
+        enableNetworkPolicy = "true"
+      })
     }
     aws-efs-csi-driver = {
       service_account_role_arn = module.efs_csi_irsa.iam_role_arn
@@ -76,13 +85,18 @@ module "eks" {
   }
 
   eks_managed_node_group_defaults = {
-    # IMDSv2 only, one hop more than the default so pods that need instance
-    # metadata (the CNI, the EFS CSI node plugin) can still reach it.
+    # IMDSv2 only, and a hop limit of 1: a pod on the pod network cannot reach
+    # the instance metadata service, so no pod can take the node role's
+    # credentials. What needs instance metadata runs on the host network (the
+    # CNI, the EFS CSI node plugin, the pod identity agent); what calls AWS
+    # does it with its own IRSA role (iam.tf).
     metadata_options = {
       http_endpoint               = "enabled"
       http_tokens                 = "required"
-      http_put_response_hop_limit = 2
+      http_put_response_hop_limit = 1
     }
+    # The CNI's permissions live on its IRSA role, not on every node.
+    iam_role_attach_cni_policy = false
   }
 
   eks_managed_node_groups = merge(local.system_node_group, local.gpu_node_groups)

@@ -1,0 +1,112 @@
+"""The CPU kernels are built with this environment's own ninja, whatever ninja the shell's PATH finds first,
+and a build that cannot run says why."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from expertmesh.kernels import build_tools, cpu_ext
+
+_BUILD = """
+import warnings
+warnings.simplefilter("error", RuntimeWarning)  # a skipped build must fail here, not pass silently
+from expertmesh.kernels.cpu_ext import small_m_kernels
+module = small_m_kernels()
+assert module is not None
+print(module.__file__)
+"""
+
+
+def _fake_ninja(directory: Path, marker: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    exe = directory / "ninja"
+    exe.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\nexit 1\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def _build(path: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path, "EXPERTMESH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("EXPERTMESH_CPU_EXT", None)
+    return subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_build_uses_the_environments_ninja_whatever_path_says(tmp_path):
+    """A fresh cache (so it really compiles) and a PATH whose first ninja exits 1: the build still succeeds,
+    never having run that ninja. A second process with another PATH reuses the build as it is."""
+    if build_tools.environment_ninja_dir() is None:
+        pytest.skip("no ninja installed next to this interpreter (the `ninja` wheel)")
+    marker = tmp_path / "fake-ninja-ran"
+    _fake_ninja(tmp_path / "bin", marker)
+    cache = tmp_path / "cache"
+    first = _build(os.pathsep.join([str(tmp_path / "bin"), os.environ.get("PATH", "")]), cache)
+    assert first.returncode == 0, first.stderr
+    assert not marker.exists(), f"the PATH's ninja ran: {marker.read_text()}"
+    built = Path(first.stdout.strip().splitlines()[-1])
+    objects = {p: p.stat().st_mtime_ns for p in built.parent.glob("*.o")} | {built: built.stat().st_mtime_ns}
+    assert len(objects) >= 2
+
+    time.sleep(0.01)
+    second = _build(os.environ.get("PATH", ""), cache)  # the shell's own PATH (a system ninja, if any)
+    assert second.returncode == 0, second.stderr
+    assert Path(second.stdout.strip().splitlines()[-1]) == built  # same cache key
+    assert {p: p.stat().st_mtime_ns for p in objects} == objects, "a different PATH recompiled the kernels"
+
+
+def test_search_path_puts_the_environments_ninja_first(tmp_path, monkeypatch):
+    env_bin = tmp_path / "env-bin"
+    env_bin.mkdir()
+    (env_bin / "ninja").write_text("#!/bin/sh\n")
+    (env_bin / "ninja").chmod(0o755)
+    monkeypatch.setattr(build_tools, "_candidate_dirs", lambda: [tmp_path / "nothing", env_bin])
+    assert build_tools.build_search_path(f"/elsewhere{os.pathsep}{env_bin}") == os.pathsep.join(
+        [str(env_bin), "/elsewhere"])
+
+    monkeypatch.setenv("PATH", "/elsewhere")
+    with build_tools.build_path() as path:
+        assert os.environ["PATH"] == path == os.pathsep.join([str(env_bin), "/elsewhere"])
+    assert os.environ["PATH"] == "/elsewhere"
+
+
+def test_without_an_environment_ninja_the_path_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_tools, "_candidate_dirs", lambda: [tmp_path])
+    assert build_tools.build_search_path("/a:/b") == "/a:/b"
+
+
+def test_the_reason_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_tools, "_candidate_dirs", lambda: [tmp_path / "venv-bin"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no ninja found" in build_tools.missing_tool(str(empty), "c++")
+    assert "venv-bin" in build_tools.missing_tool(str(empty), "c++")
+
+    broken = _fake_ninja(tmp_path / "broken", tmp_path / "marker")
+    reason = build_tools.missing_tool(str(broken.parent), "c++")
+    assert str(broken) in reason and "exit status 1" in reason
+
+    works = tmp_path / "works"
+    works.mkdir()
+    (works / "ninja").write_text("#!/bin/sh\necho 1.13.2\n")
+    (works / "ninja").chmod(0o755)
+    reason = build_tools.missing_tool(str(works), "no-such-compiler-xyz")
+    assert "no C++ compiler" in reason and "no-such-compiler-xyz" in reason
+
+
+def test_an_unbuildable_extension_warns_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_tools, "_candidate_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja anywhere
+    monkeypatch.delenv(cpu_ext.DISABLE_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="no ninja found"):
+        assert cpu_ext.small_m_kernels.__wrapped__() is None
+
+
+def test_a_failed_compile_is_summarised_by_its_error_lines():
+    output = ("Error building extension 'expertmesh_small_m': [1/3] c++ -MMD -O3 -c small_m.cpp\n"
+              "FAILED: small_m.o\nsmall_m.cpp:3:10: fatal error: nope.h: No such file or directory\n"
+              "compilation terminated.\nninja: build stopped: subcommand failed.\n")
+    reason = build_tools.build_failure_reason(RuntimeError(output))
+    assert reason == "RuntimeError: small_m.cpp:3:10: fatal error: nope.h: No such file or directory"
