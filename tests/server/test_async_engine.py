@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
@@ -49,9 +50,12 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_model_dir,
         assert r.status_code == 503
         _assert_generic(r.json()["error"], r.headers["x-request-id"], caplog, "10.0.3.7:50051")
         # a client's own plain request id is kept, so their logs and ours meet
-        r = httpx.post(url + "/v1/completions", json=body, headers={**AUTH, "X-Request-Id": "client-42"}, timeout=60)
-        assert r.status_code == 200 and r.headers["x-request-id"] == "client-42"
-        assert r.json()["id"] == "cmpl-client-42"
+        with ThreadPoolExecutor(2) as pool:  # two at once with the same id: both are served
+            same = list(pool.map(lambda _: httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60,
+                                                      headers={**AUTH, "X-Request-Id": "client-42"}), range(2)))
+        for r in same:
+            assert r.status_code == 200 and r.headers["x-request-id"] == "client-42"
+            assert r.json()["id"] == "cmpl-client-42" and len(r.json()["choices"]) == 2
         r = httpx.post(url + "/v1/completions", json=body, headers={**AUTH, "X-Request-Id": "a b;<forged>"}, timeout=60)
         assert r.status_code == 200 and r.headers["x-request-id"] != "a b;<forged>"  # not plain: ours instead
         # the next request, streamed, runs normally on the same engine

@@ -32,12 +32,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def server_failure(request_id: str, exc: BaseException, status: int = 503) -> APIError:
+def server_failure(request_id: str, exc: BaseException) -> APIError:
     """What a client is told when the server failed its request: the same words every time and the request
     id. What failed (a shard's address, a gRPC status, an exception's text) goes only to the server log,
     under that id."""
     logger.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
-    return APIError(status, f"the server could not complete the request (request id {request_id}); it may "
+    return APIError(503, f"the server could not complete the request (request id {request_id}); it may "
                             f"succeed if retried", code="server_error")
 
 

@@ -55,7 +55,7 @@ async def generate(state: ServerState, request: Request, body, prompts: list, pr
         for p_index, prompt in enumerate(prompts):
             for j in range(body.n):
                 params = state.sampling_params(body, max_tokens, j, logprobs)
-                sub_id = f"{rid}-{len(choices)}"
+                sub_id = engine.new_request_id(rid)  # unique even when clients reuse an X-Request-Id
                 try:
                     outputs = await engine.generate(sub_id, prompt, params)
                 except (ValueError, TypeError) as e:

@@ -26,7 +26,3 @@ class LoopLagMonitor:
             start = time.perf_counter()
             await asyncio.sleep(self.interval_s)
             self._observe(max(0.0, time.perf_counter() - start - self.interval_s))
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
