@@ -1,1 +1,2 @@
-"""See DESIGN.md: lands with the actor-graph, serving and fine-tuning issues."""
+"""Jobs run on a Ray cluster with `ray job submit`: fine-tuning (`finetune/`, being built: its config and data
+so far)."""
