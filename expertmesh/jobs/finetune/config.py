@@ -129,10 +129,7 @@ class FinetuneConfig:
         `base_dir` (the config file's directory) when given."""
         if not isinstance(raw, dict):
             raise ValueError(f"the fine-tuning config must be a mapping, got {type(raw).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ValueError(f"unknown config field {unknown[0]!r}; known: {known}")
+        _no_unknown_fields(cls, raw, "")
         for name in ("model", "data", "output_dir"):
             if raw.get(name) is None:
                 raise ValueError(f"the config needs {name!r}")
@@ -172,15 +169,19 @@ def _section(name: str, cls: type, raw: Any):
         return cls() if name != "data" else _section(name, cls, {})
     if not isinstance(raw, dict):
         raise ValueError(f"{name} must be a mapping, got {raw!r}")
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config field '{name}.{unknown[0]}'; known in {name}: {known}")
+    _no_unknown_fields(cls, raw, f"{name}.")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
     if missing:
         raise ValueError(f"{name}.{missing[0]} is required")
     return cls(**raw)
+
+
+def _no_unknown_fields(cls: type, raw: dict, prefix: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config field '{prefix}{unknown[0]}'; known: {known}")
 
 
 def _resolve(path: str, base_dir: str | Path | None) -> str:
