@@ -35,7 +35,7 @@ def test_the_issues_example_config_loads_with_paths_from_its_directory(tmp_path)
     assert config.data.path == str(tmp_path / "train.jsonl") and config.data.max_seq_len == 256
     assert config.lora.r == 8 and config.lora.targets == ("routed_experts", "shared_experts", "attention")
     assert config.experts.select == "esft_gate" and config.train.lr == 1e-3 and config.scaling.num_workers == 2
-    assert config.deployment is None and config.guard == {}
+    assert config.deployment is None and config.guard.max_over_mean == (1.5, 2.0, 3.0)  # `guard: {}`: defaults
 
 
 @pytest.mark.parametrize(("change", "says"), [
@@ -51,6 +51,9 @@ def test_the_issues_example_config_loads_with_paths_from_its_directory(tmp_path)
     ({"scaling": {"use_gpu": "yes"}}, "scaling.use_gpu must be true or false"),
     ({"output_dir": None}, "the config needs 'output_dir'"),
     ({"guard": [1]}, "guard must be a mapping"),
+    ({"guard": {"max_over_mean": [2, 1.5, 3]}}, "guard.max_over_mean must rise from warn to stop"),
+    ({"guard": {"overlap": [0.5, 0.6, 0.2]}}, "guard.overlap must fall from warn to stop"),
+    ({"guard": {"patience": 3}}, "unknown config field 'guard.patience'"),
     ({"deployment": 3}, "deployment must be a file path or a mapping"),
 ])
 def test_a_bad_field_is_named_by_its_path(change, says):

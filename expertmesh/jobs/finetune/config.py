@@ -107,8 +107,43 @@ class ScalingConfig:
             raise ValueError(f"scaling.use_gpu must be true or false, got {self.use_gpu!r}")
 
 
+def _levels(path: str, value: Any, *, rising: bool, low: float, high: float = float("inf")) -> tuple:
+    """Three thresholds (warn, lower the learning rate, stop), each stricter than the one before."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"{path} must be three numbers (warn, lower_lr, stop), got {value!r}")
+    levels = tuple(_number(f"{path}[{i}]", v, low=low, high=high) for i, v in enumerate(value))
+    ordered = levels[0] < levels[1] < levels[2] if rising else levels[0] > levels[1] > levels[2]
+    if not ordered:
+        raise ValueError(f"{path} must {'rise' if rising else 'fall'} from warn to stop, got {list(value)}")
+    return levels
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When the imbalance guard acts, per MoE layer. Thresholds are (warn, lower_lr, stop)."""
+
+    max_over_mean: tuple = (1.5, 2.0, 3.0)  # busiest expert's load over the mean, as multiples of the base's
+    entropy: tuple = (0.9, 0.8, 0.7)  # routing entropy, as fractions of the base's
+    overlap: tuple = (0.5, 0.35, 0.2)  # top-k overlap with the base model's routing on the probe batch
+    lr_factor: float = 0.5  # what lower_lr multiplies the learning rate by
+    max_lr_drops: int = 2  # a lower_lr due after this many stops the run instead
+    cooldown_steps: int = 10  # steps after a lower_lr before another (the new rate needs time to tell)
+    aux_loss_coef: float = 0.0  # sequence-wise balance loss (DeepSeek-V3); 0: off
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_over_mean", _levels("guard.max_over_mean", self.max_over_mean, rising=True,
+                                                          low=1))
+        object.__setattr__(self, "entropy", _levels("guard.entropy", self.entropy, rising=False, low=0, high=1))
+        object.__setattr__(self, "overlap", _levels("guard.overlap", self.overlap, rising=False, low=0, high=1))
+        _number("guard.lr_factor", self.lr_factor, low=0, high=1, low_open=True)
+        if isinstance(self.max_lr_drops, bool) or not isinstance(self.max_lr_drops, int) or self.max_lr_drops < 0:
+            raise ValueError(f"guard.max_lr_drops must be an integer >= 0, got {self.max_lr_drops!r}")
+        _positive_int("guard.cooldown_steps", self.cooldown_steps)
+        _number("guard.aux_loss_coef", self.aux_loss_coef, low=0)
+
+
 _SECTIONS = {"data": DataConfig, "lora": LoraConfig, "experts": ExpertsConfig, "train": TrainConfig,
-             "scaling": ScalingConfig}
+             "scaling": ScalingConfig, "guard": GuardConfig}
 
 
 @dataclass(frozen=True)
@@ -120,7 +155,7 @@ class FinetuneConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    guard: dict = field(default_factory=dict)  # the imbalance guard's thresholds and actions (with the guard)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     deployment: Any = None  # None: the model in each worker; else the serving deployment (file or mapping)
 
     @classmethod
@@ -142,15 +177,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a path, got {raw[name]!r}")
             kwargs[name] = _resolve(raw[name], base_dir)
         kwargs["data"] = dataclasses.replace(kwargs["data"], path=_resolve(kwargs["data"].path, base_dir))
-        guard = raw.get("guard") or {}
-        if not isinstance(guard, dict):
-            raise ValueError(f"guard must be a mapping, got {guard!r}")
         deployment = raw.get("deployment")
         if deployment is not None and not isinstance(deployment, (str, dict)):
             raise ValueError(f"deployment must be a file path or a mapping, got {deployment!r}")
         if isinstance(deployment, str):
             deployment = _resolve(deployment, base_dir)
-        return cls(**kwargs, guard=dict(guard), deployment=deployment)
+        return cls(**kwargs, deployment=deployment)
 
     @classmethod
     def load(cls, path: str | Path) -> FinetuneConfig:
