@@ -1,11 +1,14 @@
 """Expert-aware LoRA fine-tuning on the actor graph (issue 14). Landed so far: the job's config (`config.py`),
-its training data (`data.py`), the loss over a packed batch (`loss.py`, gradients equal to transformers') and
-the imbalance guard (`guard.py`); LoRA, the trainer and the entry point follow."""
+its training data (`data.py`), the loss over a packed batch (`loss.py`, gradients equal to transformers'),
+expert-aware LoRA on our model (`lora.py`) written as peft adapters (`peft_format.py`, logits equal to peft's)
+and the imbalance guard (`guard.py`); the trainer and the entry point follow."""
 
 from expertmesh.jobs.finetune.config import FinetuneConfig, GuardConfig
 from expertmesh.jobs.finetune.data import Example, load_examples
 from expertmesh.jobs.finetune.guard import GuardEvent, ImbalanceGuard
+from expertmesh.jobs.finetune.lora import apply_lora
 from expertmesh.jobs.finetune.loss import causal_lm_loss
+from expertmesh.jobs.finetune.peft_format import save_peft_adapter
 
-__all__ = ["Example", "FinetuneConfig", "GuardConfig", "GuardEvent", "ImbalanceGuard", "causal_lm_loss",
-           "load_examples"]
+__all__ = ["Example", "FinetuneConfig", "GuardConfig", "GuardEvent", "ImbalanceGuard", "apply_lora",
+           "causal_lm_loss", "load_examples", "save_peft_adapter"]
