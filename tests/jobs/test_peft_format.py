@@ -42,3 +42,44 @@ def test_our_adapter_loads_into_peft_with_our_logits(tmp_path, family):
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([prompt])).logits[0].float()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_an_adapter_made_by_peft_loads_into_ours_with_peft_logits(tmp_path, family):
+    from expertmesh.jobs.finetune.peft_format import load_peft_adapter
+
+    ckpt = build_hf_checkpoint(family, tmp_path / family)
+    attention = (["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] if family == "deepseek_v3"
+                 else ["q_proj", "k_proj", "v_proj", "o_proj"])
+    parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if family == "deepseek_v3":
+        parameters += [f"mlp.shared_experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=attention, target_parameters=parameters,
+                             init_lora_weights=False)  # random B too: every update says something
+    made = peft.get_peft_model(load_reference(ckpt), config)
+    made.save_pretrained(tmp_path / "peft-adapter")
+    prompt = make_prompts(made.config.vocab_size, [10], seed=7)[0]
+    with torch.no_grad():
+        want = made.eval()(input_ids=torch.tensor([prompt])).logits[0].float()
+
+    ours = load_model(ckpt)
+    adapted = load_peft_adapter(ours, tmp_path / "peft-adapter")
+    assert any(name.endswith("experts.w13") for name in adapted) and any(name.endswith("o_proj") for name in adapted)
+    with torch.no_grad():
+        got = ours(torch.tensor(prompt), AttentionMetadata.without_cache([len(prompt)]), None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model_dir):
+    from expertmesh.jobs.finetune.peft_format import load_peft_adapter
+
+    ours = load_model(tiny_model_dir)
+    apply_lora(ours, rank=2, alpha=4, targets=("attention",))
+    save_peft_adapter(ours, tmp_path / "a", rank=2, alpha=4, base_model=str(tiny_model_dir))
+    other = load_model(tiny_model_dir)
+    other.model.layers = other.model.layers[:1]  # a model without the adapter's later layers
+    with pytest.raises(ValueError, match="which this model does not have"):
+        load_peft_adapter(other, tmp_path / "a")
+    with pytest.raises(ValueError, match="is not a peft adapter"):
+        load_peft_adapter(other, tmp_path)

@@ -8,7 +8,7 @@ from expertmesh.jobs.finetune.data import Example, load_examples
 from expertmesh.jobs.finetune.guard import GuardEvent, ImbalanceGuard
 from expertmesh.jobs.finetune.lora import apply_lora
 from expertmesh.jobs.finetune.loss import causal_lm_loss
-from expertmesh.jobs.finetune.peft_format import save_peft_adapter
+from expertmesh.jobs.finetune.peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = ["Example", "FinetuneConfig", "GuardConfig", "GuardEvent", "ImbalanceGuard", "apply_lora",
-           "causal_lm_loss", "load_examples", "save_peft_adapter"]
+           "causal_lm_loss", "load_examples", "load_peft_adapter", "save_peft_adapter"]

@@ -85,3 +85,97 @@ def save_peft_adapter(model: MoECausalLM, out_dir: str | Path, *, rank: int, alp
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
     return out
+
+
+def load_peft_adapter(model: MoECausalLM, adapter_dir: str | Path) -> list[str]:
+    """Puts a peft LoRA adapter (made by peft on transformers' model of this checkpoint, or by us) onto
+    `model`, frozen as `apply_lora` leaves it; returns the names of the modules it adapted. Refuses what
+    it cannot apply exactly: another adapter type, DoRA, rsLoRA, per-module ranks, tensors for modules the
+    model does not have, or of the wrong shape."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{adapter_dir} is not a peft adapter (adapter_config.json and adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag):
+            raise ValueError(f"{adapter_dir}: {flag} adapters are not supported")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            raise ValueError(f"{adapter_dir}: per-module ranks ({pattern}) are not supported")
+    alpha = float(config["lora_alpha"])
+    targets = set(config.get("target_parameters") or [])
+    both_experts = {"mlp.experts.down_proj", "mlp.experts.gate_up_proj"} <= targets
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(weights_path)).items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r}")
+        path, which = key[len(PREFIX):-len(".weight")].rsplit(".", 1)
+        pairs.setdefault(path, {})[which] = value
+    adapted = []
+    for path, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{adapter_dir}: {path} has {sorted(pair)}, not both lora_A and lora_B")
+        if path.endswith(".mlp.experts.base_layer") or path.endswith(".mlp.experts"):
+            adapted.append(_load_experts(model, path, pair, alpha, both_experts, targets))
+        else:
+            adapted.append(_load_linear(model, path, pair, alpha))
+    return adapted
+
+
+def _module(model: MoECausalLM, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the adapter adapts {path}, which this model does not have") from None
+
+
+def _load_linear(model: MoECausalLM, path: str, pair: dict, alpha: float) -> str:
+    base = _module(model, path)
+    if not isinstance(base, torch.nn.Linear):
+        raise ValueError(f"the adapter adapts {path}, which is not a linear layer here")
+    a, b = pair["lora_A"], pair["lora_B"]
+    if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+        raise ValueError(f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a "
+                         f"{base.in_features} -> {base.out_features} layer")
+    lora = LoraLinear(base, a.shape[0], alpha)
+    with torch.no_grad():
+        lora.lora_A.copy_(a)
+        lora.lora_B.copy_(b)
+    parent, _, name = path.rpartition(".")
+    setattr(_module(model, parent), name, lora)
+    base.weight.requires_grad_(False)
+    return path
+
+
+def _load_experts(model: MoECausalLM, path: str, pair: dict, alpha: float, both: bool, targets: set) -> str:
+    block_path = path.removesuffix(".base_layer").removesuffix(".experts")
+    block = _module(model, block_path)
+    if both:
+        which = "w13" if path.endswith(".base_layer") else "w2"
+    else:
+        which = "w13" if "mlp.experts.gate_up_proj" in targets else "w2"
+    experts = block.experts
+    if not isinstance(experts, ExpertLora):
+        num = experts.w13.shape[0]
+        rank = pair["lora_A"].shape[0] // num
+        experts = block.experts = ExpertLora(experts, list(range(num)), rank, alpha)
+        with torch.no_grad():
+            for p in (experts.lora_w13_A, experts.lora_w13_B, experts.lora_w2_A, experts.lora_w2_B):
+                p.zero_()
+    base = experts.base.w13 if which == "w13" else experts.base.w2
+    num, out_features, in_features = base.shape
+    target_a, target_b = getattr(experts, f"lora_{which}_A"), getattr(experts, f"lora_{which}_B")
+    rank = target_a.shape[1]
+    a, b = pair["lora_A"], pair["lora_B"]
+    if tuple(a.shape) != (num * rank, in_features) or tuple(b.shape) != (out_features, rank * num):
+        raise ValueError(f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {num} experts of "
+                         f"{in_features} -> {out_features} at rank {rank}")
+    with torch.no_grad():
+        target_a.copy_(a.reshape(num, rank, in_features))
+        target_b.copy_(b.reshape(out_features, rank, num).permute(2, 0, 1))
+    return f"{block_path}.experts.{which}"
