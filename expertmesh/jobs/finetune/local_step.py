@@ -1,0 +1,95 @@
+"""One process's training step: the loss over a batch, its backward, AdamW on the adapters only, and the
+expert load the step's forward routed (what the imbalance guard reads). Ray Train runs one of these per
+worker and adds the workers' gradients, sums and counts.
+
+`router_checksums` proves the router frozen: a digest of every gate weight and correction bias, bitwise."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.jobs.finetune.data import Example
+from expertmesh.jobs.finetune.loss import causal_lm_loss
+from expertmesh.model import MoECausalLM
+from expertmesh.model.moe import Router
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float  # mean over the batch's labelled tokens
+    tokens: int  # labelled tokens
+    lr: float
+    counts: dict[int, list[int]]  # per MoE layer, (token, expert) pairs routed to each expert
+
+
+def router_checksums(model: MoECausalLM) -> dict[str, str]:
+    """{tensor name: sha256 of its bytes} for every tensor of every router (gate weights, correction biases)."""
+    sums = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Router):
+            tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+            for tensor_name, tensor in sorted(tensors.items()):
+                if tensor is not None:
+                    data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                    sums[f"{name}.{tensor_name}"] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+@contextmanager
+def routing_counts(model: MoECausalLM) -> Iterator[dict[int, list[int]]]:
+    """Counts, per MoE layer, the (token, expert) pairs every forward inside the block routes."""
+    counts: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if not isinstance(gate, Router):
+            continue
+        num_experts = gate.weight.shape[0]
+
+        def hook(_module, _inputs, output, layer=i, num_experts=num_experts):
+            ids = output[1].detach().reshape(-1).cpu()
+            counts[layer] = counts.get(layer, torch.zeros(num_experts, dtype=torch.int64)) + torch.bincount(
+                ids, minlength=num_experts)
+
+        handles.append(gate.register_forward_hook(hook))
+    result: dict[int, list[int]] = {}
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+        result.update({layer: c.tolist() for layer, c in sorted(counts.items())})
+
+
+class LocalTrainer:
+    def __init__(self, model: MoECausalLM, trainable: Mapping[str, torch.nn.Parameter], *, lr: float,
+                 weight_decay: float = 0.0):
+        if not trainable:
+            raise ValueError("nothing to train: the model carries no adapter")
+        self.model, self.trainable = model, dict(trainable)
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=lr, weight_decay=weight_decay)
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+
+    def step(self, examples: Sequence[Example]) -> StepResult:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with routing_counts(self.model) as counts:
+            total, tokens = causal_lm_loss(self.model, examples)
+        (total / tokens).backward()
+        self.optimizer.step()
+        self.steps += 1
+        return StepResult(self.steps, total.item() / tokens, tokens, self.lr, counts)
