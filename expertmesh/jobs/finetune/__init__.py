@@ -2,7 +2,8 @@
 its training data (`data.py`), the loss over a packed batch (`loss.py`, gradients equal to transformers'),
 expert-aware LoRA on our model (`lora.py`) read and written as peft adapters (`peft_format.py`, logits equal to
 peft's), the imbalance guard (`guard.py`) and one process's training step (`local_step.py`: AdamW on the adapters, the
-routed load per step, router checksums); the Ray Train job, ESFT scoring and the entry point follow."""
+routed load per step, router checksums) and ESFT's expert scores (`esft.py`); the Ray Train job and the entry
+point follow."""
 
 from expertmesh.jobs.finetune.config import FinetuneConfig, GuardConfig
 from expertmesh.jobs.finetune.data import Example, load_examples
