@@ -10,9 +10,9 @@ import torch
 
 from expertmesh.jobs.finetune.data import Example
 from expertmesh.jobs.finetune.loss import pack
+from expertmesh.jobs.finetune.routing import moe_gates, on_routing
 from expertmesh.model import MoECausalLM
 from expertmesh.model.attention_metadata import AttentionMetadata
-from expertmesh.model.moe import Router
 
 SCORES = ("esft_gate", "esft_token")
 
@@ -24,27 +24,16 @@ def expert_scores(model: MoECausalLM, examples: Sequence[Example], kind: str,
     got (esft_gate), or the number of tokens routed to it (esft_token)."""
     if kind not in SCORES:
         raise ValueError(f"kind must be one of {list(SCORES)}, got {kind!r}")
-    totals: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if not isinstance(gate, Router):
-            continue
+    sizes = {layer: gate.weight.shape[0] for layer, gate in moe_gates(model).items()}
+    totals = {layer: torch.zeros(n, dtype=torch.float64) for layer, n in sizes.items()}
 
-        def hook(_module, _inputs, output, layer=i, num_experts=gate.weight.shape[0]):
-            weights, ids = output
-            values = weights.float() if kind == "esft_gate" else torch.ones_like(weights, dtype=torch.float32)
-            add = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, ids.reshape(-1).cpu(),
-                                                                          values.reshape(-1).double().cpu())
-            totals[layer] = totals.get(layer, torch.zeros(num_experts, dtype=torch.float64)) + add
+    def add(layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        values = weights if kind == "esft_gate" else torch.ones_like(weights)
+        totals[layer].index_add_(0, ids.reshape(-1).cpu(), values.reshape(-1).double().cpu())
 
-        handles.append(gate.register_forward_hook(hook))
-    try:
-        device = model.lm_head.weight.device
+    device = model.lm_head.weight.device
+    with on_routing(model, add):
         for start in range(0, len(examples), batch_size):
             ids, _, lens = pack(examples[start:start + batch_size], device)
             model(ids, AttentionMetadata.without_cache(lens, device), None, logits_indices=ids[:0])
-    finally:
-        for h in handles:
-            h.remove()
     return {layer: t.tolist() for layer, t in sorted(totals.items())}

@@ -15,6 +15,7 @@ import torch
 
 from expertmesh.jobs.finetune.data import Example
 from expertmesh.jobs.finetune.loss import causal_lm_loss
+from expertmesh.jobs.finetune.routing import moe_gates, on_routing
 from expertmesh.model import MoECausalLM
 from expertmesh.model.moe import Router
 
@@ -44,27 +45,18 @@ def router_checksums(model: MoECausalLM) -> dict[str, str]:
 @contextmanager
 def routing_counts(model: MoECausalLM) -> Iterator[dict[int, list[int]]]:
     """Counts, per MoE layer, the (token, expert) pairs every forward inside the block routes."""
-    counts: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if not isinstance(gate, Router):
-            continue
-        num_experts = gate.weight.shape[0]
+    sizes = {layer: gate.weight.shape[0] for layer, gate in moe_gates(model).items()}
+    counts = {layer: torch.zeros(n, dtype=torch.int64) for layer, n in sizes.items()}
 
-        def hook(_module, _inputs, output, layer=i, num_experts=num_experts):
-            ids = output[1].detach().reshape(-1).cpu()
-            counts[layer] = counts.get(layer, torch.zeros(num_experts, dtype=torch.int64)) + torch.bincount(
-                ids, minlength=num_experts)
+    def count(layer: int, _weights: torch.Tensor, ids: torch.Tensor) -> None:
+        counts[layer] += torch.bincount(ids.reshape(-1).cpu(), minlength=sizes[layer])
 
-        handles.append(gate.register_forward_hook(hook))
     result: dict[int, list[int]] = {}
     try:
-        yield result
+        with on_routing(model, count):
+            yield result
     finally:
-        for h in handles:
-            h.remove()
-        result.update({layer: c.tolist() for layer, c in sorted(counts.items())})
+        result.update({layer: c.tolist() for layer, c in counts.items()})
 
 
 class LocalTrainer:
