@@ -1,9 +1,9 @@
-"""Expert-aware LoRA fine-tuning on the actor graph (issue 14). Landed so far: the job's config (`config.py`),
-its training data (`data.py`), the loss over a packed batch (`loss.py`, gradients equal to transformers'),
-expert-aware LoRA on our model (`lora.py`) read and written as peft adapters (`peft_format.py`, logits equal to
-peft's), the imbalance guard (`guard.py`) and one process's training step (`local_step.py`: AdamW on the adapters, the
-routed load per step, router checksums) and ESFT's expert scores (`esft.py`); the Ray Train job and the entry
-point follow."""
+"""Expert-aware LoRA fine-tuning (issue 14), as `python -m expertmesh.jobs.finetune --config` (`job.py` drives Ray
+Train's TorchTrainer, `worker.py` is each worker's loop). The parts: the config (`config.py`), the data
+(`data.py`), the loss over a packed batch (`loss.py`, gradients equal to transformers'), LoRA on our model
+(`lora.py`) read and written as peft adapters (`peft_format.py`, logits equal to peft's), ESFT's expert scores
+(`esft.py`), one process's step with the routed load and router checksums (`local_step.py`, `routing.py`) and
+the imbalance guard (`guard.py`). Training on the actor graph's shards (`deployment:`) is not there yet."""
 
 from expertmesh.jobs.finetune.config import FinetuneConfig, GuardConfig
 from expertmesh.jobs.finetune.data import Example, load_examples

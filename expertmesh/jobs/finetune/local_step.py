@@ -77,11 +77,32 @@ class LocalTrainer:
             group["lr"] *= factor
 
     def step(self, examples: Sequence[Example]) -> StepResult:
+        """One optimizer step over `examples` (this worker's share of the batch). Under torch.distributed, the
+        labelled-token counts, the gradients and the routed counts are summed over every worker first, so
+        the step equals one over the whole batch in one process."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with routing_counts(self.model) as counts:
             total, tokens = causal_lm_loss(self.model, examples)
-        (total / tokens).backward()
+        everywhere = _sum(torch.tensor([float(tokens), total.item()], dtype=torch.float64))
+        all_tokens, all_loss = int(everywhere[0]), float(everywhere[1])
+        (total / all_tokens).backward()
+        for p in self.trainable.values():
+            if p.grad is None:  # an adapter of an expert no token of this share reached
+                p.grad = torch.zeros_like(p)
+            p.grad = _sum(p.grad)
         self.optimizer.step()
         self.steps += 1
-        return StepResult(self.steps, total.item() / tokens, tokens, self.lr, counts)
+        layers = sorted(counts)
+        if layers:
+            summed = _sum(torch.tensor([counts[layer] for layer in layers], dtype=torch.int64))
+            counts = {layer: row.tolist() for layer, row in zip(layers, summed)}
+        return StepResult(self.steps, all_loss / all_tokens, all_tokens, self.lr, dict(counts))
+
+
+def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over every worker of the default process group (itself without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+    return tensor

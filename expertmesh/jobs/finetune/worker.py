@@ -1,0 +1,168 @@
+"""What each Ray Train worker runs: the same model, data and adapter initialisation on every worker (so they
+start equal and stay equal: each step sums their gradients), this worker's share of each batch, the guard
+fed the load of every worker, checkpoints through `ray.train.report` and, on rank 0, the adapter and the
+report at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
+from expertmesh.experts import LayerHealth, layer_health, select_experts
+from expertmesh.jobs.finetune.config import FinetuneConfig
+from expertmesh.jobs.finetune.data import load_examples
+from expertmesh.jobs.finetune.esft import expert_scores
+from expertmesh.jobs.finetune.guard import GuardEvent, ImbalanceGuard
+from expertmesh.jobs.finetune.local_step import LocalTrainer, router_checksums, routing_counts
+from expertmesh.jobs.finetune.lora import apply_lora
+from expertmesh.jobs.finetune.peft_format import save_peft_adapter
+from expertmesh.model import load_model
+from expertmesh.model.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger("expertmesh.finetune")
+SAMPLE_SIZE = 64  # examples the base model's figures (ESFT scores, the guard's baseline) are measured on
+STATE_FILE = "trainer_state.pt"
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """The examples of global step `step` (1-based): a fresh shuffle of the dataset per epoch, in order."""
+    first = (step - 1) * batch_size
+    out = []
+    for position in range(first, first + batch_size):
+        epoch, offset = divmod(position, num_examples)
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(order[offset]))
+    return out
+
+
+BASE_DRAWS = 256  # random batches the base model's figures are taken over
+
+
+@torch.no_grad()
+def base_figures(model, sample: list, batch_size: int, seed: int = 0) -> dict[int, LayerHealth]:
+    """The base model's own load figures per MoE layer, as a step sees them: over random batches of the
+    training batch size drawn from the sample (each example routed once; a batch's counts are the sum of its
+    examples'), the worst of them (highest max/mean, lowest entropy). A small batch's figures scatter, so a
+    baseline from the whole sample, or from the mean batch, would make many steps look skewed; the guard's
+    lines sit beyond what the base model itself does on some batch."""
+    top_k = model.config.routing.top_k
+    per_example = []
+    for ex in sample:
+        with routing_counts(model) as counts:
+            ids = torch.tensor(ex.input_ids)
+            model(ids, AttentionMetadata.without_cache([len(ids)]), None, logits_indices=ids[:0])
+        per_example.append({layer: torch.tensor(c) for layer, c in counts.items()})
+    gen = torch.Generator().manual_seed(seed)
+    seen: dict[int, list[LayerHealth]] = {}
+    for _ in range(BASE_DRAWS):
+        picks = torch.randint(len(sample), (batch_size,), generator=gen).tolist()
+        for layer in per_example[0]:
+            counts = sum(per_example[i][layer] for i in picks)
+            seen.setdefault(layer, []).append(layer_health(layer, counts.tolist(), top_k))
+    return {layer: dataclasses.replace(figures[0], max_over_mean=max(f.max_over_mean for f in figures),
+                                       entropy=min(f.entropy for f in figures))
+            for layer, figures in seen.items()}
+
+
+def train_worker(raw_config: dict) -> None:
+    import ray.train
+
+    config = FinetuneConfig.from_dict(raw_config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.train.seed)
+    tokenizer = Tokenizer.from_pretrained(config.model)
+    eos = (load_eos_token_ids(config.model) or [None])[0]
+    examples = load_examples(config.data, tokenizer, eos)
+    model = load_model(config.model)
+    top_k = model.config.routing.top_k
+    sample = examples[:SAMPLE_SIZE]
+
+    checksums_before = router_checksums(model)
+    base = base_figures(model, sample, config.train.batch_size, config.train.seed)
+    selected = None
+    if config.experts.select != "all" and "routed_experts" in config.lora.targets:
+        selected = select_experts(expert_scores(model, sample, config.experts.select), config.experts.threshold)
+
+    torch.manual_seed(config.train.seed)  # the same adapter initialisation on every worker
+    trainable = apply_lora(model, rank=config.lora.r, alpha=config.lora.alpha, targets=config.lora.targets,
+                           experts=selected, dropout=config.lora.dropout)
+    trainer = LocalTrainer(model, trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    guard = ImbalanceGuard(config.guard, base)
+    state = {"step": 0, "losses": [], "restarts": 0, "tokens": 0, "seconds": 0.0}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group, or the same job submitted again: go on from there
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved["adapters"][name])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        guard.lr_drops, guard.events = saved["lr_drops"], [GuardEvent(**e) for e in saved["guard_events"]]
+        state = saved["state"]
+        state["restarts"] += 1
+
+    status = "completed"
+    for step in range(state["step"] + 1, config.train.steps + 1):
+        batch = [examples[i] for i in batch_indices(step, config.train.batch_size, len(examples), config.train.seed)]
+        start = time.perf_counter()
+        result = trainer.step(batch[rank::world])
+        state["seconds"] += time.perf_counter() - start
+        state["tokens"] += result.tokens
+        state["step"] = step
+        state["losses"].append(result.loss)
+        events = guard.observe(step, result.counts, top_k)
+        for event in events:
+            if event.action == "lower_lr":
+                trainer.scale_lr(config.guard.lr_factor)
+        worst = max((layer_health(layer, c, top_k).max_over_mean / base[layer].max_over_mean
+                     for layer, c in result.counts.items() if sum(c)), default=0.0)
+        if rank == 0:
+            print(f"step {step}/{config.train.steps} loss {result.loss:.4f} lr {trainer.lr:.3g} "
+                  f"tokens/s {result.tokens / max(time.perf_counter() - start, 1e-9):.1f} "
+                  f"worst max/mean vs base {worst:.2f}x"
+                  + "".join(f" [guard: {e.action} layer {e.layer} {e.metric}={e.value:.3f}]" for e in events),
+                  flush=True)
+        metrics = {"step": step, "loss": result.loss, "lr": trainer.lr, "worst_max_over_mean_vs_base": worst}
+        if guard.stopped or step % config.train.checkpoint_every == 0 or step == config.train.steps:
+            _report_with_checkpoint(metrics, rank, trainable, trainer, guard, state)
+        else:
+            ray.train.report(metrics)
+        if guard.stopped:
+            status = "stopped_by_guard"
+            break
+    if rank == 0:
+        out = Path(config.output_dir)
+        save_peft_adapter(model, out / "adapter", rank=config.lora.r, alpha=config.lora.alpha, base_model=config.model)
+        report = {
+            "status": status, "steps_completed": state["step"], "losses": state["losses"],
+            "guard_events": [e.to_dict() for e in guard.events],
+            "selected_experts": {str(k): v for k, v in (selected or {}).items()} if selected is not None else "all",
+            "router_checksums": {"before": checksums_before, "after": router_checksums(model)},
+            "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
+            "restarts": state["restarts"], "lr_drops": guard.lr_drops, "final_lr": trainer.lr,
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _report_with_checkpoint(metrics: dict, rank: int, trainable: dict, trainer: LocalTrainer,
+                            guard: ImbalanceGuard, state: dict) -> None:
+    import ray.train
+
+    if rank != 0:  # every worker holds the same adapters: one copy is enough
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"adapters": {n: p.detach().clone() for n, p in trainable.items()},
+                    "optimizer": trainer.optimizer.state_dict(), "lr_drops": guard.lr_drops,
+                    "guard_events": [e.to_dict() for e in guard.events], "state": dict(state)},
+                   Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
