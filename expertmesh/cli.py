@@ -10,7 +10,7 @@ import time
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve MoE LLMs (fine-tuning is not there yet).")
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and fine-tune MoE LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init-model", help="write a deterministic random-init checkpoint")
@@ -34,6 +34,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("--deployment", default=None,
                      help="YAML deployment config: run on a Ray actor graph instead of in this process")
+
+    ft = sub.add_parser("finetune", help="expert-aware LoRA fine-tuning on Ray Train (python -m expertmesh.jobs.finetune)")
+    ft.add_argument("--config", required=True, help="the job's YAML config")
 
     srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (Ray Serve)")
     srv.add_argument("--model", default=None,
@@ -135,9 +138,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    """The job's own entry point in a child process: jobs are what `ray job submit` runs, and nothing in the
+    package imports them."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "expertmesh.jobs.finetune", "--config", args.config])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handlers = {"init-model": _init_model, "generate": _generate, "serve": _serve}
+    handlers = {"init-model": _init_model, "generate": _generate, "serve": _serve, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing, unreadable or unwritable path

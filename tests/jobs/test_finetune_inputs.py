@@ -132,3 +132,14 @@ def test_bad_data_is_named_by_its_line(tmp_path, tok, fmt, lines, says):
     with pytest.raises(ValueError) as e:
         load_examples(DataConfig(path=path, format=fmt, max_seq_len=8), tokenizer, eos)
     assert says in str(e.value)
+
+
+def test_the_kuberay_jobs_config_is_one_the_job_takes():
+    from pathlib import Path
+
+    import yaml as pyyaml
+
+    manifest = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "rayjob-finetune.yaml"
+    (config_map,) = [d for d in pyyaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "ConfigMap"]
+    config = FinetuneConfig.from_dict(pyyaml.safe_load(config_map["data"]["finetune.yaml"]))
+    assert config.scaling.use_gpu and config.deployment is None

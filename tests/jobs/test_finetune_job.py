@@ -89,7 +89,10 @@ def test_a_bad_config_is_refused_before_ray_starts(tmp_path, job_config):
     bad = run_job(job_config, tmp_path, timeout=60)
     assert bad.returncode == 2 and "train.jsonl, line 2: not valid JSON" in bad.stderr
     assert "Started a local Ray instance" not in bad.stdout + bad.stderr
-    assert time.monotonic() - start < 60
+    cli = subprocess.run([sys.executable, "-m", "expertmesh", "finetune", "--config", str(tmp_path / "finetune.yaml")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and "line 2: not valid JSON" in cli.stderr  # `expertmesh finetune` is the same job
+    assert time.monotonic() - start < 90
 
 
 def test_the_guard_stops_a_run_that_unbalances_the_experts(tmp_path, job_config):

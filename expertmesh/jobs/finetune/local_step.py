@@ -84,7 +84,8 @@ class LocalTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with routing_counts(self.model) as counts:
             total, tokens = causal_lm_loss(self.model, examples)
-        everywhere = _sum(torch.tensor([float(tokens), total.item()], dtype=torch.float64))
+        device = total.device  # where the process group's collectives run (the GPU under NCCL)
+        everywhere = _sum(torch.tensor([float(tokens), total.item()], dtype=torch.float64, device=device))
         all_tokens, all_loss = int(everywhere[0]), float(everywhere[1])
         (total / all_tokens).backward()
         for p in self.trainable.values():
@@ -95,8 +96,8 @@ class LocalTrainer:
         self.steps += 1
         layers = sorted(counts)
         if layers:
-            summed = _sum(torch.tensor([counts[layer] for layer in layers], dtype=torch.int64))
-            counts = {layer: row.tolist() for layer, row in zip(layers, summed)}
+            summed = _sum(torch.tensor([counts[layer] for layer in layers], dtype=torch.int64, device=device))
+            counts = {layer: row.tolist() for layer, row in zip(layers, summed.cpu())}
         return StepResult(self.steps, all_loss / all_tokens, all_tokens, self.lr, dict(counts))
 
 

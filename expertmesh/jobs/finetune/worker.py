@@ -56,8 +56,9 @@ def base_figures(model, sample: list, batch_size: int, seed: int = 0) -> dict[in
     per_example = []
     for ex in sample:
         with routing_counts(model) as counts:
-            ids = torch.tensor(ex.input_ids)
-            model(ids, AttentionMetadata.without_cache([len(ids)]), None, logits_indices=ids[:0])
+            device = model.lm_head.weight.device
+            ids = torch.tensor(ex.input_ids, device=device)
+            model(ids, AttentionMetadata.without_cache([len(ids)], device), None, logits_indices=ids[:0])
         per_example.append({layer: torch.tensor(c) for layer, c in counts.items()})
     gen = torch.Generator().manual_seed(seed)
     seen: dict[int, list[LayerHealth]] = {}
@@ -73,6 +74,7 @@ def base_figures(model, sample: list, batch_size: int, seed: int = 0) -> dict[in
 
 def train_worker(raw_config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     config = FinetuneConfig.from_dict(raw_config)
     context = ray.train.get_context()
@@ -81,7 +83,8 @@ def train_worker(raw_config: dict) -> None:
     tokenizer = Tokenizer.from_pretrained(config.model)
     eos = (load_eos_token_ids(config.model) or [None])[0]
     examples = load_examples(config.data, tokenizer, eos)
-    model = load_model(config.model)
+    device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    model = load_model(config.model, device=str(device))
     top_k = model.config.routing.top_k
     sample = examples[:SAMPLE_SIZE]
 
@@ -101,7 +104,7 @@ def train_worker(raw_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group, or the same job submitted again: go on from there
         with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+            saved = torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location=device)
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(saved["adapters"][name])
