@@ -8,6 +8,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernels run in Triton's interpreter. triton.language reads TRITON_INTERPRET when it is
+# first imported, and a test module collected before tests/kernels may import it (through transformers, peft
+# or torch's own integrations): set it here, before any test module is imported. Only the kernel tests (and
+# EXPERTMESH_KERNELS=triton) run Triton on a CPU; the engine's CPU paths never do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from expertmesh.testing import write_random_checkpoint  # noqa: E402
 
 

@@ -1,17 +1,11 @@
 """Shared set-up of the kernel tests.
 
-Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors. triton reads
-``TRITON_INTERPRET`` when it decorates a kernel, i.e. when a kernel module is first imported,
-so it is set here, at collection time, before any test imports one.
+Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors; tests/conftest.py sets
+``TRITON_INTERPRET`` for the whole session, before any test module can import triton.
 """
-
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
