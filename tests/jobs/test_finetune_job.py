@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from expertmesh.jobs.finetune.peft_format import load_peft_adapter
+from expertmesh.model.peft_format import load_peft_adapter
 from expertmesh.model import load_model
 from expertmesh.model.attention_metadata import AttentionMetadata
 

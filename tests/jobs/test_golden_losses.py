@@ -13,7 +13,7 @@ import torch
 
 from expertmesh.jobs.finetune.data import Example
 from expertmesh.jobs.finetune.local_step import LocalTrainer
-from expertmesh.jobs.finetune.lora import apply_lora
+from expertmesh.model.lora import apply_lora
 from expertmesh.model import load_model
 from expertmesh.testing import write_random_checkpoint
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertmesh.jobs.finetune.lora import ExpertLora, apply_lora
-from expertmesh.jobs.finetune.peft_format import save_peft_adapter
+from expertmesh.model.lora import ExpertLora, apply_lora
+from expertmesh.model.peft_format import save_peft_adapter
 from expertmesh.model import load_model
 from expertmesh.model.attention_metadata import AttentionMetadata
 from tests.hf_models import build_hf_checkpoint, load_reference, make_prompts
@@ -46,7 +46,7 @@ def test_our_adapter_loads_into_peft_with_our_logits(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
 def test_an_adapter_made_by_peft_loads_into_ours_with_peft_logits(tmp_path, family):
-    from expertmesh.jobs.finetune.peft_format import load_peft_adapter
+    from expertmesh.model.peft_format import load_peft_adapter
 
     ckpt = build_hf_checkpoint(family, tmp_path / family)
     attention = (["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] if family == "deepseek_v3"
@@ -72,7 +72,7 @@ def test_an_adapter_made_by_peft_loads_into_ours_with_peft_logits(tmp_path, fami
 
 
 def test_an_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model_dir):
-    from expertmesh.jobs.finetune.peft_format import load_peft_adapter
+    from expertmesh.model.peft_format import load_peft_adapter
 
     ours = load_model(tiny_model_dir)
     apply_lora(ours, rank=2, alpha=4, targets=("attention",))

@@ -21,8 +21,8 @@ from expertmesh.jobs.finetune.data import load_examples
 from expertmesh.jobs.finetune.esft import expert_scores
 from expertmesh.jobs.finetune.guard import GuardEvent, ImbalanceGuard
 from expertmesh.jobs.finetune.local_step import LocalTrainer, router_checksums, routing_counts
-from expertmesh.jobs.finetune.lora import apply_lora
-from expertmesh.jobs.finetune.peft_format import save_peft_adapter
+from expertmesh.model.lora import apply_lora
+from expertmesh.model.peft_format import save_peft_adapter
 from expertmesh.model import load_model
 from expertmesh.model.attention_metadata import AttentionMetadata
 

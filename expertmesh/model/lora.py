@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model import MoECausalLM
+from expertmesh.model.decoder import MoECausalLM
 from expertmesh.model.moe import MoEBlock, RoutedExperts
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
@@ -78,28 +78,41 @@ class ExpertLora(nn.Module):
             p.data = p.data.to(base.w13.dtype)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """The routed output [T, H]: each (token, expert) pair through its expert, with the update when the
-        expert has one, weighted and summed per token in float32."""
-        w13, w2 = self.base.w13, self.base.w2
-        intermediate = w2.shape[2]
-        top_k = topk_ids.shape[1]
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32),
-                          device=x.device)
-        flat = topk_ids.reshape(-1)
-        for expert in torch.unique(flat).tolist():
-            pairs = (flat == expert).nonzero().squeeze(1)  # [n] pair indices
-            tokens = pairs // top_k
-            x_e = x[tokens]
-            gate_up = x_e @ w13[expert].t()
-            s = int(self.slot[expert])
-            if s >= 0:
-                gate_up = gate_up + (x_e @ self.lora_w13_A[s].t()) @ self.lora_w13_B[s].t() * self.scaling
-            act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            y = act @ w2[expert].t()
-            if s >= 0:
-                y = y + (act @ self.lora_w2_A[s].t()) @ self.lora_w2_B[s].t() * self.scaling
-            out.index_add_(0, tokens, y.to(out.dtype) * topk_weights.reshape(-1)[pairs, None].to(out.dtype))
-        return out.to(x.dtype)
+        return expert_lora_forward(x, topk_weights, topk_ids, self.base.w13, self.base.w2, self.slot,
+                                   (self.lora_w13_A, self.lora_w13_B, self.lora_w2_A, self.lora_w2_B), self.scaling)
+
+
+ExpertAdapters = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w13 A, w13 B, w2 A, w2 B per slot
+
+
+def expert_lora_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor, slot: torch.Tensor, adapters: ExpertAdapters, scaling: float) -> torch.Tensor:
+    """The routed output [T, H], differentiable in x, the weights and the adapters: each (token, expert) pair
+    with an id >= 0 through its expert (rows of the stacked w13 [E, 2I, H] / w2 [E, H, I]), plus the low-rank
+    update where `slot[expert]` >= 0 names one, weighted and summed per token in float32. Ids of -1 (pairs
+    another shard computes) are skipped. Local mode and the expert shards in training both call this."""
+    a13, b13, a2, b2 = adapters
+    intermediate = w2.shape[2]
+    top_k = topk_ids.shape[1]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    flat = topk_ids.reshape(-1)
+    flat_weights = topk_weights.reshape(-1)
+    for expert in torch.unique(flat).tolist():
+        if expert < 0:
+            continue
+        pairs = (flat == expert).nonzero().squeeze(1)  # [n] pair indices
+        tokens = pairs // top_k
+        x_e = x[tokens]
+        gate_up = x_e @ w13[expert].t()
+        s = int(slot[expert])
+        if s >= 0:
+            gate_up = gate_up + (x_e @ a13[s].t()) @ b13[s].t() * scaling
+        act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        y = act @ w2[expert].t()
+        if s >= 0:
+            y = y + (act @ a2[s].t()) @ b2[s].t() * scaling
+        out = out.index_add(0, tokens, y.to(out.dtype) * flat_weights[pairs, None].to(out.dtype))
+    return out.to(x.dtype)
 
 
 def apply_lora(model: MoECausalLM, *, rank: int, alpha: float, targets: Sequence[str],

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from expertmesh.jobs.finetune.lora import ExpertLora, LoraLinear
-from expertmesh.model import MoECausalLM
+from expertmesh.model.lora import ExpertLora, LoraLinear
+from expertmesh.model.decoder import MoECausalLM
 
 PREFIX = "base_model.model."
 
