@@ -106,6 +106,10 @@ class ExpertShard:
             self.placement_version = version
             self._staged.clear()
 
+    def local_rows(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Logical expert ids of `layer` (-1 for slots of other shards) as rows of the stacked weights held."""
+        return torch.where(expert_ids >= 0, self._local[layer][expert_ids.clamp(min=0)], -1)
+
     def _row(self, layer: int, expert: int) -> int | None:
         index = self._local.get(layer)
         row = -1 if index is None else int(index[expert])

@@ -1,4 +1,6 @@
-"""`ExpertShardActor`: one expert shard as a Ray actor, serving its side of the data plane."""
+"""`ExpertShardActor`: one expert shard as a Ray actor, serving its side of the data plane. A fine-tuning job
+puts it in training mode (`start_training`): the same actor, experts and data plane, with the adapters of its
+chosen experts and their optimizer state held here."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from pathlib import Path
 
 from expertmesh.actors._process import device, node_info, setup
 from expertmesh.actors.expert_shard import Expert, ExpertShard
+from expertmesh.actors.shard_trainer import AdapterTensors, ShardTrainer
 from expertmesh.transport import DataPlaneSettings
 from expertmesh.transport.collective import join_group, serve_collective_layer
 from expertmesh.transport.grpc_dispatch import start_shard_server
@@ -19,6 +22,7 @@ class ExpertShardActor:
         self.shard = ExpertShard(model_dir, experts, dtype=dtype, shard_index=shard_index,
                                  placement_version=placement_version, device=device())
         self._server = None
+        self.trainer: ShardTrainer | None = None
 
     def ping(self) -> dict:
         return {**node_info(), "shard": self.shard.shard_index, "num_experts": len(self.shard.experts),
@@ -28,7 +32,7 @@ class ExpertShardActor:
         """Starts (once) the ExpertShard service on this node's address; returns "host:port"."""
         if self._server is None:
             self._server, self._address = start_shard_server(self.shard, node_info()["ip"], secret=self._secret,
-                                                             settings=self._data_plane)
+                                                             settings=self._data_plane, trainer=lambda: self.trainer)
         return self._address
 
     def join_collective(self, init_method: str, rank: int, world_size: int) -> None:
@@ -49,3 +53,31 @@ class ExpertShardActor:
     def commit(self, version: int, experts: list[Expert]) -> None:
         """Between steps: holds exactly `experts` on placement `version` from now on."""
         self.shard.commit(version, experts)
+
+    # -- training mode (a fine-tuning job) -------------------------------------------------------------
+    def start_training(self, adapters: dict[Expert, AdapterTensors], rank: int, alpha: float,
+                       weight_decay: float = 0.0) -> int:
+        """Enters training mode (again: a restarted job starts over) with these initial adapters; returns how
+        many experts here carry one."""
+        self.trainer = ShardTrainer(self.shard, adapters, rank=rank, alpha=alpha, weight_decay=weight_decay)
+        return sum(len(e) for e in self.trainer.chosen.values())
+
+    def stop_training(self) -> None:
+        self.trainer = None
+
+    def apply_step(self, step: int, lr: float) -> None:
+        self._training().apply(step, lr)
+
+    def trained_adapters(self) -> dict[Expert, AdapterTensors]:
+        return self._training().adapters()
+
+    def train_state(self) -> dict:
+        return self._training().state()
+
+    def load_train_state(self, state: dict) -> None:
+        self._training().load_state(state)
+
+    def _training(self) -> ShardTrainer:
+        if self.trainer is None:
+            raise RuntimeError(f"expert shard {self.shard.shard_index} is not in training mode")
+        return self.trainer

@@ -39,6 +39,11 @@ class ExpertShardStub:
                 request_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/expertmesh.dispatch.v1.ExpertShard/Train',
+                request_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertShardServicer:
@@ -52,6 +57,13 @@ class ExpertShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request_iterator, context):
+        """One stream per training worker-shard pair, opened on first use and kept for the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_ExpertShardServicer_to_server(servicer, server):
                     servicer.Dispatch,
                     request_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertRequest.FromString,
                     response_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertResponse.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainRequest.FromString,
+                    response_serializer=expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +105,33 @@ class ExpertShard:
             '/expertmesh.dispatch.v1.ExpertShard/Dispatch',
             expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertRequest.SerializeToString,
             expertmesh_dot_protos_dot_expert__dispatch__pb2.ExpertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/expertmesh.dispatch.v1.ExpertShard/Train',
+            expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainRequest.SerializeToString,
+            expertmesh_dot_protos_dot_expert__dispatch__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -19,13 +19,13 @@ from expertmesh.transport.auth import call_metadata
 from expertmesh.transport.codec import from_proto, to_proto
 from expertmesh.transport.errors import DataPlaneError, PeerFault
 from expertmesh.transport.settings import DataPlaneSettings
-from expertmesh.transport.work import ShardRuntime, ShardWork
+from expertmesh.transport.work import ShardRuntime, ShardWork, TrainRuntime
 
 
-class _ShardStream:
+class ShardStream:
     """A persistent stream to one shard, reopened after an error; a reader thread hands answers over."""
 
-    def __init__(self, shard: int, address: str, secret: str, settings: DataPlaneSettings):
+    def __init__(self, shard: int, address: str, secret: str, settings: DataPlaneSettings, rpc: str = "Dispatch"):
         import grpc
 
         from expertmesh.protos import expert_dispatch_pb2_grpc as pb_grpc
@@ -33,6 +33,7 @@ class _ShardStream:
         self.shard, self.address, self._secret = shard, address, secret
         self.channel = grpc.insecure_channel(address, options=settings.channel_options())
         self.stub = pb_grpc.ExpertShardStub(self.channel)
+        self._rpc = rpc  # "Dispatch" (serving) or "Train" (a fine-tuning worker's stream)
         self._requests: queue.SimpleQueue | None = None
         self._answers: queue.SimpleQueue | None = None
         self._call = None
@@ -41,7 +42,7 @@ class _ShardStream:
         import grpc
 
         requests, answers = queue.SimpleQueue(), queue.SimpleQueue()
-        call = self.stub.Dispatch(iter(requests.get, None), metadata=call_metadata(self._secret))
+        call = getattr(self.stub, self._rpc)(iter(requests.get, None), metadata=call_metadata(self._secret))
 
         def read() -> None:
             try:
@@ -55,12 +56,12 @@ class _ShardStream:
         threading.Thread(target=read, name=f"dispatch-in-{self.shard}", daemon=True).start()
         self._requests, self._answers, self._call = requests, answers, call
 
-    def send(self, request: pb.ExpertRequest) -> None:
+    def send(self, request) -> None:
         if self._requests is None:
             self._open()
         self._requests.put(request)
 
-    def receive(self, timeout_s: float) -> pb.ExpertResponse:
+    def receive(self, timeout_s: float):
         try:
             item = self._answers.get(timeout=timeout_s)
         except queue.Empty:
@@ -86,7 +87,7 @@ class _ShardStream:
 class GrpcDispatch:
     def __init__(self, addresses: Mapping[int, str], *, secret: str, settings: DataPlaneSettings):
         self.settings = settings
-        self.streams = {s: _ShardStream(s, a, secret, settings) for s, a in addresses.items()}
+        self.streams = {s: ShardStream(s, a, secret, settings) for s, a in addresses.items()}
         self.last_compute_s = 0.0
 
     def dispatch(self, step, layer, version, works):
@@ -139,10 +140,12 @@ def _checked_output(response: pb.ExpertResponse, step: int, layer: int, work: Sh
 
 class ExpertShardServicer:
     """The `ExpertShard` gRPC service over one shard runtime. A bad request ends its stream with
-    INVALID_ARGUMENT and the reason; the router reopens a stream for its next request."""
+    INVALID_ARGUMENT and the reason; the router reopens a stream for its next request. `trainer` gives the
+    shard's training mode when a fine-tuning job has started one (None otherwise): `Train` serves it."""
 
-    def __init__(self, runtime: ShardRuntime):
+    def __init__(self, runtime: ShardRuntime, trainer: Callable[[], TrainRuntime | None] = lambda: None):
         self.runtime = runtime
+        self.trainer = trainer
 
     def Dispatch(self, request_iterator: Iterator[pb.ExpertRequest], context) -> Iterator[pb.ExpertResponse]:
         import grpc
@@ -160,10 +163,30 @@ class ExpertShardServicer:
                                     compute_seconds=self.runtime.last_compute_s)
 
 
-def start_shard_server(runtime: ShardRuntime, host: str, *, secret: str, settings: DataPlaneSettings, port: int = 0):
-    """Serves `runtime` on host:port (0: a free port); returns (server, "host:port")."""
+    def Train(self, request_iterator: Iterator[pb.TrainRequest], context) -> Iterator[pb.TrainResponse]:
+        import grpc
+
+        from expertmesh.transport.grpc_train import serve_train_request
+
+        for request in request_iterator:
+            trainer = self.trainer()
+            if trainer is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"expert shard {self.runtime.shard_index} is not in training mode")
+                return
+            try:
+                yield serve_train_request(trainer, request)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                return
+
+
+def start_shard_server(runtime: ShardRuntime, host: str, *, secret: str, settings: DataPlaneSettings, port: int = 0,
+                       trainer: Callable[[], TrainRuntime | None] = lambda: None):
+    """Serves `runtime` (and, once it has one, its training mode `trainer()`) on host:port (0: a free port);
+    returns (server, "host:port")."""
     from expertmesh.protos import expert_dispatch_pb2_grpc as pb_grpc
     from expertmesh.transport.grpc_server import start_server
 
-    return start_server(pb_grpc.add_ExpertShardServicer_to_server, ExpertShardServicer(runtime), host,
+    return start_server(pb_grpc.add_ExpertShardServicer_to_server, ExpertShardServicer(runtime, trainer), host,
                         secret=secret, settings=settings, what=f"expert-shard-{runtime.shard_index}", port=port)

@@ -38,6 +38,23 @@ class ShardRuntime(Protocol):
         ...
 
 
+class TrainRuntime(Protocol):
+    """What the training side of the data plane needs of a shard in training mode."""
+
+    last_compute_s: float
+
+    def forward(self, worker: str, step: int, call: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor, version: int, keep: bool) -> torch.Tensor:
+        """The shard's weighted expert output [T, H] (adapters included); with `keep`, inputs kept for the
+        backward. ValueError naming what does not match."""
+        ...
+
+    def backward(self, worker: str, step: int, call: int, layer: int,
+                 grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient of the hidden states [T, H], of the routing weights [T, K]) of a kept forward."""
+        ...
+
+
 class Dispatch(Protocol):
     # the longest any shard spent on its experts in the last dispatch (0.0 where a transport cannot tell)
     last_compute_s: float

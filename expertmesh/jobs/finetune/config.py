@@ -129,6 +129,8 @@ class GuardConfig:
     max_lr_drops: int = 2  # a lower_lr due after this many stops the run instead
     cooldown_steps: int = 10  # steps after a lower_lr before another (the new rate needs time to tell)
     aux_loss_coef: float = 0.0  # sequence-wise balance loss (DeepSeek-V3); 0: off
+    probe_examples: int = 8  # training examples whose routing is compared with the base model's; 0: no probe
+    probe_every: int = 1  # steps between two probes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_over_mean", _levels("guard.max_over_mean", self.max_over_mean, rising=True,
@@ -140,6 +142,9 @@ class GuardConfig:
             raise ValueError(f"guard.max_lr_drops must be an integer >= 0, got {self.max_lr_drops!r}")
         _positive_int("guard.cooldown_steps", self.cooldown_steps)
         _number("guard.aux_loss_coef", self.aux_loss_coef, low=0)
+        if isinstance(self.probe_examples, bool) or not isinstance(self.probe_examples, int) or self.probe_examples < 0:
+            raise ValueError(f"guard.probe_examples must be an integer >= 0, got {self.probe_examples!r}")
+        _positive_int("guard.probe_every", self.probe_every)
 
 
 _SECTIONS = {"data": DataConfig, "lora": LoraConfig, "experts": ExpertsConfig, "train": TrainConfig,

@@ -53,6 +53,16 @@ class ImbalanceGuard:
             return tuple(base.entropy * f for f in self.config.entropy), False
         return self.config.overlap, False
 
+    def snapshot(self) -> dict:
+        """What a checkpoint keeps of the guard, so a resumed run acts as the uninterrupted one would."""
+        return {"lr_drops": self.lr_drops, "last_drop": self._last_drop, "events": [e.to_dict() for e in self.events],
+                "levels": [[layer, metric, level] for (layer, metric), level in self._levels.items()]}
+
+    def restore(self, snapshot: Mapping) -> None:
+        self.lr_drops, self._last_drop = snapshot["lr_drops"], snapshot["last_drop"]
+        self.events = [GuardEvent(**e) for e in snapshot["events"]]
+        self._levels = {(layer, metric): level for layer, metric, level in snapshot["levels"]}
+
     def observe(self, step: int, counts: Mapping[int, Sequence[int]], top_k: int,
                 overlap: Mapping[int, float] | None = None) -> list[GuardEvent]:
         """This step's per-layer expert counts (summed over every worker and shard) and, when measured, the

@@ -1,6 +1,8 @@
 """The fine-tuning job's driver: checks the config, the checkpoint and the data before anything starts, joins
 the Ray cluster (or starts a private one), runs the workers under Ray Train's TorchTrainer (gloo on CPUs,
-NCCL on GPUs) and leaves in `output_dir`: `adapter/` (peft format), `report.json`, and Ray Train's run with
+NCCL on GPUs), with the routed experts on the deployment's expert-shard actors when `deployment:` names
+one, and leaves in `output_dir`: `adapter/` (peft format), `report.json`, `report.md` and the plots, and Ray
+Train's run with
 its checkpoints (`ray/`), which a job submitted again with the same `output_dir` resumes from."""
 
 from __future__ import annotations
@@ -8,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
 from expertmesh.jobs.finetune.config import FinetuneConfig
 from expertmesh.jobs.finetune.data import load_examples
+from expertmesh.jobs.finetune.shard_mode import check_deployment, start_shards
 from expertmesh.model import check_checkpoint
 
 RUN_FILE = "run.json"  # which config the output directory belongs to
@@ -28,13 +32,21 @@ def _as_dict(config: FinetuneConfig) -> dict:
     return raw
 
 
+def _absolute(config: FinetuneConfig) -> FinetuneConfig:
+    """The config with its paths absolute, from this process's working directory (a config file given by a
+    relative path leaves them relative): Ray Train runs each worker in a directory of its own."""
+    return dataclasses.replace(config, model=os.path.abspath(config.model),
+                               output_dir=os.path.abspath(config.output_dir),
+                               data=dataclasses.replace(config.data, path=os.path.abspath(config.data.path)))
+
+
 def prepare(config: FinetuneConfig) -> dict:
     """Everything that can be wrong is found here, before a worker starts: the checkpoint, the data (every
-    line), the output directory holding another run. Returns the config the workers get."""
-    if config.deployment is not None:
-        raise ValueError("deployment: training on the actor graph's expert shards is not there yet; leave it "
-                         "null to train with the whole model in each worker")
+    line), the output directory holding another run. Returns the config the workers get, its paths absolute."""
+    config = _absolute(config)
     check_checkpoint(config.model)
+    if config.deployment is not None:
+        check_deployment(config.deployment, config.model)
     tokenizer = Tokenizer.from_pretrained(config.model)
     load_examples(config.data, tokenizer, (load_eos_token_ids(config.model) or [None])[0])
     raw = _as_dict(config)
@@ -62,10 +74,13 @@ def run(config: FinetuneConfig) -> dict:
 
     # log_to_driver: the workers' step lines reach this process's output, so `ray job logs` shows them
     started = runtime.connect(num_cpus=config.scaling.num_workers, log_to_driver=True)
+    shards = None
     try:
-        out = Path(config.output_dir).resolve()
+        if config.deployment is not None:  # the routed experts on the deployment's shard actors
+            shards = start_shards(config.deployment, raw["model"])
+        out = Path(raw["output_dir"])
         trainer = TorchTrainer(
-            train_worker, train_loop_config=raw,
+            train_worker, train_loop_config={"config": raw, "shards": shards and shards.for_workers()},
             scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers,
                                                    use_gpu=config.scaling.use_gpu),
             run_config=ray.train.RunConfig(name="finetune", storage_path=str(out / "ray"),
@@ -73,5 +88,7 @@ def run(config: FinetuneConfig) -> dict:
         )
         trainer.fit()
     finally:
+        if shards is not None:
+            shards.stop()
         runtime.disconnect(started)
-    return json.loads((Path(config.output_dir) / "report.json").read_text())
+    return json.loads((Path(raw["output_dir"]) / "report.json").read_text())

@@ -6,7 +6,6 @@ report at the end."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
@@ -15,12 +14,17 @@ from pathlib import Path
 import torch
 
 from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
-from expertmesh.experts import LayerHealth, layer_health, select_experts
+from expertmesh.experts import LayerHealth, layer_health, relevance_shares, select_experts
 from expertmesh.jobs.finetune.config import FinetuneConfig
 from expertmesh.jobs.finetune.data import load_examples
 from expertmesh.jobs.finetune.esft import expert_scores
-from expertmesh.jobs.finetune.guard import GuardEvent, ImbalanceGuard
-from expertmesh.jobs.finetune.local_step import LocalTrainer, router_checksums, routing_counts
+from expertmesh.jobs.finetune.guard import ImbalanceGuard
+from expertmesh.jobs.finetune.local_step import LocalTrainer, barrier, router_checksums, routing_counts
+from expertmesh.jobs.finetune.loss import pack
+from expertmesh.jobs.finetune.probe import probe_routing, topk_overlap
+from expertmesh.jobs.finetune.report import write_report
+from expertmesh.jobs.finetune.shard_mode import (ShardBackend, ShardHandles, ShardSteps, expert_adapters,
+                                                 load_worker_model)
 from expertmesh.model.lora import apply_lora
 from expertmesh.model.peft_format import save_peft_adapter
 from expertmesh.model import load_model
@@ -72,11 +76,14 @@ def base_figures(model, sample: list, batch_size: int, seed: int = 0) -> dict[in
             for layer, figures in seen.items()}
 
 
-def train_worker(raw_config: dict) -> None:
+def train_worker(loop_config: dict) -> None:
+    """One Ray Train worker's whole run. `loop_config`: {"config": the job's config as a dict, "shards": how to
+    reach the expert shards (deployment mode) or None}."""
     import ray.train
     import ray.train.torch
 
-    config = FinetuneConfig.from_dict(raw_config)
+    config = FinetuneConfig.from_dict(loop_config["config"])
+    shards = loop_config.get("shards")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed)
@@ -84,88 +91,151 @@ def train_worker(raw_config: dict) -> None:
     eos = (load_eos_token_ids(config.model) or [None])[0]
     examples = load_examples(config.data, tokenizer, eos)
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
-    model = load_model(config.model, device=str(device))
+    backend = handles = None
+    if shards is None:
+        model = load_model(config.model, device=str(device))
+    else:  # the routed experts live on the deployment's shard actors; this worker keeps the rest
+        backend = ShardBackend(config.model, shards, worker=f"rank{rank}")
+        model = load_worker_model(config.model, backend, device=str(device))
+        handles = ShardHandles(shards) if rank == 0 else None
+        if handles is not None:
+            handles.start({}, config.lora.r, config.lora.alpha, config.train.weight_decay)  # the base experts
+        barrier()
     top_k = model.config.routing.top_k
     sample = examples[:SAMPLE_SIZE]
 
     checksums_before = router_checksums(model)
     base = base_figures(model, sample, config.train.batch_size, config.train.seed)
-    selected = None
+    load_before = _sample_load(model, sample)
+    probe = examples[:config.guard.probe_examples]
+    probe_base = probe_routing(model, probe) if probe else None
+    selected = shares = None
     if config.experts.select != "all" and "routed_experts" in config.lora.targets:
-        selected = select_experts(expert_scores(model, sample, config.experts.select), config.experts.threshold)
+        scores = expert_scores(model, sample, config.experts.select)
+        selected = select_experts(scores, config.experts.threshold)
+        shares = {layer: relevance_shares(totals) for layer, totals in scores.items()}
 
-    torch.manual_seed(config.train.seed)  # the same adapter initialisation on every worker
+    torch.manual_seed(config.train.seed)  # the same adapter initialisation on every worker, in every mode
     trainable = apply_lora(model, rank=config.lora.r, alpha=config.lora.alpha, targets=config.lora.targets,
                            experts=selected, dropout=config.lora.dropout)
-    trainer = LocalTrainer(model, trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    local = trainable if shards is None else {n: p for n, p in trainable.items() if ".experts.lora_" not in n}
+    remote = None if shards is None else ShardSteps(backend, handles)
+    trainer = LocalTrainer(model, local, lr=config.train.lr, weight_decay=config.train.weight_decay, remote=remote,
+                           aux_loss_coef=config.guard.aux_loss_coef)
     guard = ImbalanceGuard(config.guard, base)
-    state = {"step": 0, "losses": [], "restarts": 0, "tokens": 0, "seconds": 0.0}
+    state = {"step": 0, "losses": [], "restarts": 0, "tokens": 0, "seconds": 0.0, "history": []}
 
     checkpoint = ray.train.get_checkpoint()
+    saved = None
     if checkpoint is not None:  # a restarted worker group, or the same job submitted again: go on from there
         with checkpoint.as_directory() as directory:
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location=device)
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(saved["adapters"][name])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        guard.lr_drops, guard.events = saved["lr_drops"], [GuardEvent(**e) for e in saved["guard_events"]]
+        if trainer.optimizer is not None:
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.load_lr(saved["lr"])
+        trainer.steps = saved["state"]["step"]
+        guard.restore(saved["guard"])
         state = saved["state"]
         state["restarts"] += 1
+    if handles is not None:  # the shards train from the adapters this worker drew (or the checkpoint held)
+        handles.start(expert_adapters(model), config.lora.r, config.lora.alpha, config.train.weight_decay)
+        if saved is not None:
+            handles.load_state(saved["shards"])
+    if shards is not None:
+        barrier()
 
     status = "completed"
     for step in range(state["step"] + 1, config.train.steps + 1):
         batch = [examples[i] for i in batch_indices(step, config.train.batch_size, len(examples), config.train.seed)]
         start = time.perf_counter()
         result = trainer.step(batch[rank::world])
-        state["seconds"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        state["seconds"] += elapsed
         state["tokens"] += result.tokens
         state["step"] = step
         state["losses"].append(result.loss)
-        events = guard.observe(step, result.counts, top_k)
+        overlap = None
+        if probe_base is not None and step % config.guard.probe_every == 0:
+            overlap = topk_overlap(probe_base, probe_routing(model, probe))
+        events = guard.observe(step, result.counts, top_k, overlap)
         for event in events:
             if event.action == "lower_lr":
                 trainer.scale_lr(config.guard.lr_factor)
-        worst = max((layer_health(layer, c, top_k).max_over_mean / base[layer].max_over_mean
-                     for layer, c in result.counts.items() if sum(c)), default=0.0)
+        health = {layer: layer_health(layer, c, top_k) for layer, c in result.counts.items() if sum(c)}
+        worst = max((h.max_over_mean / base[layer].max_over_mean for layer, h in health.items()), default=0.0)
+        state["history"].append({"step": step, "loss": result.loss, "lr": result.lr,
+                                 "max_over_mean": {layer: h.max_over_mean for layer, h in health.items()},
+                                 "entropy": {layer: h.entropy for layer, h in health.items()},
+                                 "overlap": overlap or {}, "aux_loss": result.aux_loss})
         if rank == 0:
-            print(f"step {step}/{config.train.steps} loss {result.loss:.4f} lr {trainer.lr:.3g} "
-                  f"tokens/s {result.tokens / max(time.perf_counter() - start, 1e-9):.1f} "
-                  f"worst max/mean vs base {worst:.2f}x"
+            print(f"step {step}/{config.train.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
+                  f"tokens/s {result.tokens / max(elapsed, 1e-9):.1f} worst max/mean vs base {worst:.2f}x"
+                  + (f" min overlap {min(overlap.values()):.2f}" if overlap else "")
+                  + (f" aux {result.aux_loss:.4f}" if config.guard.aux_loss_coef > 0 else "")
                   + "".join(f" [guard: {e.action} layer {e.layer} {e.metric}={e.value:.3f}]" for e in events),
                   flush=True)
-        metrics = {"step": step, "loss": result.loss, "lr": trainer.lr, "worst_max_over_mean_vs_base": worst}
+        metrics = {"step": step, "loss": result.loss, "lr": result.lr, "worst_max_over_mean_vs_base": worst}
         if guard.stopped or step % config.train.checkpoint_every == 0 or step == config.train.steps:
-            _report_with_checkpoint(metrics, rank, trainable, trainer, guard, state)
+            _report_with_checkpoint(metrics, rank, model, trainable, trainer, guard, state, handles)
         else:
             ray.train.report(metrics)
         if guard.stopped:
             status = "stopped_by_guard"
             break
+    if handles is not None:
+        handles.pull(model)
     if rank == 0:
         out = Path(config.output_dir)
         save_peft_adapter(model, out / "adapter", rank=config.lora.r, alpha=config.lora.alpha, base_model=config.model)
         report = {
             "status": status, "steps_completed": state["step"], "losses": state["losses"],
             "guard_events": [e.to_dict() for e in guard.events],
-            "selected_experts": {str(k): v for k, v in (selected or {}).items()} if selected is not None else "all",
+            "selected_experts": {str(k): v for k, v in selected.items()} if selected is not None else "all",
+            "selection_shares": ({str(layer): {str(e): shares[layer][e] for e in chosen}
+                                  for layer, chosen in selected.items()} if selected is not None else None),
             "router_checksums": {"before": checksums_before, "after": router_checksums(model)},
             "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
             "restarts": state["restarts"], "lr_drops": guard.lr_drops, "final_lr": trainer.lr,
+            "experts_on": "shards" if shards is not None else "workers",
         }
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(out, report, state["history"], load_before, _sample_load(model, sample))
+    if backend is not None:
+        backend.close()
 
 
-def _report_with_checkpoint(metrics: dict, rank: int, trainable: dict, trainer: LocalTrainer,
-                            guard: ImbalanceGuard, state: dict) -> None:
+@torch.no_grad()
+def _sample_load(model, sample: list) -> dict[int, list[int]]:
+    """Per MoE layer, the (token, expert) pairs each expert gets over the sample (the report's heatmap)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with routing_counts(model) as counts:
+            for start in range(0, len(sample), 8):
+                device = model.lm_head.weight.device
+                ids, _, lens = pack(sample[start:start + 8], device)
+                model(ids, AttentionMetadata.without_cache(lens, device), None, logits_indices=ids[:0])
+    finally:
+        model.train(was_training)
+    return dict(counts)
+
+
+def _report_with_checkpoint(metrics: dict, rank: int, model, trainable: dict, trainer: LocalTrainer,
+                            guard: ImbalanceGuard, state: dict, handles: ShardHandles | None) -> None:
     import ray.train
 
-    if rank != 0:  # every worker holds the same adapters: one copy is enough
+    if rank != 0:  # every worker holds the same adapters (the shards hold theirs once): one copy is enough
         ray.train.report(metrics)
         return
+    shard_states = None
+    if handles is not None:
+        handles.pull(model)
+        shard_states = handles.state()
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"adapters": {n: p.detach().clone() for n, p in trainable.items()},
-                    "optimizer": trainer.optimizer.state_dict(), "lr_drops": guard.lr_drops,
-                    "guard_events": [e.to_dict() for e in guard.events], "state": dict(state)},
+                    "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+                    "lr": trainer.lr, "guard": guard.snapshot(), "state": dict(state), "shards": shard_states},
                    Path(directory) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
