@@ -10,6 +10,7 @@ from expertmesh.engine import (
     CompletionOutput,
     EngineConfig,
     LLMEngine,
+    LoRARequest,
     RequestOutput,
     RequestOutputKind,
     SamplingParams,
@@ -20,8 +21,8 @@ from expertmesh.model import ModelConfig, load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "ActorGraph", "CompletionOutput", "DeploymentConfig", "EngineConfig", "LLMEngine", "ModelConfig",
-    "RequestOutput", "RequestOutputKind", "SamplingParams", "load_model", "__version__",
+    "LLM", "ActorGraph", "CompletionOutput", "DeploymentConfig", "EngineConfig", "LLMEngine", "LoRARequest",
+    "ModelConfig", "RequestOutput", "RequestOutputKind", "SamplingParams", "load_model", "__version__",
 ]
 
 

@@ -3,14 +3,15 @@
 The engine hands a scheduled batch to an `Executor` and gets logits back; the server asks the same object
 for the experts' load, the placement, health, what recovery did, and stops it. `LocalExecutor` runs the
 model in this process; the actor graph (`expertmesh.graph`) provides another. The engine is given an
-`ExecutorFactory` and never builds (or imports) the actor graph itself.
+`ExecutorFactory` and never builds (or imports) the actor graph itself. An executor that also serves LoRA
+adapters declares it by implementing `AdapterExecutor`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,19 +20,23 @@ from expertmesh.engine.scheduler import ScheduledBatch
 from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.model import AttentionMetadata, MoECausalLM, load_model
+from expertmesh.model.adapters import ModelAdapters
 from expertmesh.model.moe import MoEBlock
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExecutorSpec:
     """What the engine asks an executor factory to build: the checkpoint, its dtype, where the engine
-    samples, and the paged cache's size (blocks of `block_size` tokens)."""
+    samples, the paged cache's size (blocks of `block_size` tokens), and how many LoRA adapters of rank up to
+    `max_lora_rank` it keeps resident (0: none)."""
 
     model: str
     dtype: str
     device: str
     num_blocks: int
     block_size: int
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -61,17 +66,30 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+@runtime_checkable
+class AdapterExecutor(Protocol):
+    """An executor that serves LoRA adapters: each sequence's `adapter_slot` (-1: none) picks the adapter its
+    tokens run with. Which adapter a slot holds is the engine's business (its adapters registry)."""
+
+    def load_adapter(self, slot: int, path: str) -> None:
+        """Puts the peft adapter directory `path` into `slot`, replacing what it held; ValueError naming what
+        does not fit this model (and the slot keeps what it held)."""
+        ...
+
+
 ExecutorFactory = Callable[[ExecutorSpec], Executor]
 
 
 class LocalExecutor:
-    """Owns the model and its paged KV cache, and counts the tokens routed to each expert. Every expert
-    lives here: the placement is one shard holding them all."""
+    """Owns the model, its paged KV cache and its resident LoRA adapters (`max_loras` slots), and counts the
+    tokens routed to each expert. Every expert lives here: the placement is one shard holding them all."""
 
     mode = "local"
 
-    def __init__(self, model: MoECausalLM, *, num_blocks: int, block_size: int):
+    def __init__(self, model: MoECausalLM, *, num_blocks: int, block_size: int, max_loras: int = 0,
+                 max_lora_rank: int = 16):
         self.model = model
+        self.adapters = ModelAdapters(model, max_loras, max_lora_rank)
         blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
         num_experts = model.config.routing.num_experts
         moe_layers = [b.layer_idx for b in blocks]
@@ -90,17 +108,22 @@ class LocalExecutor:
     def build(cls, spec: ExecutorSpec) -> LocalExecutor:
         """The default executor factory: loads the whole model on `spec.device`."""
         model = load_model(spec.model, spec.dtype, spec.device)
-        return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size)
+        return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size, max_loras=spec.max_loras,
+                   max_lora_rank=spec.max_lora_rank)
+
+    def load_adapter(self, slot: int, path: str) -> None:
+        self.adapters.load(slot, path)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
-        input_ids, query_lens, context_lens, tables = [], [], [], []
+        input_ids, query_lens, context_lens, tables, slots = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + n])
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(seq.block_table)
+            slots.append(seq.adapter_slot)
         meta = AttentionMetadata.build(
             query_lens=query_lens, context_lens=context_lens, block_tables=tables,
             block_size=self.block_size, device=self.device,
@@ -111,7 +134,11 @@ class LocalExecutor:
             ends = torch.tensor(query_lens).cumsum(0) - 1  # last row of each sequence
             logits_indices = ends[torch.tensor(batch.sample_mask, dtype=torch.bool)].to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        logits = self.model(ids, meta, self.kv_caches, logits_indices)
+        token_slots = None  # no sequence has an adapter: the model runs as it would without any
+        if max(slots) >= 0:  # [T] int64, each token its sequence's slot
+            token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(query_lens)).to(self.device)
+        with self.adapters.serving(token_slots):
+            logits = self.model(ids, meta, self.kv_caches, logits_indices)
         self.load.finish_step()
         return logits
 

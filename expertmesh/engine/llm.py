@@ -11,6 +11,7 @@ import torch
 
 from expertmesh.engine.executor import ExecutorFactory
 from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
+from expertmesh.engine.lora_request import LoRARequest
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 from expertmesh.engine.sequence import Sequence
@@ -19,12 +20,18 @@ from expertmesh.engine.tokenizer import Tokenizer
 
 class LLM:
     """An engine over one checkpoint directory: in this process, or on an actor graph when given
-    `executor=ActorGraph(deployment)` (`expertmesh.graph`); both give the same outputs."""
+    `executor=ActorGraph(deployment)` (`expertmesh.graph`); both give the same outputs.
+
+    With `enable_lora=True`, `generate(..., lora_request=LoRARequest(name, id, path))` runs prompts with peft
+    LoRA adapters, several in one batch; up to `max_loras` adapters of rank up to `max_lora_rank` are resident
+    at once (vLLM's defaults: 1 and 16), the least recently used evicted when another is needed."""
 
     def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, executor: ExecutorFactory | None = None,
-                 **engine_kwargs: Any):
+                 enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16, **engine_kwargs: Any):
         torch.manual_seed(seed)  # unseeded sampling draws from the global generator, as in vLLM
-        self.llm_engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, **engine_kwargs), executor)
+        config = EngineConfig(model=str(model), dtype=dtype, enable_lora=enable_lora, max_loras=max_loras,
+                              max_lora_rank=max_lora_rank, **engine_kwargs)
+        self.llm_engine = LLMEngine(config, executor)
         self._counter = itertools.count()
 
     def shutdown(self) -> None:
@@ -44,21 +51,24 @@ class LLM:
         self,
         prompts: str | dict | Seq[str | dict],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs are in input order."""
+        """Runs every prompt to completion; outputs are in input order. `lora_request`: one adapter for every
+        prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
+        loras = self._loras_per_prompt(lora_request, len(prompts))
         engine = self.llm_engine
         order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(prompts)
         try:
-            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            for i, (prompt, sp, lora) in enumerate(zip(prompts, params, loras)):
                 request_id = str(next(self._counter))
                 # only the finished output is kept: the engine need not build one every step
                 sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, prompt, sp, index=i)
+                engine.add_request(request_id, prompt, sp, index=i, lora_request=lora)
                 order[request_id] = i
             while engine.has_unfinished_requests():
                 for out in engine.step():
@@ -76,6 +86,7 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Applies the checkpoint's chat template to one conversation or a list of them, then generates."""
         if not isinstance(messages, list) or not messages:
@@ -90,7 +101,7 @@ class LLM:
             {"prompt_token_ids": tok.encode(tok.apply_chat_template(c), add_special_tokens=False)}
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request=lora_request)
 
     @staticmethod
     def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
@@ -105,6 +116,20 @@ class LLM:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be SamplingParams, got {type(sp).__name__}")
         return params
+
+    @staticmethod
+    def _loras_per_prompt(lora_request, n: int) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * n
+        if not isinstance(lora_request, (list, tuple)):
+            raise TypeError(f"lora_request must be a LoRARequest, a list of them (None for the base model) or None, "
+                            f"got {type(lora_request).__name__}")
+        if len(lora_request) != n:
+            raise ValueError(f"got {len(lora_request)} lora requests for {n} prompts; pass one, or one per prompt")
+        for i, lora in enumerate(lora_request):
+            if lora is not None and not isinstance(lora, LoRARequest):
+                raise TypeError(f"lora_request[{i}] must be a LoRARequest or None, got {type(lora).__name__}")
+        return list(lora_request)
 
     def teacher_forced_logits(
         self, prompt_token_ids: list[list[int]], continuation_token_ids: list[list[int]] | None = None

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from expertmesh.engine.executor import Executor, ExecutorFactory, ExecutorSpec, LocalExecutor
+from expertmesh.engine.adapter_registry import AdapterRegistry
+from expertmesh.engine.executor import AdapterExecutor, Executor, ExecutorFactory, ExecutorSpec, LocalExecutor
+from expertmesh.engine.lora_request import LoRARequest
 from expertmesh.engine.outputs import CompletionOutput, RequestOutput
 from expertmesh.engine.sampler import make_generator, sample
 from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -29,9 +31,12 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gib, capped at what max_num_seqs can use
     kv_cache_gib: float = 2.0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_lora: bool = False  # serve LoRA adapters named per request (vLLM's defaults below)
+    max_loras: int = 1  # adapters resident at once: those of unfinished requests must fit
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -52,6 +57,7 @@ class _Request:
     generator: torch.Generator | None
     stop: StopChecker
     logprobs: list[dict[int, float]] | None
+    lora_request: LoRARequest | None = None
     cumulative_logprob: float = 0.0
     sent_tokens: int = 0  # DELTA outputs: tokens and characters already handed out
     sent_chars: int = 0
@@ -73,8 +79,16 @@ class LLMEngine:
             )
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         spec = ExecutorSpec(model=config.model, dtype=config.dtype, device=config.device, num_blocks=num_blocks,
-                            block_size=config.block_size)
+                            block_size=config.block_size, max_loras=config.max_loras if config.enable_lora else 0,
+                            max_lora_rank=config.max_lora_rank)
         self.executor: Executor = (executor or LocalExecutor.build)(spec)
+        self.adapters: AdapterRegistry | None = None  # which adapter each slot of the executor holds
+        self._adapter_executor: AdapterExecutor | None = None  # the executor again, when it serves adapters
+        if config.enable_lora:
+            if not isinstance(self.executor, AdapterExecutor):
+                self.executor.shutdown()
+                raise ValueError(f"enable_lora=True, but the {self.executor.mode} executor cannot serve LoRA adapters")
+            self.adapters, self._adapter_executor = AdapterRegistry(config.max_loras), self.executor
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -122,9 +136,15 @@ class LLMEngine:
             raise ValueError(f"{name}[{index}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}{hint}")
         return text, list(ids)
 
-    def add_request(self, request_id: str, prompt: Any, params: SamplingParams, index: int = 0) -> Sequence:
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams, index: int = 0,
+                    lora_request: LoRARequest | None = None) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora_request).__name__}")
+        if lora_request is not None and self.adapters is None:
+            raise ValueError(f"got lora_request {lora_request.lora_name!r}, but LoRA is not enabled: create the "
+                             "engine with enable_lora=True")
         if request_id in self._seq_ids:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         vocab = self.model_config.vocab_size
@@ -142,16 +162,19 @@ class LLMEngine:
         # everything that can refuse the request comes before the scheduler takes it
         generator = make_generator(params.seed, self.executor.device)
         stop = StopChecker(self.tokenizer, params, self.eos_token_ids)
+        if lora_request is not None:  # last: from here on a refusal must unpin it
+            seq.adapter_slot = self._acquire_adapter(lora_request)
         # Like vLLM, a request whose max_tokens runs past max_model_len stops there with "length".
         try:
             self.scheduler.add(seq, min(params.max_tokens or room, room))
         except ValueError as e:  # name the prompt and the engine settings that would make it fit
+            self._release_adapter(lora_request)
             hint = "raise num_kv_blocks (or kv_cache_gib) or lower max_tokens"
             raise ValueError(f"prompts[{index}]: {e}; {hint}") from None
         self._requests[seq.seq_id] = _Request(
             request_id=request_id, prompt=text, seq=seq, params=params,
             generator=generator, stop=stop,
-            logprobs=[] if params.logprobs is not None else None,
+            logprobs=[] if params.logprobs is not None else None, lora_request=lora_request,
         )
         self._seq_ids[request_id] = seq.seq_id
         return seq
@@ -161,7 +184,27 @@ class LLMEngine:
         seq_id = self._seq_ids.pop(request_id, None)
         if seq_id is not None:
             self.scheduler.abort(seq_id)
-            del self._requests[seq_id]
+            self._release_adapter(self._requests.pop(seq_id).lora_request)
+
+    def _acquire_adapter(self, lora_request: LoRARequest) -> int:
+        """The executor slot holding the request's adapter, loaded there if it is not resident; pinned until
+        the request finishes."""
+        assert self.adapters is not None and self._adapter_executor is not None
+        executor = self._adapter_executor
+
+        def load(slot: int) -> None:
+            try:
+                executor.load_adapter(slot, lora_request.lora_path)
+            except ValueError as e:
+                raise ValueError(f"LoRA adapter {lora_request.lora_name!r} (lora_int_id "
+                                 f"{lora_request.lora_int_id}): {e}") from None
+
+        return self.adapters.acquire(lora_request, load)
+
+    def _release_adapter(self, lora_request: LoRARequest | None) -> None:
+        if lora_request is not None:
+            assert self.adapters is not None
+            self.adapters.release(lora_request.lora_int_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -198,6 +241,7 @@ class LLMEngine:
                 self.scheduler.finish(req.seq, reason)
                 del self._requests[req.seq.seq_id]
                 del self._seq_ids[req.request_id]
+                self._release_adapter(req.lora_request)
             kind = req.params.output_kind
             if kind is RequestOutputKind.DELTA:
                 outputs.append(self._delta_output(req))
@@ -246,7 +290,7 @@ class LLMEngine:
         seq = req.seq
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=seq.prompt_token_ids,
-            outputs=[completion], finished=seq.is_finished,
+            outputs=[completion], finished=seq.is_finished, lora_request=req.lora_request,
         )
 
     def shutdown(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from expertmesh.engine.lora_request import LoRARequest
+
 
 @dataclass
 class CompletionOutput:
@@ -28,6 +30,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    lora_request: LoRARequest | None = None  # the adapter it ran with, as in vLLM; None: the base model
 
     def add(self, later: RequestOutput) -> None:
         """Appends a later delta output of the same request to this one (which becomes their sum)."""

@@ -36,6 +36,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    adapter_slot: int = -1  # the executor's LoRA adapter slot this request runs with; -1: the base model
 
     def __post_init__(self) -> None:
         if not self.token_ids:

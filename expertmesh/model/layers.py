@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from expertmesh import kernels
 from expertmesh.kernels.cpu_linear import linear
+
+if TYPE_CHECKING:
+    from expertmesh.model.adapters import LinearAdapters
 
 
 class RMSNorm(nn.Module):
@@ -36,5 +41,8 @@ class MLP(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference path runs on oneDNN (see kernels.cpu_linear)."""
 
+    adapters: LinearAdapters | None = None  # LoRA adapters served on this layer, per row (model/adapters.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        return y if self.adapters is None else self.adapters.add_rows(x, y)

@@ -3,10 +3,13 @@
 The cache holds, per token, the normalised latent `c_kv` [R] and the rotated shared RoPE key [Dr], never
 per-head keys and values. Prefill expands the latent through `kv_b_proj` once per chunk; decode uses the
 absorbed form: W_UK folds into the query and W_UV into the output, so attention runs in latent space and
-no step ever expands the whole cache.
+no step ever expands the whole cache. A LoRA adapter on kv_b_proj (model/adapters.py) applies per sequence: in
+prefill to the chunk's expanded context, in decode through kv_b_proj's weight merged with each slot's update.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,8 +27,13 @@ from expertmesh.model.paged import (
 )
 from expertmesh.model.rope import RotaryEmbedding
 
+if TYPE_CHECKING:
+    from expertmesh.model.adapters import LinearAdapters
+
 
 class MLAttention(nn.Module):
+    kv_b_adapters: LinearAdapters | None = None  # LoRA adapters served on kv_b_proj, applied per sequence
+
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         mla = config.mla
@@ -65,7 +73,8 @@ class MLAttention(nn.Module):
         q = q.view(T, self.num_heads, self.nope + self.rope_dim)  # [T, H, nope + rope]
         kv_a = self.kv_a_proj_with_mqa(x)  # [T, R + rope]
         cos, sin = cos_sin
-        if kv_cache is not None and meta.is_decode_only:  # the common serving step, fused after the projections
+        kv_b = self.kv_b_adapters if self.kv_b_adapters is not None and self.kv_b_adapters.in_use else None
+        if kv_cache is not None and meta.is_decode_only and kv_b is None:  # the common serving step, fused
             out = kernels.mla_decode_step(
                 q, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, self.rotary.interleave,
                 self.kv_b_proj.weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
@@ -82,7 +91,13 @@ class MLAttention(nn.Module):
             write_cache(kv_cache[1], meta.slot_mapping, k_pe)
 
         def decode(rows, seqs):
-            return self._decode(q_nope[rows], q_pe[rows], kv_cache, meta.block_tables[seqs], meta.context_lens_t[seqs])
+            def absorbed(sel, kv_b_weight):
+                return self._decode(q_nope[rows[sel]], q_pe[rows[sel]], kv_cache, meta.block_tables[seqs[sel]],
+                                    meta.context_lens_t[seqs[sel]], kv_b_weight)
+
+            if kv_b is None:
+                return absorbed(slice(None), self.kv_b_proj.weight)
+            return kv_b.by_slot(rows, self.kv_b_proj.weight, absorbed)
 
         def chunk(s, rows):
             if kv_cache is None:
@@ -90,16 +105,20 @@ class MLAttention(nn.Module):
             else:
                 ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
                 ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
-            return self._prefill(q_nope[rows], q_pe[rows], ctx_ckv, ctx_kpe, meta.positions[rows])
+            kv = self.kv_b_proj(ctx_ckv)  # [L, H * (nope + v)]
+            if kv_b is not None and (slot := kv_b.slot_of(rows.start)) >= 0:
+                kv = kv + kv_b.delta(ctx_ckv, slot)
+            return self._prefill(q_nope[rows], q_pe[rows], kv, ctx_kpe, meta.positions[rows])
 
         out = attend_by_sequence(meta, x.new_empty(T, self.num_heads, self.v_dim), cached=kv_cache is not None,
                                  decode=decode, chunk=chunk)
         return self.o_proj(out.flatten(1))
 
-    def _prefill(self, q_nope, q_pe, ctx_ckv, ctx_kpe, query_pos) -> torch.Tensor:
-        """Expanded form for a chunk of Tq queries against L context tokens -> [Tq, H, v]."""
-        L = ctx_ckv.shape[0]
-        kv = self.kv_b_proj(ctx_ckv).view(L, self.num_heads, self.nope + self.v_dim)
+    def _prefill(self, q_nope, q_pe, ctx_kv, ctx_kpe, query_pos) -> torch.Tensor:
+        """Expanded form for a chunk of Tq queries against L context tokens, whose latents kv_b_proj expanded
+        to ctx_kv [L, H * (nope + v)] -> [Tq, H, v]."""
+        L = ctx_kv.shape[0]
+        kv = ctx_kv.view(L, self.num_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [L, H, nope], [L, H, v]
         k = torch.cat((k_nope, ctx_kpe[:, None, :].expand(L, self.num_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [Tq, H, nope + rope]
@@ -107,8 +126,8 @@ class MLAttention(nn.Module):
         o = masked_softmax_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, self.scale)
         return o.transpose(0, 1)  # [Tq, H, v]
 
-    def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens) -> torch.Tensor:
-        """Absorbed form for B single-token queries -> [B, H, v]."""
+    def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens, kv_b_weight) -> torch.Tensor:
+        """Absorbed form for B single-token queries, kv_b_weight [H * (nope + v), R] -> [B, H, v]."""
         return kernels.mla_decode_absorbed(
-            q_nope, q_pe, self.kv_b_proj.weight, kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale
+            q_nope, q_pe, kv_b_weight, kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale
         )

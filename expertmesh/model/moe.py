@@ -8,7 +8,7 @@ router actor, which calls the same `route` and `fused_moe` functions.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 from expertmesh import kernels
 from expertmesh.model.config import ModelConfig, RoutingConfig
 from expertmesh.model.layers import Linear, MLP
+
+if TYPE_CHECKING:
+    from expertmesh.model.adapters import RoutedExpertAdapters
 
 
 def route(
@@ -53,12 +56,16 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
+    adapters: RoutedExpertAdapters | None = None  # LoRA adapters served on these experts (model/adapters.py)
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))  # gate rows, then up
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.adapters is not None and self.adapters.in_use:
+            return self.adapters.forward(x, topk_weights, topk_ids, self.w13, self.w2)
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from expertmesh.model.lora import ExpertLora, LoraLinear
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.moe import MoEBlock
 
 PREFIX = "base_model.model."
 
@@ -87,14 +89,31 @@ def save_peft_adapter(model: MoECausalLM, out_dir: str | Path, *, rank: int, alp
     return out
 
 
-def load_peft_adapter(model: MoECausalLM, adapter_dir: str | Path) -> list[str]:
-    """Puts a peft LoRA adapter (made by peft on transformers' model of this checkpoint, or by us) onto
-    `model`, frozen as `apply_lora` leaves it; returns the names of the modules it adapted. Refuses what
-    it cannot apply exactly: another adapter type, DoRA, rsLoRA, per-module ranks, tensors for modules the
-    model does not have, or of the wrong shape."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeftAdapter:
+    """A peft LoRA adapter as read from disk, its tensors named by our module paths (peft's `base_model.model.`
+    prefix dropped, Qwen2-MoE's `shared_expert` spelt `shared_experts`)."""
+
+    path: Path
+    rank: int  # the config's r: every update has it (per-module ranks are refused)
+    alpha: float
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
+    # MoE block path ("model.layers.3.mlp") -> {"w13" | "w2": (A [E * r, in], B [out, r * E])}, peft's fused layout
+    experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def read_peft_adapter(adapter_dir: str | Path) -> PeftAdapter:
+    """Reads a peft LoRA adapter directory. Refuses what cannot be applied exactly: another adapter type, DoRA,
+    rsLoRA, per-module ranks, tensors that are not LoRA pairs."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.exists():
+        raise ValueError(f"{adapter_dir} does not exist")
     config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{adapter_dir} is not a peft adapter (adapter_config.json and adapter_model.safetensors)")
@@ -107,7 +126,9 @@ def load_peft_adapter(model: MoECausalLM, adapter_dir: str | Path) -> list[str]:
     for pattern in ("rank_pattern", "alpha_pattern"):
         if config.get(pattern):
             raise ValueError(f"{adapter_dir}: per-module ranks ({pattern}) are not supported")
-    alpha = float(config["lora_alpha"])
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
+            raise ValueError(f"{adapter_dir}: adapter_config.json has no number {field!r}")
     targets = set(config.get("target_parameters") or [])
     both_experts = {"mlp.experts.down_proj", "mlp.experts.gate_up_proj"} <= targets
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -115,16 +136,36 @@ def load_peft_adapter(model: MoECausalLM, adapter_dir: str | Path) -> list[str]:
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{adapter_dir}: unexpected tensor {key!r}")
         path, which = key[len(PREFIX):-len(".weight")].rsplit(".", 1)
-        pairs.setdefault(path, {})[which] = value
-    adapted = []
+        pairs.setdefault(path.replace(".mlp.shared_expert.", ".mlp.shared_experts."), {})[which] = value
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for path, pair in sorted(pairs.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{adapter_dir}: {path} has {sorted(pair)}, not both lora_A and lora_B")
         if path.endswith(".mlp.experts.base_layer") or path.endswith(".mlp.experts"):
-            adapted.append(_load_experts(model, path, pair, alpha, both_experts, targets))
+            if both_experts:  # peft nests the wrappers: gate_up_proj's under base_layer (see the module doc)
+                which = "w13" if path.endswith(".base_layer") else "w2"
+            else:
+                which = "w13" if "mlp.experts.gate_up_proj" in targets else "w2"
+            block_path = path.removesuffix(".base_layer").removesuffix(".experts")
+            experts.setdefault(block_path, {})[which] = (pair["lora_A"], pair["lora_B"])
         else:
-            adapted.append(_load_linear(model, path, pair, alpha))
-    return adapted
+            linears[path] = (pair["lora_A"], pair["lora_B"])
+    return PeftAdapter(path=adapter_dir, rank=int(config["r"]), alpha=float(config["lora_alpha"]), linears=linears,
+                       experts=experts)
+
+
+def load_peft_adapter(model: MoECausalLM, adapter_dir: str | Path) -> list[str]:
+    """Puts a peft LoRA adapter (made by peft on transformers' model of this checkpoint, or by us) onto
+    `model`, frozen as `apply_lora` leaves it; returns the names of the modules it adapted. Refuses what
+    it cannot apply exactly (see `read_peft_adapter`), tensors for modules the model does not have, or of
+    the wrong shape."""
+    adapter = read_peft_adapter(adapter_dir)
+    adapted = [_load_linear(model, path, a, b, adapter.alpha) for path, (a, b) in adapter.linears.items()]
+    for block_path, updates in adapter.experts.items():
+        for which, (a, b) in sorted(updates.items()):
+            adapted.append(_load_experts(model, block_path, which, a, b, adapter.alpha))
+    return sorted(adapted)
 
 
 def _module(model: MoECausalLM, path: str):
@@ -134,11 +175,10 @@ def _module(model: MoECausalLM, path: str):
         raise ValueError(f"the adapter adapts {path}, which this model does not have") from None
 
 
-def _load_linear(model: MoECausalLM, path: str, pair: dict, alpha: float) -> str:
+def _load_linear(model: MoECausalLM, path: str, a: torch.Tensor, b: torch.Tensor, alpha: float) -> str:
     base = _module(model, path)
     if not isinstance(base, torch.nn.Linear):
         raise ValueError(f"the adapter adapts {path}, which is not a linear layer here")
-    a, b = pair["lora_A"], pair["lora_B"]
     if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
         raise ValueError(f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a "
                          f"{base.in_features} -> {base.out_features} layer")
@@ -152,17 +192,15 @@ def _load_linear(model: MoECausalLM, path: str, pair: dict, alpha: float) -> str
     return path
 
 
-def _load_experts(model: MoECausalLM, path: str, pair: dict, alpha: float, both: bool, targets: set) -> str:
-    block_path = path.removesuffix(".base_layer").removesuffix(".experts")
+def _load_experts(model: MoECausalLM, block_path: str, which: str, a: torch.Tensor, b: torch.Tensor,
+                  alpha: float) -> str:
     block = _module(model, block_path)
-    if both:
-        which = "w13" if path.endswith(".base_layer") else "w2"
-    else:
-        which = "w13" if "mlp.experts.gate_up_proj" in targets else "w2"
+    if not isinstance(block, MoEBlock):
+        raise ValueError(f"the adapter adapts routed experts of {block_path}, which is not an MoE block here")
     experts = block.experts
     if not isinstance(experts, ExpertLora):
         num = experts.w13.shape[0]
-        rank = pair["lora_A"].shape[0] // num
+        rank = a.shape[0] // num
         experts = block.experts = ExpertLora(experts, list(range(num)), rank, alpha)
         with torch.no_grad():
             for p in (experts.lora_w13_A, experts.lora_w13_B, experts.lora_w2_A, experts.lora_w2_B):
@@ -171,10 +209,9 @@ def _load_experts(model: MoECausalLM, path: str, pair: dict, alpha: float, both:
     num, out_features, in_features = base.shape
     target_a, target_b = getattr(experts, f"lora_{which}_A"), getattr(experts, f"lora_{which}_B")
     rank = target_a.shape[1]
-    a, b = pair["lora_A"], pair["lora_B"]
     if tuple(a.shape) != (num * rank, in_features) or tuple(b.shape) != (out_features, rank * num):
-        raise ValueError(f"{path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {num} experts of "
-                         f"{in_features} -> {out_features} at rank {rank}")
+        raise ValueError(f"{block_path}.experts.{which}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                         f"{num} experts of {in_features} -> {out_features} at rank {rank}")
     with torch.no_grad():
         target_a.copy_(a.reshape(num, rank, in_features))
         target_b.copy_(b.reshape(out_features, rank, num).permute(2, 0, 1))

@@ -61,6 +61,9 @@ def test_the_job_trains_writes_a_peft_adapter_and_a_report_and_resumes(tmp_path,
     assert chosen and all(0 < len(v) < num_experts for v in chosen.values())
     logs = done.stdout + done.stderr
     assert all(f"step {s}/4 loss" in logs for s in range(1, 5))  # one line per step
+    for name in ("report.md", "loss.png", "max_over_mean.png", "expert_load.png"):
+        assert (out / name).is_file(), name
+    assert "Status: `completed`" in (out / "report.md").read_text()
 
     # the adapter changes the model, and loads back
     prompt = torch.tensor([5, 17, 42, 7])
@@ -96,16 +99,21 @@ def test_a_bad_config_is_refused_before_ray_starts(tmp_path, job_config):
 
 
 def test_the_guard_stops_a_run_that_unbalances_the_experts(tmp_path, job_config):
-    """Every example the same short text, at a high learning rate: routing collapses and the guard stops the
-    run with a checkpoint, the adapter and the report, naming the layer and the figure."""
+    """Every example the same short text, at a learning rate three times the default: the probe's routing
+    drifts from the base model's step by step, and the guard warns, lowers the learning rate, then stops the run with a checkpoint, the adapter and the report, naming the layer and the
+    figure."""
     (tmp_path / "train.jsonl").write_text(json.dumps({"text": "gate gate gate"}) + "\n")
-    job_config["train"] = {"steps": 30, "batch_size": 4, "lr": 5.0e-2, "seed": 0, "checkpoint_every": 10}
+    job_config["train"] = {"steps": 30, "batch_size": 4, "lr": 3.0e-3, "seed": 0, "checkpoint_every": 10}
+    job_config["guard"] = {"cooldown_steps": 3}
     job_config["experts"] = {"select": "all"}
     done = run_job(job_config, tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     out = tmp_path / "runs" / "demo"
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "stopped_by_guard" and report["steps_completed"] < 30
+    actions = [e["action"] for e in report["guard_events"]]
+    assert actions[0] == "warn" and "lower_lr" in actions and actions.index("lower_lr") < actions.index("stop")
+    assert report["lr_drops"] >= 1 and report["final_lr"] == pytest.approx(3.0e-3 * 0.5 ** report["lr_drops"])
     stop = report["guard_events"][-1]
     assert stop["action"] == "stop" and stop["step"] == report["steps_completed"]
     assert {"layer", "metric", "value", "threshold"} <= set(stop)

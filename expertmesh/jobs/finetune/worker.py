@@ -6,7 +6,6 @@ report at the end."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from expertmesh.model.peft_format import save_peft_adapter
 from expertmesh.model import load_model
 from expertmesh.model.attention_metadata import AttentionMetadata
 
-logger = logging.getLogger("expertmesh.finetune")
 SAMPLE_SIZE = 64  # examples the base model's figures (ESFT scores, the guard's baseline) are measured on
 STATE_FILE = "trainer_state.pt"
 

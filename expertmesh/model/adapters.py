@@ -1,0 +1,316 @@
+"""LoRA adapters served side by side: up to `max_loras` slots of adapter weights on one model, each token of a
+step updated by the adapter in its sequence's slot.
+
+An adapted linear layer of the decoder holds A [S, r_max, in] and B [S, out, r_max], zero past an adapter's
+rank, with peft's scaling alpha / r folded into B: a row of slot s gains x A[s]^T B[s]^T. Routed experts hold
+only the (slot, expert) pairs an adapter adapts, as rows of compact stacks named by `index` [S, E] (-1: the
+expert is left alone); only the (token, expert) pairs whose token's slot adapts that expert run the adapted
+expert (`lora.expert_lora_forward`, the function training runs), the others stay in the fused kernel.
+
+MLA's kv_b_proj reads cached latents rather than this step's rows, so MLA applies it per sequence: the update
+of the chunk's slot in prefill, and merged weights W + B[s] A[s] for each slot's rows in the absorbed decode.
+
+The executor names each step's token slots with `ModelAdapters.serving`; in a step where no token has a slot,
+nothing is set and every hook returns at its first test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh import kernels
+from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.layers import Linear
+from expertmesh.model.lora import expert_lora_forward
+from expertmesh.model.mla import MLAttention
+from expertmesh.model.moe import MoEBlock, RoutedExperts
+from expertmesh.model.peft_format import PeftAdapter, read_peft_adapter
+
+Write = Callable[[int], None]  # puts one checked update into a slot
+
+
+def slot_groups(slots: torch.Tensor, *, with_base: bool = False) -> list[tuple[int, torch.Tensor]]:
+    """(slot, positions in `slots` [n] holding it) for each slot present: those >= 0, and -1 too with `with_base`."""
+    return [(s, (slots == s).nonzero().squeeze(1)) for s in torch.unique(slots).tolist() if with_base or s >= 0]
+
+
+class AdapterBatch:
+    """One forward's adapter slot per token, and the tokens of each slot present."""
+
+    __slots__ = ("token_slots", "groups")
+
+    def __init__(self, token_slots: torch.Tensor):
+        self.token_slots = token_slots  # [T] int64, -1: the base model
+        self.groups = slot_groups(token_slots)  # [(slot, rows [n])]
+
+
+class AdapterContext:
+    """What the hooks of one model read: the batch of the forward running now (None: no adapter in it)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self) -> None:
+        self.batch: AdapterBatch | None = None
+
+
+class LinearAdapters:
+    """One linear layer's updates by slot: A [S, r, in] and B [S, out, r], the scaling folded into B."""
+
+    def __init__(self, base: nn.Linear, context: AdapterContext, num_slots: int, max_rank: int):
+        self.context = context
+        self.a = base.weight.new_zeros(num_slots, max_rank, base.in_features)  # [S, r, in]
+        self.b = base.weight.new_zeros(num_slots, base.out_features, max_rank)  # [S, out, r]
+        self.slots: set[int] = set()  # the slots that adapt this layer
+
+    def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        self.clear(slot)
+        self.a[slot, : a.shape[0]] = a
+        self.b[slot, :, : b.shape[1]] = b * scaling
+        self.slots.add(slot)
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.slots.discard(slot)
+
+    def delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:  # [n, in] -> [n, out]
+        return F.linear(F.linear(x, self.a[slot]), self.b[slot])
+
+    @property
+    def in_use(self) -> bool:
+        batch = self.context.batch
+        return batch is not None and any(s in self.slots for s, _ in batch.groups)
+
+    def add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`Linear.forward`'s hook: y [T, out] of this forward's rows x [T, in], plus each row's update."""
+        batch = self.context.batch
+        if batch is None or not self.slots:
+            return y
+        assert x.shape[0] == batch.token_slots.shape[0], "a row hook on a layer that does not see the batch's rows"
+        for slot, rows in batch.groups:
+            if slot in self.slots:
+                y.index_add_(0, rows, self.delta(x[rows], slot))
+        return y
+
+    def slot_of(self, row: int) -> int:
+        """The slot of this forward's token `row` if it adapts this layer, else -1."""
+        batch = self.context.batch
+        slot = -1 if batch is None else int(batch.token_slots[row])
+        return slot if slot in self.slots else -1
+
+    def by_slot(self, rows: torch.Tensor, base_weight: torch.Tensor,
+                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn(sel, weight) for each group of `rows` (this forward's tokens) sharing a slot, `weight` being this
+        layer's [out, in] merged with the slot's update; the results [len(sel), ...] assembled in row order."""
+        assert self.context.batch is not None and len(rows) > 0
+        out = None
+        for slot, sel in slot_groups(self.context.batch.token_slots[rows], with_base=True):
+            weight = base_weight if slot not in self.slots else base_weight + self.b[slot] @ self.a[slot]
+            y = fn(sel, weight)
+            if out is None:
+                out = y.new_empty(len(rows), *y.shape[1:])
+            out[sel] = y
+        return out
+
+
+class RoutedExpertAdapters:
+    """One MoE layer's routed-expert updates. Only adapted (slot, expert) pairs hold weights: `index` [S, E]
+    names their row of the stacks A13 [N, r, H], B13 [N, 2I, r], A2 [N, r, I], B2 [N, H, r] (scaled)."""
+
+    def __init__(self, experts: RoutedExperts, context: AdapterContext, num_slots: int, max_rank: int):
+        w13 = experts.w13
+        num_experts, two_i, hidden = w13.shape
+        inter = experts.w2.shape[2]
+        self.context = context
+        self.index = torch.full((num_slots, num_experts), -1, dtype=torch.int64, device=w13.device)
+        self.a13, self.b13 = w13.new_zeros(0, max_rank, hidden), w13.new_zeros(0, two_i, max_rank)
+        self.a2, self.b2 = w13.new_zeros(0, max_rank, inter), w13.new_zeros(0, hidden, max_rank)
+        self.slots: set[int] = set()  # the slots that adapt some expert of this layer
+        self._free: list[int] = []  # rows of the stacks no pair uses
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in use: adapted (slot, expert) pairs."""
+        return int((self.index >= 0).sum())
+
+    @property
+    def in_use(self) -> bool:
+        batch = self.context.batch
+        return batch is not None and any(s in self.slots for s, _ in batch.groups)
+
+    def set(self, slot: int, experts: list[int], updates: tuple[torch.Tensor, ...], scaling: float) -> None:
+        """Slot `slot` adapts `experts`; `updates` = (A13, B13, A2, B2), one entry per expert in that order."""
+        self.clear(slot)
+        if not experts:
+            return
+        rows = self._take(len(experts))
+        a13, b13, a2, b2 = updates
+        self.a13[rows, : a13.shape[1]], self.b13[rows, :, : b13.shape[2]] = a13, b13 * scaling
+        self.a2[rows, : a2.shape[1]], self.b2[rows, :, : b2.shape[2]] = a2, b2 * scaling
+        self.index[slot, experts] = torch.tensor(rows, device=self.index.device)
+        self.slots.add(slot)
+
+    def clear(self, slot: int) -> None:
+        rows = self.index[slot][self.index[slot] >= 0].tolist()
+        for stack in (self.a13, self.b13, self.a2, self.b2):
+            stack[rows] = 0
+        self._free.extend(rows)
+        self.index[slot] = -1
+        self.slots.discard(slot)
+
+    def _take(self, n: int) -> list[int]:
+        if len(self._free) < n:  # grow every stack by the rows missing
+            start, grow = self.a13.shape[0], n - len(self._free)
+            self.a13, self.b13, self.a2, self.b2 = (torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
+                                                    for t in (self.a13, self.b13, self.a2, self.b2))
+            self._free.extend(range(start, start + grow))
+        self._free.sort()
+        rows, self._free = self._free[:n], self._free[n:]
+        return rows
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """`RoutedExperts.forward` while `in_use`: the routed output [T, H]."""
+        batch = self.context.batch
+        assert batch is not None
+        ids = topk_ids.long()
+        slots = batch.token_slots  # [T]
+        assert x.shape[0] == slots.shape[0], "routed experts must see every token of the batch"
+        rows = self.index[slots.clamp(min=0)].gather(1, ids)  # [T, K] each pair's row of the stacks, -1: none
+        adapted = (rows >= 0) & (slots >= 0)[:, None]  # [T, K]
+        # The adapted pairs weigh nothing in the fused kernel: they run through their adapted expert below.
+        out = kernels.fused_moe(x, w13, w2, topk_weights.masked_fill(adapted, 0.0), topk_ids)
+        stacks = (self.a13, self.b13, self.a2, self.b2)
+        for slot, tokens in batch.groups:
+            pairs = adapted[tokens]  # [n, K]
+            if slot in self.slots and bool(pairs.any()):
+                ids_of_slot = ids[tokens].masked_fill(~pairs, -1)  # -1: a pair the fused kernel computed
+                out.index_add_(0, tokens, expert_lora_forward(x[tokens], topk_weights[tokens], ids_of_slot, w13, w2,
+                                                              self.index[slot], stacks, 1.0))
+        return out
+
+
+class ModelAdapters:
+    """Up to `num_slots` LoRA adapters resident on one model, loaded from peft directories into slots; what a
+    slot holds is the engine's business (its adapters registry)."""
+
+    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int):
+        self.model, self.num_slots, self.max_rank = model, num_slots, max_rank
+        self.context = AdapterContext()
+        self.linears: dict[str, LinearAdapters] = {}  # by module path, MLA's kv_b_proj included
+        self.experts: dict[str, RoutedExpertAdapters] = {}  # by MoE block path
+
+    @contextmanager
+    def serving(self, token_slots: torch.Tensor | None) -> Iterator[None]:
+        """Applies each token's adapter (token_slots [T] int64, -1: none; None: no adapter at all) to the
+        forward passes run inside."""
+        if token_slots is None:
+            yield
+            return
+        self.context.batch = AdapterBatch(token_slots)
+        try:
+            yield
+        finally:
+            self.context.batch = None
+
+    def load(self, slot: int, adapter_dir: str | Path) -> None:
+        """Puts the peft adapter at `adapter_dir` into `slot`, replacing what it held. Everything is checked
+        first: a ValueError names what does not fit (rank, a module this model lacks, a shape), and leaves
+        the slot as it was."""
+        self._check_slot(slot)
+        adapter = read_peft_adapter(adapter_dir)
+        self._check_rank(adapter, "the adapter", adapter.rank)
+        writes = [self._linear(adapter, path, a, b) for path, (a, b) in adapter.linears.items()]
+        writes += [self._experts(adapter, path, updates) for path, updates in adapter.experts.items()]
+        self.clear(slot)
+        for write in writes:
+            write(slot)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for holder in (*self.linears.values(), *self.experts.values()):
+            holder.clear(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"adapter slot {slot} is outside [0, {self.num_slots}): max_loras={self.num_slots}")
+
+    def _check_rank(self, adapter: PeftAdapter, what: str, rank: int) -> None:
+        if rank > self.max_rank:
+            raise ValueError(f"{adapter.path}: {what}: rank {rank} exceeds max_lora_rank={self.max_rank}")
+
+    def _module(self, adapter: PeftAdapter, path: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{adapter.path}: the adapter adapts {path}, which this model does not have") from None
+
+    def _linear(self, adapter: PeftAdapter, path: str, a: torch.Tensor, b: torch.Tensor) -> Write:
+        module = self._module(adapter, path)
+        if not isinstance(module, Linear):
+            raise ValueError(f"{adapter.path}: the adapter adapts {path}, which is not a linear layer here")
+        if not path.startswith("model.layers."):  # the LM head sees only the sampled rows
+            raise ValueError(f"{adapter.path}: the adapter adapts {path}; only the decoder layers' linear layers "
+                             "are served with adapters")
+        rank = a.shape[0]
+        if tuple(a.shape) != (rank, module.in_features) or tuple(b.shape) != (module.out_features, rank):
+            raise ValueError(f"{adapter.path}: {path}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                             f"a {module.in_features} -> {module.out_features} layer")
+        self._check_rank(adapter, path, rank)
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        weight = module.weight
+
+        def write(slot: int) -> None:
+            holder = self.linears.get(path)
+            if holder is None:
+                holder = self.linears[path] = LinearAdapters(module, self.context, self.num_slots, self.max_rank)
+                if isinstance(parent, MLAttention) and name == "kv_b_proj":  # reads cached latents: MLA applies it
+                    parent.kv_b_adapters = holder
+                else:
+                    module.adapters = holder
+            holder.set(slot, a.to(weight), b.to(weight), adapter.scaling)
+
+        return write
+
+    def _experts(self, adapter: PeftAdapter, block_path: str,
+                 updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Write:
+        block = self._module(adapter, block_path)
+        if not isinstance(block, MoEBlock) or not isinstance(block.experts, RoutedExperts):
+            raise ValueError(f"{adapter.path}: the adapter adapts routed experts of {block_path}, which has none here")
+        experts = block.experts
+        num, two_i, hidden = experts.w13.shape
+        shapes = {"w13": (two_i, hidden), "w2": (hidden, experts.w2.shape[2])}  # (out, in)
+        per_expert = {}  # which -> (A [E, r, in], B [E, out, r])
+        for which, (a, b) in updates.items():
+            out_features, in_features = shapes[which]
+            rank = a.shape[0] // num
+            if tuple(a.shape) != (num * rank, in_features) or tuple(b.shape) != (out_features, rank * num) or not rank:
+                raise ValueError(f"{adapter.path}: {block_path}.experts ({which}): adapter shapes {tuple(a.shape)}, "
+                                 f"{tuple(b.shape)} do not fit {num} experts of {in_features} -> {out_features}")
+            self._check_rank(adapter, f"{block_path}.experts", rank)
+            per_expert[which] = (a.reshape(num, rank, in_features), b.reshape(out_features, rank, num).permute(2, 0, 1))
+        for which, (out_features, in_features) in shapes.items():  # one side not adapted: zeros
+            per_expert.setdefault(which, (torch.zeros(num, 1, in_features), torch.zeros(num, out_features, 1)))
+        adapted = torch.zeros(num, dtype=torch.bool)
+        for a, b in per_expert.values():  # an expert whose update is zero is not adapted (peft writes them all)
+            adapted |= a.flatten(1).any(1) & b.flatten(1).any(1)
+        chosen = adapted.nonzero().squeeze(1).tolist()
+        weight = experts.w13
+        tensors = tuple(t[chosen].to(weight) for which in ("w13", "w2") for t in per_expert[which])
+
+        def write(slot: int) -> None:
+            holder = self.experts.get(block_path)
+            if holder is None:
+                holder = self.experts[block_path] = RoutedExpertAdapters(experts, self.context, self.num_slots,
+                                                                   self.max_rank)
+                experts.adapters = holder
+            holder.set(slot, chosen, tensors, adapter.scaling)
+
+        return write
