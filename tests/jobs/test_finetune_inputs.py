@@ -143,3 +143,18 @@ def test_the_kuberay_jobs_config_is_one_the_job_takes():
     (config_map,) = [d for d in pyyaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "ConfigMap"]
     config = FinetuneConfig.from_dict(pyyaml.safe_load(config_map["data"]["finetune.yaml"]))
     assert config.scaling.use_gpu and config.deployment is None
+
+
+def test_a_lora_target_that_matches_nothing_is_refused_before_anything_starts(tmp_path):
+    from hf_models import build_hf_checkpoint
+
+    from expertmesh.jobs.finetune.job import prepare
+
+    mixtral = build_hf_checkpoint("mixtral", tmp_path / "mixtral")  # routed experts only, no shared expert
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    config = FinetuneConfig.from_dict({"model": str(mixtral), "data": {"path": "train.jsonl"}, "output_dir": "out",
+                                       "lora": {"targets": ["attention", "shared_experts"]}}, base_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"lora.targets\[1\] 'shared_experts' matches nothing .* \(mixtral has no "
+                                         "shared experts"):
+        prepare(config)
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from expertmesh.engine.tokenizer import Tokenizer, load_eos_token_ids
 from expertmesh.jobs.finetune.config import FinetuneConfig
 from expertmesh.jobs.finetune.data import load_examples
 from expertmesh.jobs.finetune.shard_mode import check_deployment, start_shards
-from expertmesh.model import check_checkpoint
+from expertmesh.model import ModelConfig, check_checkpoint
 
 RUN_FILE = "run.json"  # which config the output directory belongs to
 MAX_FAILURES = 3  # worker-group restarts from the latest checkpoint before the run fails
@@ -40,11 +40,22 @@ def _absolute(config: FinetuneConfig) -> FinetuneConfig:
                                data=dataclasses.replace(config.data, path=os.path.abspath(config.data.path)))
 
 
+def _check_targets(config: FinetuneConfig) -> None:
+    """Every LoRA target must match something in the model."""
+    model = ModelConfig.from_pretrained(config.model)
+    missing = {"shared_experts": not model.shared_intermediate_size, "routed_experts": not any(model.moe_layers)}
+    for i, target in enumerate(config.lora.targets):
+        if missing.get(target):
+            raise ValueError(f"lora.targets[{i}] {target!r} matches nothing in {config.model} ({model.model_type} "
+                             f"has no {target.replace('_', ' ')}); drop it from lora.targets")
+
+
 def prepare(config: FinetuneConfig) -> dict:
     """Everything that can be wrong is found here, before a worker starts: the checkpoint, the data (every
     line), the output directory holding another run. Returns the config the workers get, its paths absolute."""
     config = _absolute(config)
     check_checkpoint(config.model)
+    _check_targets(config)
     if config.deployment is not None:
         check_deployment(config.deployment, config.model)
     tokenizer = Tokenizer.from_pretrained(config.model)
