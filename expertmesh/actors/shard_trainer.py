@@ -176,7 +176,8 @@ def _cpu(value):
     return value
 
 
-def split_adapters(adapters: Mapping[Expert, AdapterTensors], experts: Sequence[Expert]) -> dict[Expert, AdapterTensors]:
+def split_adapters(adapters: Mapping[Expert, AdapterTensors],
+                   experts: Sequence[Expert]) -> dict[Expert, AdapterTensors]:
     """The adapters among `adapters` of the experts in `experts` (what one shard holds)."""
     mine = set(experts)
     return {k: v for k, v in adapters.items() if k in mine}

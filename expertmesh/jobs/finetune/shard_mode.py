@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from expertmesh.actors.router import RouterCore
+from expertmesh.actors.shard_trainer import split_adapters
 from expertmesh.experts import PlacementTable
 from expertmesh.graph.deployment import DeploymentConfig
 from expertmesh.jobs.finetune.local_step import barrier
@@ -201,9 +202,8 @@ class ShardHandles:
     def start(self, adapters: dict, rank: int, alpha: float, weight_decay: float) -> None:
         import ray
 
-        ray.get([h.start_training.remote({k: v for k, v in adapters.items()
-                                          if k in set(self.placement.shard_experts(i))}, rank, alpha, weight_decay)
-                 for i, h in self.handles.items()])
+        ray.get([h.start_training.remote(split_adapters(adapters, self.placement.shard_experts(i)), rank, alpha,
+                                         weight_decay) for i, h in self.handles.items()])
 
     def apply(self, step: int, lr: float) -> None:
         self._all("apply_step", step, lr)

@@ -6,6 +6,7 @@ report at the end."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,12 +170,15 @@ def train_worker(loop_config: dict) -> None:
                                  "entropy": {layer: h.entropy for layer, h in health.items()},
                                  "overlap": overlap or {}, "aux_loss": result.aux_loss})
         if rank == 0:
-            print(f"step {step}/{config.train.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
-                  f"tokens/s {result.tokens / max(elapsed, 1e-9):.1f} worst max/mean vs base {worst:.2f}x"
-                  + (f" min overlap {min(overlap.values()):.2f}" if overlap else "")
-                  + (f" aux {result.aux_loss:.4f}" if config.guard.aux_loss_coef > 0 else "")
-                  + "".join(f" [guard: {e.action} layer {e.layer} {e.metric}={e.value:.3f}]" for e in events),
-                  flush=True)
+            # written, not print()ed: Ray Train also copies print() into its own log, and `ray job logs`
+            # would show every line twice
+            line = (f"step {step}/{config.train.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
+                    f"tokens/s {result.tokens / max(elapsed, 1e-9):.1f} worst max/mean vs base {worst:.2f}x"
+                    + (f" min overlap {min(overlap.values()):.2f}" if overlap else "")
+                    + (f" aux {result.aux_loss:.4f}" if config.guard.aux_loss_coef > 0 else "")
+                    + "".join(f" [guard: {e.action} layer {e.layer} {e.metric}={e.value:.3f}]" for e in events))
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         metrics = {"step": step, "loss": result.loss, "lr": result.lr, "worst_max_over_mean_vs_base": worst}
         if guard.stopped or step % config.train.checkpoint_every == 0 or step == config.train.steps:
             _report_with_checkpoint(metrics, rank, model, trainable, trainer, guard, state, handles)
