@@ -57,7 +57,8 @@ serve-config: $(VENV)/.installed
 	{ echo "# Rendered by \`make serve-config\` from infra/serve/deployment-gpu.yaml; tests/infra check it matches."; \
 	  echo "# For \`serve deploy\` on an existing GPU Ray cluster (e.g. \`ray up infra/ray/cluster-aws-gpu.yaml\`)."; \
 	  $(PY) -m expertmesh serve --print-serve-config --model /models/default --served-model-name expertmesh \
-	    --dtype bfloat16 --deployment infra/serve/deployment-gpu.yaml --host 0.0.0.0 --port 8000; } > infra/serve/serve-config.yaml
+	    --dtype bfloat16 --deployment infra/serve/deployment-gpu.yaml --host 0.0.0.0 --port 8000 \
+	    --min-replicas 1 --max-replicas 2; } > infra/serve/serve-config.yaml
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/engine_vs_hf.py

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from expertmesh.platform.server.settings import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Serve and fine-tune MoE LLMs.")
@@ -61,6 +63,19 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     srv.add_argument("--max-request-work", type=int, default=1 << 20,
                      help="the most token entries one answer may hold: prompts x n x max_tokens x (1 + logprobs)")
+    srv.add_argument("--replicas", type=int, default=None,
+                     help="Serve replicas, each with its own engine or actor graph (default 1); not with "
+                          "--min/--max-replicas")
+    srv.add_argument("--min-replicas", type=int, default=None,
+                     help="with --max-replicas: Serve autoscales between them (default 1; 0 is refused: a cold "
+                          "start loads the whole checkpoint)")
+    srv.add_argument("--max-replicas", type=int, default=None, help="the most replicas Serve autoscales to")
+    srv.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling adds replicas while each holds more requests than this (default: the "
+                          "engine's batch, --max-num-seqs)")
+    srv.add_argument("--autoscaling-config", default=None, metavar="JSON",
+                     help="more fields of Ray Serve's AutoscalingConfig, e.g. '{\"downscale_delay_s\": 300}' "
+                          f"(defaults: upscale_delay_s {UPSCALE_DELAY_S:g}, downscale_delay_s {DOWNSCALE_DELAY_S:g})")
     srv.add_argument("--print-serve-config", action="store_true",
                      help="print a Serve config file for `serve deploy`/`serve run` with these settings and exit")
     srv.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from expertmesh import LLM, SamplingParams, cli
 
@@ -100,6 +101,44 @@ def test_user_errors_return_nonzero_with_a_one_line_message(tiny_model_dir, tmp_
     assert len(err.splitlines()) == 1 and err.startswith("expertmesh ")
     for needle in needles:
         assert needle in err
+
+
+@pytest.mark.parametrize("flags, needles", [
+    pytest.param(["--replicas", "2", "--max-replicas", "3"], ["--replicas", "--min-replicas/--max-replicas",
+                                                              "exclude each other"], id="fixed_and_autoscaling"),
+    pytest.param(["--min-replicas", "3", "--max-replicas", "2"], ["--min-replicas (3) is more than --max-replicas (2)"],
+                 id="min_over_max"),
+    pytest.param(["--min-replicas", "0", "--max-replicas", "2"], ["--min-replicas must be at least 1, got 0",
+                                                                  "scaling to zero"], id="scale_to_zero"),
+    pytest.param(["--min-replicas", "-1", "--max-replicas", "2"], ["--min-replicas must be an integer of at least 1"],
+                 id="negative_min"),
+    pytest.param(["--max-replicas", "0"], ["--max-replicas must be an integer of at least 1, got 0"], id="max_zero"),
+    pytest.param(["--replicas", "0"], ["--replicas must be an integer of at least 1, got 0"], id="no_replicas"),
+    pytest.param(["--min-replicas", "2"], ["--min-replicas is for autoscaling: give --max-replicas"], id="min_alone"),
+    pytest.param(["--target-ongoing-requests", "4"], ["--target-ongoing-requests is for autoscaling"],
+                 id="target_without_max"),
+    pytest.param(["--max-replicas", "2", "--target-ongoing-requests", "0"],
+                 ["--target-ongoing-requests must be a number above 0"], id="zero_target"),
+    pytest.param(["--max-replicas", "2", "--max-num-seqs", "4", "--max-waiting", "8", "--target-ongoing-requests", "20"],
+                 ["--target-ongoing-requests (20) is more than a replica holds: --max-num-seqs (4) + --max-waiting "
+                  "(8) = 12"], id="target_past_what_a_replica_holds"),
+    pytest.param(["--max-replicas", "2", "--autoscaling-config", '{"max_replicas": 5}'],
+                 ["--autoscaling-config: set max_replicas with --max-replicas"], id="max_in_the_mapping"),
+    pytest.param(["--max-replicas", "2", "--autoscaling-config", '{"upscale_delay": 5}'],
+                 ["--autoscaling-config: unknown fields ['upscale_delay']"], id="unknown_field"),
+    pytest.param(["--max-replicas", "2", "--autoscaling-config", '{"downscale_delay_s": -5}'],
+                 ["--autoscaling-config: downscale_delay_s:"], id="serve_refuses_a_field"),
+])
+@pytest.mark.parametrize("printed", [False, True], ids=["serve", "print_serve_config"])
+def test_serve_refuses_bad_replica_flags_naming_them(tiny_model_dir, capsys, flags, needles, printed):
+    """Refused in one line before Ray starts, whether serving or printing the Serve config."""
+    extra = ["--print-serve-config"] if printed else []
+    assert cli.main(["serve", "--model", str(tiny_model_dir), *flags, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("expertmesh serve: error: "), err
+    for needle in needles:
+        assert needle in err
+    assert not ray.is_initialized()
 
 
 def test_generate_on_an_actor_graph_prints_what_local_mode_prints(tiny_model_dir, reference, tmp_path):

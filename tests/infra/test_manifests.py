@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 # The arguments the shipped Serve config is rendered with (`make serve-config`)
 SERVE_ARGS = ["--model", "/models/default", "--served-model-name", "expertmesh", "--dtype", "bfloat16",
-              "--deployment", "infra/serve/deployment-gpu.yaml", "--host", "0.0.0.0", "--port", "8000"]
+              "--deployment", "infra/serve/deployment-gpu.yaml", "--host", "0.0.0.0", "--port", "8000",
+              "--min-replicas", "1", "--max-replicas", "2"]
 IMAGE = "expertmesh:0.1.0"  # the Terraform examples replace exactly this string with the pushed image
 
 
@@ -130,12 +131,16 @@ def _quantity(value: str) -> float:
 
 def test_every_role_of_the_graph_fits_a_worker_group_that_advertises_it():
     """Each actor asks for custom resources that one worker group advertises per pod, and that group's pods
-    have the CPUs and GPUs the actor asks for; the groups can grow to hold the whole graph."""
-    args = yaml.safe_load(_service()["spec"]["serveConfigV2"])["applications"][0]["args"]
-    d = DeploymentConfig.from_dict(args["deployment"])
+    have the CPUs and GPUs the actor asks for; the groups can grow to hold a whole graph for each of the
+    most Serve replicas the autoscaling config allows (each replica drives a graph of its own)."""
+    (app,) = yaml.safe_load(_service()["spec"]["serveConfigV2"])["applications"]
+    d = DeploymentConfig.from_dict(app["args"]["deployment"])
+    (serve_deployment,) = app["deployments"]
+    graphs = serve_deployment["autoscaling_config"]["max_replicas"]
+    assert graphs == 2
     groups = _groups(_service())
-    roles = [(d.attention_resources, d.attention_actors), (d.router_resources, 1),
-             (d.shard_resources, d.shard_actors)]
+    roles = [(d.attention_resources, d.attention_actors * graphs), (d.router_resources, graphs),
+             (d.shard_resources, d.shard_actors * graphs)]
     need: dict[str, float] = {}
     for resources, count in roles:
         (name, group), = [(n, g) for n, g in groups.items()
@@ -144,6 +149,8 @@ def test_every_role_of_the_graph_fits_a_worker_group_that_advertises_it():
         assert float(limits.get("nvidia.com/gpu", 0)) >= resources.num_gpus, name
         for key, amount in resources.resources.items():
             assert float(group["resources"][key]) >= amount, (name, key)
+            need[key] = need.get(key, 0) + amount * count
+            assert need[key] <= float(group["resources"][key]) * group["maxReplicas"], (name, key)
         need[name] = need.get(name, 0) + resources.num_cpus * count
         assert need[name] <= _quantity(limits["cpu"]) * group["maxReplicas"], name
     assert d.cluster_autoscales  # the GPU groups start from zero pods

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from expertmesh.platform.server.settings import (
+    DEPLOYMENT_NAME,
+    ReplicaScaling,
     ServerSettings,
     generate_api_key,
     read_api_keys,
@@ -41,10 +43,38 @@ def settings_from_args(args) -> ServerSettings:
     )
 
 
-def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
+def scaling_from_args(args) -> ReplicaScaling:
+    """--replicas, or --min/--max-replicas with Serve's autoscaling aimed at the engine's batch: a replica
+    holding more requests than it decodes at once queues them, and another replica would run them now."""
+    target = args.target_ongoing_requests
+    if args.max_replicas is not None:
+        from dataclasses import fields
+
+        from expertmesh.engine.llm_engine import EngineConfig
+
+        batch = args.max_num_seqs or next(f.default for f in fields(EngineConfig) if f.name == "max_num_seqs")
+        holds = batch + args.max_waiting  # beyond it the replica answers 429, and Serve never sees more load
+        if target is None:
+            target = batch
+        elif target > holds:
+            raise ValueError(f"--target-ongoing-requests ({target:g}) is more than a replica holds: --max-num-seqs "
+                             f"({batch}) + --max-waiting ({args.max_waiting}) = {holds}")
+    autoscaling = {}
+    if args.autoscaling_config is not None:
+        try:
+            autoscaling = yaml.safe_load(args.autoscaling_config) or {}
+        except yaml.YAMLError:
+            raise ValueError(f"--autoscaling-config is not JSON (or YAML): {args.autoscaling_config!r}") from None
+    return ReplicaScaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                          target_ongoing_requests=target, autoscaling=autoscaling)
+
+
+def serve_config(settings: ServerSettings, host: str, port: int, scaling: ReplicaScaling | None = None) -> dict:
     """A Serve config file for `serve deploy` / `serve run` on an existing cluster, with these settings
     (API keys left out: give the cluster `EXPERTMESH_API_KEY` or an `api_key_file`; without either the app
-    refuses to start unless the config says `allow_no_api_key: true`, which --no-api-key writes)."""
+    refuses to start unless the config says `allow_no_api_key: true`, which --no-api-key writes). The replica
+    count or autoscaling goes in the application's `deployments:` entry, where Serve applies a change to it
+    without restarting the replicas (a change to `args` rebuilds them all)."""
     args = {"model": settings.model, "dtype": settings.dtype}
     if settings.served_model_name:
         args["served_model_name"] = settings.served_model_name
@@ -67,25 +97,28 @@ def serve_config(settings: ServerSettings, host: str, port: int) -> dict:
         "applications": [{
             "name": "expertmesh", "route_prefix": "/",
             "import_path": "expertmesh.platform.server.serve_app:app_builder", "args": args,
+            "deployments": [{"name": DEPLOYMENT_NAME, **(scaling or ReplicaScaling()).serve_options()}],
         }],
     }
 
 
-def _cluster_cpus(settings: ServerSettings) -> float:
-    """Logical CPUs the Ray we start needs at least: the replica's, plus the deployment's actors (they spend
-    much of a step waiting on one another, so a machine with fewer cores still runs them)."""
-    need = 1.0
+def _cluster_cpus(settings: ServerSettings, scaling: ReplicaScaling) -> float:
+    """Logical CPUs the Ray we start needs at least: each replica's, plus its deployment's actors (they spend
+    much of a step waiting on one another, so a machine with fewer cores still runs them), for the most
+    replicas that may run."""
+    per_replica = 1.0
     if settings.deployment is not None:
         from expertmesh.graph import DeploymentConfig
 
-        need += DeploymentConfig.load(settings.deployment).total_cpus
-    return need
+        per_replica += DeploymentConfig.load(settings.deployment).total_cpus
+    return per_replica * scaling.most
 
 
 def run(args) -> int:
     settings = settings_from_args(args)
+    scaling = scaling_from_args(args)
     if args.print_serve_config:
-        print(yaml.safe_dump(serve_config(settings, args.host, args.port), sort_keys=False), end="")
+        print(yaml.safe_dump(serve_config(settings, args.host, args.port, scaling), sort_keys=False), end="")
         return 0
     from expertmesh.graph import runtime
     from ray import serve
@@ -94,15 +127,15 @@ def run(args) -> int:
 
     # Ray starts its workers at niceness 15; the replica here is the server itself, so it should not yield
     # its cores to whatever else runs on the machine (Ray's job manager does the same for drivers)
-    owns_ray = runtime.connect(num_cpus=_cluster_cpus(settings), log_to_driver=args.verbose, worker_niceness=0)
+    owns_ray = runtime.connect(num_cpus=_cluster_cpus(settings, scaling), log_to_driver=args.verbose, worker_niceness=0)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"loading {settings.model} ...", flush=True)
-        serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-        _print_banner(settings, args.host, args.port)
+        serve.run(build_application(settings, scaling=scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        _print_banner(settings, scaling, args.host, args.port)
         while not stop.is_set():
             stop.wait(0.5)
         print("shutting down ...", flush=True)
@@ -124,10 +157,16 @@ def _shutdown(serve, runtime, owns_ray: bool) -> None:
         runtime.disconnect(owns_ray)
 
 
-def _print_banner(settings: ServerSettings, host: str, port: int) -> None:
+def _print_banner(settings: ServerSettings, scaling: ReplicaScaling, host: str, port: int) -> None:
     url = f"http://{host}:{port}"
     auth = f" -H 'Authorization: Bearer {settings.api_keys[0]}'" if settings.api_keys else ""
     print(f"expertmesh is serving {settings.model_name!r} at {url}/v1", flush=True)
+    if scaling.autoscales:
+        config = scaling.autoscaling_config()
+        print(f"replicas: {config['min_replicas']} to {config['max_replicas']}, autoscaled by Serve (target "
+              f"{config['target_ongoing_requests']:g} ongoing requests each)")
+    else:
+        print(f"replicas: {scaling.lowest}")
     if settings.api_keys:
         print(f"API key: {settings.api_keys[0]}")
     key_q = f"#key={settings.api_keys[0]}" if settings.api_keys else ""  # a fragment: never sent to the server

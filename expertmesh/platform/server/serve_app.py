@@ -15,9 +15,8 @@ from typing import Any
 import expertmesh.graph.runtime  # noqa: F401 - first: it sets Ray's environment before Ray loads
 from ray import serve  # noqa: I001
 
-from expertmesh.platform.server.settings import ServerSettings, require_api_key
+from expertmesh.platform.server.settings import DEPLOYMENT_NAME, ReplicaScaling, ServerSettings, require_api_key
 
-DEPLOYMENT_NAME = "ExpertmeshServer"
 APP_NAME = "expertmesh"
 RESTART_AFTER_FAILED_STEPS = 5  # liveness: a replica whose steps keep failing is restarted by Serve
 MAX_ONGOING_REQUESTS = 1024  # per replica; the engine's own queue (max_waiting) answers 429 first
@@ -67,14 +66,17 @@ class ExpertmeshServer:
             engine.shutdown()
 
 
-def build_application(settings: ServerSettings, *, num_cpus: float = 1.0):
-    """The Serve application for `serve.run`."""
+def build_application(settings: ServerSettings, *, num_cpus: float = 1.0, scaling: ReplicaScaling | None = None):
+    """The Serve application for `serve.run`: one replica unless `scaling` says otherwise (a Serve config's
+    `deployments:` entry overrides it, as `expertmesh serve --print-serve-config` writes). Each replica builds
+    an engine of its own and, with a deployment, an actor graph of its own: the graph's actor names carry a
+    fresh graph id, its data-plane ports are picked by the OS and its token is its own."""
     # an engine on a GPU needs Ray to give its replica one (Ray hides the GPUs from actors that ask for none)
     num_gpus = 1 if str(settings.engine_kwargs.get("device", "cpu")).startswith("cuda") else 0
     deployment = serve.deployment(
-        ExpertmeshServer, name=DEPLOYMENT_NAME, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        ExpertmeshServer, name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}, health_check_period_s=10, health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=20,
+        graceful_shutdown_timeout_s=20, **(scaling or ReplicaScaling()).serve_options(),
     )
     return deployment.bind(asdict(settings))
 

@@ -1,4 +1,4 @@
-"""What the server is told at start: the model, the deployment, the API keys, the limits."""
+"""What the server is told at start: the model, the deployment, the API keys, the limits, how many replicas."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 API_KEY_ENV = "EXPERTMESH_API_KEY"  # one key, or several separated by commas
+DEPLOYMENT_NAME = "ExpertmeshServer"  # the Serve deployment; a Serve config's `deployments:` entry names it
+# A replica loads the whole checkpoint (or places a graph of GPU actors) before it answers: minutes on a real
+# model. A burst must last this long before Serve starts one (Serve's own default)...
+UPSCALE_DELAY_S = 30.0
+# ...and a quiet spell this long before it stops one, since getting it back costs those minutes again
+DOWNSCALE_DELAY_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,102 @@ class ServerSettings:
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).resolve().name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplicaScaling:
+    """How many Serve replicas run the app, each with an engine of its own (local mode) or an actor graph of
+    its own: `replicas` of them, or Ray Serve's autoscaling between `min_replicas` and `max_replicas`. The
+    fields are `expertmesh serve`'s flags of the same names, and the errors name those flags.
+
+    Scaling to zero is refused: the first request after it would wait for a whole checkpoint to load (and,
+    in actor mode, for GPU nodes to join), longer than clients wait, and a readiness probe on `/health`
+    reaches the replica and so would wake it anyway."""
+
+    replicas: int | None = None  # a fixed count; None and no max_replicas: 1
+    min_replicas: int | None = None  # None: 1
+    max_replicas: int | None = None  # set: Serve autoscales
+    # Serve adds replicas while each holds more ongoing (running + queued) requests than this; the CLI's
+    # default is the engine's batch (max_num_seqs): beyond it requests queue in the replica
+    target_ongoing_requests: float | None = None
+    # more of Serve's AutoscalingConfig fields by their names, over ours (upscale_delay_s, downscale_delay_s)
+    autoscaling: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        autoscale_flags = {"--min-replicas": self.min_replicas, "--target-ongoing-requests":
+                           self.target_ongoing_requests, "--autoscaling-config": self.autoscaling or None}
+        given = [flag for flag, value in autoscale_flags.items() if value is not None]
+        if self.replicas is not None and (given or self.max_replicas is not None):
+            raise ValueError("--replicas (a fixed count) and --min-replicas/--max-replicas (autoscaling) exclude "
+                             "each other: give one or the other")
+        if self.max_replicas is None and given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for autoscaling: give "
+                             "--max-replicas too (the most replicas Serve may run)")
+        if self.min_replicas == 0:
+            raise ValueError("--min-replicas must be at least 1, got 0: scaling to zero would make the next "
+                             "request wait for a whole checkpoint to load (and a /health probe wakes it anyway)")
+        for flag, value in (("--replicas", self.replicas), ("--min-replicas", self.min_replicas),
+                            ("--max-replicas", self.max_replicas)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be an integer of at least 1, got {value!r}")
+        if self.max_replicas is not None and self.lowest > self.max_replicas:
+            raise ValueError(f"--min-replicas ({self.lowest}) is more than --max-replicas ({self.max_replicas})")
+        target = self.target_ongoing_requests
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
+            raise ValueError(f"--target-ongoing-requests must be a number above 0, got {target!r}")
+        if self.autoscales:
+            self._check_autoscaling()
+
+    def _check_autoscaling(self) -> None:
+        """Serve's own validation of what Serve will be given, and no field it would ignore."""
+        from pydantic import ValidationError
+        from ray.serve.config import AutoscalingConfig
+
+        if not isinstance(self.autoscaling, dict):
+            raise ValueError(f"--autoscaling-config must be a mapping of AutoscalingConfig fields, got "
+                             f"{self.autoscaling!r}")
+        ours = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas",
+                "target_ongoing_requests": "--target-ongoing-requests"}
+        taken = sorted(set(self.autoscaling) & set(ours))
+        if taken:
+            raise ValueError(f"--autoscaling-config: set {', '.join(taken)} with {', '.join(ours[k] for k in taken)} "
+                             "instead")
+        unknown = sorted(set(self.autoscaling) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"--autoscaling-config: unknown fields {unknown}; Serve's AutoscalingConfig has "
+                             f"{sorted(set(AutoscalingConfig.model_fields) - set(ours))}")
+        try:
+            AutoscalingConfig(**self.autoscaling_config())
+        except ValidationError as e:
+            wrong = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'autoscaling'}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"--autoscaling-config: {wrong}") from None
+
+    @property
+    def autoscales(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def lowest(self) -> int:
+        return self.replicas or self.min_replicas or 1
+
+    @property
+    def most(self) -> int:
+        """The most replicas that may run at once: what the cluster must find room for."""
+        return self.max_replicas or self.lowest
+
+    def autoscaling_config(self) -> dict:
+        assert self.autoscales, "a fixed replica count has no autoscaling config"
+        config = {"min_replicas": self.lowest, "max_replicas": self.max_replicas}
+        if self.target_ongoing_requests is not None:
+            config["target_ongoing_requests"] = self.target_ongoing_requests
+        config.update(upscale_delay_s=UPSCALE_DELAY_S, downscale_delay_s=DOWNSCALE_DELAY_S)
+        return {**config, **self.autoscaling}
+
+    def serve_options(self) -> dict:
+        """The deployment options Serve takes, in `serve.deployment(...)` or a Serve config's `deployments:`."""
+        if self.autoscales:
+            return {"autoscaling_config": self.autoscaling_config()}
+        return {"num_replicas": self.lowest}
 
 
 def read_api_keys(key_file: str | None = None, env: dict[str, str] | None = None) -> tuple[str, ...]:
