@@ -55,6 +55,19 @@ class RouterActor:
             self.dispatch.close()
         self.dispatch = GrpcDispatch(addresses, secret=self._secret, settings=self._data_plane)
 
+    def add_shards(self, addresses: dict[int, str]) -> None:
+        """Connects new shards ("grpc") beside the others; they get work once a placement names them."""
+        if isinstance(self.dispatch, GrpcDispatch):
+            self.dispatch.add(addresses)
+
+    def remove_shards(self, shards: list[int]) -> None:
+        """Forgets shards that the placement in force no longer names (their connections, or for "inprocess"
+        the shards themselves)."""
+        if isinstance(self.dispatch, GrpcDispatch):
+            self.dispatch.remove(shards)
+        for s in shards:
+            self._hosted.pop(s, None)
+
     def free_port(self) -> int:
         with socket.socket() as s:
             s.bind((node_info()["ip"], 0))

@@ -18,6 +18,8 @@ import torch
 
 from expertmesh.engine.scheduler import ScheduledBatch
 from expertmesh.experts import ExpertLoad, PlacementTable
+from expertmesh.experts.rebalance_policy import RebalancePolicy
+from expertmesh.experts.shard_autoscale import ShardAutoscalePolicy
 from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.model import AttentionMetadata, MoECausalLM, load_model
 from expertmesh.model.adapters import ModelAdapters
@@ -74,6 +76,38 @@ class AdapterExecutor(Protocol):
     def load_adapter(self, slot: int, path: str) -> None:
         """Puts the peft adapter directory `path` into `slot`, replacing what it held; ValueError naming what
         does not fit this model (and the slot keeps what it held)."""
+        ...
+
+
+@runtime_checkable
+class PlacementExecutor(Protocol):
+    """An executor whose routed experts live on shards it can re-place while serving (the actor graph): a
+    new placement's replicas load beside the ones in use and the swap happens between two steps."""
+
+    rebalance_policy: RebalancePolicy  # the slots each shard has, and when a rebalance is worth a swap
+    autoscale_policy: ShardAutoscalePolicy  # how many shards, between which bounds, by which rules
+
+    def set_placement(self, table: PlacementTable, *, wait: bool = True,
+                      timeout_s: float | None = None) -> PlacementTable:
+        """Starts the swap to `table` (with `wait`, returns once its replicas are loaded); returns it with the
+        version it takes effect under. ValueError while another swap is pending."""
+        ...
+
+    def placement_pending(self) -> int | None:
+        """The version of the swap under way (loading, or waiting for a step boundary), or None."""
+        ...
+
+    def placement_swaps(self) -> list[dict]:
+        """Every swap tried, oldest first: version, when, outcome, replicas loaded and dropped."""
+        ...
+
+    def add_expert_shards(self, count: int) -> None:
+        """Starts `count` more shards holding nothing, ready for a placement that names them (a placement
+        with fewer shards swapped in ends those past its count)."""
+        ...
+
+    def expert_step_timings(self, clear: bool = False) -> list[tuple[float, float, float]]:
+        """(step seconds, waiting for hidden states, dispatching to the shards) of recent steps."""
         ...
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from expertmesh.experts import PlacementTable
+from expertmesh.experts.rebalance_policy import RebalancePolicy
+from expertmesh.experts.shard_autoscale import ShardAutoscalePolicy
 from expertmesh.model.config import ModelConfig
 from expertmesh.transport import DataPlaneSettings
 from expertmesh.transport.settings import MIB
@@ -83,6 +85,17 @@ class DeploymentConfig:
     # with an error (its requests get 503) and the engine goes on.
     recovery_timeout_s: float = 120.0
     max_message_mib: int = 256  # the largest data-plane message; a 2048-token fp32 prefill at H=7168 is 56 MiB
+    # Elastic experts: replicas of each MoE layer every shard holds once the rebalancer has run (spare slots
+    # take redundant replicas of hot experts). None: just enough for one replica of each expert.
+    expert_slots_per_shard: int | None = None
+    rebalance_interval_s: float | None = None  # how often the server rebalances on its own; None: on request
+    rebalance_min_gain: float = 0.05  # the least fall of the busiest shard's load (as a share) worth a swap
+    rebalance_min_pairs: int = 256  # the least routed pairs per layer in the load window to judge on
+    # `expert_shards: {min: 1, max: 8}` in a config: the graph starts `min` shards (expert_shards) and the
+    # server adds and removes them between the two by `shard_autoscaling`'s rules (ShardAutoscalePolicy's
+    # fields: scale_up_above, scale_down_below, window_steps, up_cooldown_s, down_cooldown_s, interval_s)
+    expert_shards_max: int | None = None
+    shard_autoscaling: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("attention_actors", "expert_shards"):
@@ -100,6 +113,17 @@ class DeploymentConfig:
             raise ValueError(f"max_message_mib must be an integer in [1, 2047] (gRPC's limit), got {m!r}")
         if self.micro_batches not in (1, 2, "auto") or isinstance(self.micro_batches, bool):
             raise ValueError(f"micro_batches must be 1, 2 or 'auto', got {self.micro_batches!r}")
+        if not isinstance(self.shard_autoscaling, dict):
+            raise ValueError(f"shard_autoscaling must be a mapping, got {self.shard_autoscaling!r}")
+        policy = self.autoscale_policy()  # checks expert_shards' min and max and the rules
+        if policy.enabled and self.transport == "collective":
+            raise ValueError("expert_shards: a min and a max need transport grpc or inprocess (the collective "
+                             "transport's process group has a fixed size)")
+        slots = self.expert_slots_per_shard
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ValueError(f"expert_slots_per_shard must be an integer >= 1 or null, got {slots!r}")
+        RebalancePolicy(slots_per_shard=slots or 1, interval_s=self.rebalance_interval_s,
+                        min_gain=self.rebalance_min_gain, min_pairs=self.rebalance_min_pairs)  # checks the fields
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {self.transport!r}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
@@ -153,6 +177,7 @@ class DeploymentConfig:
         """The initial placement table for a model; refused if any routed expert would have no shard."""
         moe_layers = [i for i, is_moe in enumerate(model.moe_layers) if is_moe]
         num_experts = model.routing.num_experts
+        self.rebalance_policy(num_experts)  # the slots must hold every expert
         if self.expert_placement == "balanced":
             return PlacementTable.balanced(moe_layers, num_experts, self.expert_shards)
         table = PlacementTable.from_assignment(moe_layers, num_experts, self.expert_placement)
@@ -160,6 +185,24 @@ class DeploymentConfig:
         if empty:
             raise ValueError(f"expert_placement leaves expert shards {empty} with no experts")
         return table
+
+    def autoscale_policy(self) -> ShardAutoscalePolicy:
+        """When the server adds or removes expert shards (never, with a fixed count)."""
+        known = {f.name for f in fields(ShardAutoscalePolicy)} - {"min_shards", "max_shards"}
+        unknown = sorted(set(self.shard_autoscaling) - known)
+        if unknown:
+            raise ValueError(f"unknown shard_autoscaling fields {unknown}; known: {sorted(known)}")
+        top = self.expert_shards if self.expert_shards_max is None else self.expert_shards_max
+        return ShardAutoscalePolicy(min_shards=self.expert_shards, max_shards=top, **self.shard_autoscaling)
+
+    def rebalance_policy(self, num_experts: int) -> RebalancePolicy:
+        """How the server rebalances this graph's experts; refused when the slots cannot hold every expert."""
+        slots = self.expert_slots_per_shard or -(-num_experts // self.expert_shards)
+        if slots * self.expert_shards < num_experts:
+            raise ValueError(f"expert_slots_per_shard {slots} x expert_shards {self.expert_shards} cannot hold the "
+                             f"model's {num_experts} experts of each layer")
+        return RebalancePolicy(slots_per_shard=slots, interval_s=self.rebalance_interval_s,
+                               min_gain=self.rebalance_min_gain, min_pairs=self.rebalance_min_pairs)
 
     def check_cluster(self, resources: dict[str, float]) -> None:
         """Refuses a deployment the cluster cannot hold (`resources` as `ray.cluster_resources()` gives).
@@ -182,6 +225,11 @@ class DeploymentConfig:
         for name in ("attention_resources", "router_resources", "shard_resources"):
             if name in kwargs:
                 kwargs[name] = _resources(name, kwargs[name])
+        shards = kwargs.get("expert_shards")
+        if isinstance(shards, dict):  # {min, max}: the graph starts `min` and the server scales in between
+            if set(shards) - {"min", "max"} or "max" not in shards:
+                raise ValueError(f"expert_shards must be an integer or a mapping {{min, max}}, got {shards!r}")
+            kwargs["expert_shards"], kwargs["expert_shards_max"] = shards.get("min", 1), shards["max"]
         placement = kwargs.get("expert_placement")
         if isinstance(placement, dict):
             kwargs["expert_placement"] = _placement(placement)

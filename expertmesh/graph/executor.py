@@ -9,7 +9,6 @@ placement (`placement_swap.py`).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
 from pathlib import Path
@@ -71,6 +70,8 @@ class ActorGraphExecutor:
         self.mode = f"actor graph ({deployment.transport})"
         model_config = ModelConfig.from_pretrained(spec.model)
         self.placement: PlacementTable = deployment.placement_for(model_config)  # refused if experts are left out
+        self.rebalance_policy = deployment.rebalance_policy(model_config.routing.num_experts)
+        self.autoscale_policy = deployment.autoscale_policy()
         self.moe_layers = list(self.placement.moe_layers)
         self.recoveries: list[str] = []  # what recovery did, for operators and tests
         self.calls_per_step: deque[int] = deque(maxlen=1024)  # Ray calls per step (per-layer traffic is not Ray's)
@@ -231,6 +232,57 @@ class ActorGraphExecutor:
         """Swaps in a new expert placement between steps, while requests go on (see `placement_swap.py`);
         returns it with the version it takes effect under."""
         return self.swap.start(table, wait=wait, timeout_s=timeout_s)
+
+    def running_shards(self) -> int | None:
+        """How many expert-shard actors run (None for "inprocess", whose shards live in the router and come
+        and go with the placement)."""
+        return None if self.deployment.transport == "inprocess" else len(self.shard_members)
+
+    def add_expert_shards(self, count: int) -> None:
+        """Starts `count` more expert shards (each in its own placement group, holding nothing yet) and
+        connects the router to them; steps go on meanwhile, and a placement with more shards can then be
+        swapped in. A shard no node can take waits for one (the Ray autoscaler's, on a cluster that grows)
+        for `placement_timeout_s`; TimeoutError naming it past that, and nothing is left started."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        if self.deployment.transport == "collective":
+            raise ValueError("over the collective transport the number of expert shards is fixed (its process "
+                             "group is); use grpc or inprocess to scale them")
+        if self.deployment.transport == "inprocess":
+            return  # the router makes a hosted shard when a placement first gives it experts
+        first = len(self.shard_members)
+        fresh = [self.builder.start_shard(first + i, self.placement, self.members()) for i in range(count)]
+        try:
+            self.builder.wait_ready(fresh, self.deployment.placement_timeout_s, "more expert shards")
+            addresses = ray.get([m.handle.serve_grpc.remote() for m in fresh],
+                                timeout=self.deployment.control_timeout_s)
+            ray.get(self.router.add_shards.remote({m.index: a for m, a in zip(fresh, addresses)}),
+                    timeout=self.deployment.control_timeout_s)
+        except BaseException:
+            for m in fresh:
+                self.builder.stop(m)
+            raise
+        self.shard_members.extend(fresh)
+
+    def retire_shards(self, shards: list[int]) -> None:
+        """Between steps, once a placement without them is in force: ends shards the placement no longer
+        names."""
+        try:
+            ray.get(self.router.remove_shards.remote(shards), timeout=self.deployment.control_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the router's stale connections are harmless; the actors still go
+            log.warning("the router did not forget retired shards %s: %s", shards, e)
+        for m in [m for m in self.shard_members if m.index in shards]:
+            self.builder.stop(m)
+            self.shard_members.remove(m)
+
+    def expert_step_timings(self, clear: bool = False) -> list[tuple[float, float, float]]:
+        return self._control(self.router.step_timings.remote(clear), "the router's step timings")
+
+    def placement_pending(self) -> int | None:
+        return self.swap.pending_version
+
+    def placement_swaps(self) -> list[dict]:
+        return list(self.swap.history)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def shutdown(self) -> None:

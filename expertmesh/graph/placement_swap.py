@@ -48,8 +48,13 @@ class PlacementSwap:
         ex = self.ex
         current = ex.placement
         table.check_fits(current.moe_layers, current.num_experts)
-        if table.num_shards != current.num_shards:
-            raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {current.num_shards}")
+        running = ex.running_shards()
+        if table.num_shards != current.num_shards and ex.deployment.transport == "collective":
+            raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {current.num_shards}, and "
+                             "over the collective transport their number is fixed (its process group is)")
+        if running is not None and table.num_shards > running:
+            raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {running} (start more "
+                             "first: add_expert_shards)")
         with self._lock:
             if self._pending is not None:
                 raise ValueError(f"a swap to placement version {self._pending.table.version} is pending (it loads, "
@@ -94,13 +99,14 @@ class PlacementSwap:
             self.history.append({**record, "outcome": f"not swapped: {type(e).__name__}"})
             return
         calls = [ex.router.set_placement.remote(table.to_dict())]
-        for s in range(table.num_shards):
+        for s in range(table.num_shards):  # shards past a smaller table's count keep their weights until retired
             experts = table.shard_experts(s)
             if ex.deployment.transport == "inprocess":
                 calls.append(ex.router.commit_hosted.remote(s, table.version, experts))
             else:
                 member = next(m for m in ex.shard_members if m.index == s)
                 calls.append(member.handle.commit.remote(table.version, experts))
+        before = ex.placement
         ex.placement = table  # the graph's truth from here on: an actor left behind is restarted on it
         try:
             ray.get(calls, timeout=ex.deployment.control_timeout_s)
@@ -109,4 +115,7 @@ class PlacementSwap:
             ex.recovery.pending = f"placement version {table.version} did not reach every actor"
             self.history.append({**record, "outcome": "partly swapped; recovery restarts the actors behind"})
             return
-        self.history.append({**record, "outcome": "swapped"})
+        if table.num_shards < before.num_shards:  # the shards past the new count got no work in any step since
+            ex.retire_shards(list(range(table.num_shards, before.num_shards)))
+            record["retired"] = before.num_shards - table.num_shards
+        self.history.append({**record, "outcome": "swapped", "num_shards": table.num_shards})

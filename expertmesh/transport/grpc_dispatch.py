@@ -86,9 +86,23 @@ class ShardStream:
 
 class GrpcDispatch:
     def __init__(self, addresses: Mapping[int, str], *, secret: str, settings: DataPlaneSettings):
-        self.settings = settings
+        self.settings, self._secret = settings, secret
         self.streams = {s: ShardStream(s, a, secret, settings) for s, a in addresses.items()}
         self.last_compute_s = 0.0
+
+    def add(self, addresses: Mapping[int, str]) -> None:
+        """Connections to more shards (new ones, before a placement gives them work); the others are kept."""
+        for s, a in addresses.items():
+            if s in self.streams:
+                self.streams[s].close()
+            self.streams[s] = ShardStream(s, a, self._secret, self.settings)
+
+    def remove(self, shards) -> None:
+        """Closes the connections to shards a placement no longer uses."""
+        for s in shards:
+            stream = self.streams.pop(s, None)
+            if stream is not None:
+                stream.close()
 
     def dispatch(self, step, layer, version, works):
         unknown = [w.shard for w in works if w.shard not in self.streams]

@@ -158,6 +158,13 @@ CASES = [
     ("chat presence_penalty", "POST", CHAT, chat(presence_penalty=1), 400, "presence_penalty"),
     ("chat seed 2**80", "POST", CHAT, chat(seed=2**80), 400, "seed"),
     ("chat stop with 5 strings", "POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    # elastic experts: a server in local mode has no shards to rebalance or scale
+    ("rebalance in local mode", "POST", "/v1/experts/rebalance", {}, 400, None),
+    ("rebalance force not a bool", "POST", "/v1/experts/rebalance", {"force": "yes"}, 400, "force"),
+    ("rebalance unknown field", "POST", "/v1/experts/rebalance", {"forse": True}, 400, "forse"),
+    ("scale in local mode", "POST", "/v1/experts/scale", {"expert_shards": 2}, 400, None),
+    ("scale without a count", "POST", "/v1/experts/scale", {}, 400, "expert_shards"),
+    ("scale count a string", "POST", "/v1/experts/scale", {"expert_shards": "2"}, 400, "expert_shards"),
     # routes and methods
     ("unknown route", "POST", "/v1/nope", cmpl(), 404, None),
     ("unknown GET route", "GET", "/v1/engines", None, 404, None),
@@ -241,6 +248,7 @@ def test_requests_at_the_limits_are_accepted(client, model):
 # -- API keys ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("POST", CMPL), ("POST", CHAT),
                                               ("GET", "/metrics"), ("GET", "/v1/experts"),
+                                              ("POST", "/v1/experts/rebalance"), ("POST", "/v1/experts/scale"),
                                               ("GET", "/openapi.json"), ("GET", "/v1/nope")])
 def test_routes_need_a_key(client, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": API_KEY},

@@ -1,5 +1,6 @@
 """`expertmesh serve --deployment` on an actor graph, joining a Ray cluster through RAY_ADDRESS: an expert
-shard killed while 8 streams are open is replaced, and every stream completes with the offline tokens."""
+shard killed while 8 streams are open is replaced, and the experts rebalanced (hot ones replicated into the
+shards' spare slots) while 8 streams are open; every stream completes with the offline tokens."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def cluster():
 def server(cluster, tiny_model_dir, tmp_path_factory):
     deploy = tmp_path_factory.mktemp("deploy") / "deploy.yaml"
     deploy.write_text(yaml.safe_dump({"attention_actors": 1, "expert_shards": 2, "transport": "grpc",
-                                      "placement_strategy": "PACK"}))
+                                      "placement_strategy": "PACK", "expert_slots_per_shard": 10}))
     with cli_server(tiny_model_dir, "--deployment", str(deploy), env={"RAY_ADDRESS": cluster}, api_key=KEY) as srv:
         yield srv
     assert srv.proc.returncode is not None and srv.stop_seconds < 60, srv.output()[-3000:]
@@ -103,3 +104,58 @@ def test_killing_a_shard_with_8_open_streams(server, tiny_model_dir, expected):
         time.sleep(0.5)
     assert victim not in _shards() and len(_shards()) == 2  # replaced under a new name
     assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+
+
+def test_rebalancing_the_experts_with_8_open_streams(server, tiny_model_dir, expected):
+    model = Path(tiny_model_dir).name
+    auth = {"Authorization": f"Bearer {KEY}"}
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    started = [asyncio.Event() for _ in PROMPTS]
+    before = httpx.get(server.url + "/v1/experts", headers=auth, timeout=60).json()["placement"]["version"]
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(model=model, prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        parts = []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                parts.append(chunk.choices[0].text)
+                started[i].set()
+        return "".join(parts)
+
+    async def run():
+        try:
+            streams = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=120)
+            async with httpx.AsyncClient(timeout=60) as http:
+                refused = await http.post(server.url + "/v1/experts/rebalance", json={"force": "yes"}, headers=auth)
+                unauthorised = await http.post(server.url + "/v1/experts/rebalance", json={})
+                done = await http.post(server.url + "/v1/experts/rebalance", json={"force": True}, headers=auth)
+            texts = await asyncio.wait_for(asyncio.gather(*streams), timeout=300)
+            return refused, unauthorised, done, texts
+        finally:
+            await client.close()
+
+    refused, unauthorised, done, texts = asyncio.run(run())
+    assert texts == expected
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "force"
+    assert unauthorised.status_code == 401
+    assert done.status_code == 200, done.text
+    decision = done.json()
+    assert decision["version"] == before + 1 and decision["after"] <= decision["before"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # swapped at the first step boundary after its replicas loaded
+        body = httpx.get(server.url + "/v1/experts", headers=auth, timeout=60).json()
+        if body["placement"]["version"] == before + 1:
+            break
+        httpx.post(server.url + "/v1/completions", headers=auth, timeout=60,
+                   json={"model": model, "prompt": "one more step", "max_tokens": 2})
+    assert body["placement"]["version"] == before + 1 and body["placement"]["slots"] == [10, 10]
+    assert body["elastic"]["decisions"][-1]["version"] == before + 1
+    assert body["elastic"]["swaps"][-1]["outcome"] == "swapped"
+    replicas = body["placement"]["replicas"]
+    assert sum(len(s) for s in replicas.values()) == 20 * len(body["placement"]["moe_layers"])
+    fixed = httpx.post(server.url + "/v1/experts/scale", json={"expert_shards": 3}, headers=auth, timeout=60)
+    assert fixed.status_code == 400 and "in [2, 2]" in fixed.json()["error"]["message"]  # no min/max: fixed
+    metrics = httpx.get(server.url + "/metrics", headers=auth, timeout=60).text
+    assert f"expertmesh_placement_version {float(before + 1)}" in metrics

@@ -14,9 +14,10 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from expertmesh.engine.executor import Executor, ExecutorUnavailable
+from expertmesh.engine.executor import Executor, ExecutorUnavailable, PlacementExecutor
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.experts import expert_health, expert_shares, layer_balancedness, shard_loads
+from expertmesh.platform.elastic import ElasticExperts, RebalanceBusy
 from expertmesh.platform.server import errors
 from expertmesh.platform.server.async_engine import AsyncEngine
 from expertmesh.platform.server.dashboard import DASHBOARD_HTML
@@ -25,7 +26,8 @@ from expertmesh.platform.server.health import HEALTH_MAX_AGE_S, HealthCache
 from expertmesh.platform.server.loop_lag import LoopLagMonitor
 from expertmesh.platform.server.metrics import ServerMetrics
 from expertmesh.platform.server.middleware import AuthMiddleware, BodyLimitMiddleware, has_valid_key
-from expertmesh.platform.server.protocol import ChatCompletionRequest, CompletionRequest
+from expertmesh.platform.server.protocol import (ChatCompletionRequest, CompletionRequest, RebalanceRequest,
+                                                 ScaleRequest)
 from expertmesh.platform.server.settings import ServerSettings
 
 # Readiness turns red once this many steps in a row have failed (each already retried by the executor).
@@ -48,6 +50,11 @@ class ServerState:
         self.metrics = ServerMetrics(self.snapshot)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)
         self._health = HealthCache(self._check_health, max_age_s=HEALTH_MAX_AGE_S)
+        # an actor graph's experts are re-placed while it serves: every rebalance_interval_s, and on request
+        self.elastic = (ElasticExperts(self.executor, alive=lambda: engine.alive)
+                           if isinstance(self.executor, PlacementExecutor) else None)
+        if self.elastic is not None:
+            self.elastic.start()
 
     # -- state read by /metrics, /v1/experts and the dashboard (blocking: call off the event loop) ------
     def load_counts(self, window: bool = True) -> dict[int, list[int]]:
@@ -91,7 +98,25 @@ class ServerState:
             "shards": {scope: [s.to_dict() for s in shard_loads(table, counts)] for scope, counts in load.items()},
             "health": [h.to_dict() for h in expert_health(load["window"], top_k)] if load["window"] else [],
             "recoveries": list(self.executor.recoveries),  # what the actor graph did to recover from lost actors
+            "elastic": self.elastic.status() if self.elastic is not None else None,
         }
+
+    def rebalance(self, force: bool) -> dict:
+        return self._elastic(lambda elastic: elastic.rebalance(force=force), "rebalance")
+
+    def scale(self, shards: int) -> dict:
+        return self._elastic(lambda elastic: elastic.scale(shards), "scale")
+
+    def _elastic(self, act, what: str) -> dict:
+        if self.elastic is None:
+            raise errors.APIError(400, f"this server runs the model in {self.executor.mode} mode: its experts are not "
+                                       f"on shards, so there is nothing to {what}", code="not_elastic")
+        try:
+            return act(self.elastic)
+        except RebalanceBusy as e:
+            raise errors.APIError(409, str(e), code="elastic_change_in_progress") from None
+        except ValueError as e:
+            raise errors.APIError(400, str(e), param="expert_shards" if what == "scale" else None) from None
 
     def _check_health(self) -> list[str]:
         problems = [] if self.engine.alive else [f"engine stopped: {self.engine.error or 'shut down'}"]
@@ -223,6 +248,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id:
         except ExecutorUnavailable as e:
             raise errors.server_failure(request.state.request_id, e) from None
 
+    @app.post("/v1/experts/rebalance")
+    async def rebalance_experts(request: Request, body: RebalanceRequest | None = None) -> dict:
+        """Rebalances the experts now (behind the API key): the decision, and the swap it started if any."""
+        try:
+            return await asyncio.to_thread(state.rebalance, body.force if body is not None else False)
+        except ExecutorUnavailable as e:
+            raise errors.server_failure(request.state.request_id, e) from None
+
+    @app.post("/v1/experts/scale")
+    async def scale_experts(body: ScaleRequest, request: Request) -> dict:
+        """Runs `expert_shards` shards from the next swap on (behind the API key): the change it started."""
+        try:
+            return await asyncio.to_thread(state.scale, body.expert_shards)
+        except (ExecutorUnavailable, TimeoutError) as e:
+            raise errors.server_failure(request.state.request_id, e) from None
+
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
         """The page holds no data (it fetches /v1/experts with the key given in its address's fragment), so it
@@ -255,6 +296,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id:
     return app
 
 
-_ROUTES = {"/health", "/v1/models", "/metrics", "/v1/experts", "/dashboard", "/v1/completions",
-           "/v1/chat/completions"}
+_ROUTES = {"/health", "/v1/models", "/metrics", "/v1/experts", "/v1/experts/rebalance", "/v1/experts/scale",
+           "/dashboard", "/v1/completions", "/v1/chat/completions"}
 _GENERATE = {"/v1/completions", "/v1/chat/completions"}

@@ -155,3 +155,18 @@ class ChatCompletionRequest(_SamplingFields):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class RebalanceRequest(BaseModel):
+    """`POST /v1/experts/rebalance`: rebalance now. `force` swaps whenever the proposal is not worse (the
+    policy's minimum gain and load window are skipped)."""
+
+    model_config = ConfigDict(extra="forbid")
+    force: StrictBool = False
+
+
+class ScaleRequest(BaseModel):
+    """`POST /v1/experts/scale`: how many expert shards to run (within the deployment's min and max)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert_shards: StrictInt
