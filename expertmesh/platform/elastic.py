@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from expertmesh.engine.executor import PlacementExecutor
 from expertmesh.experts import rebalance
@@ -76,11 +77,21 @@ class ElasticExperts:
                 log.exception("%s failed; trying again in %g s", getattr(act, "__name__", "elastic experts"),
                               interval_s)
 
-    def _busy_check(self) -> None:
-        pending = self.executor.placement_pending()
-        if pending is not None:
-            raise RebalanceBusy(f"the swap to placement version {pending} is under way (its replicas load, then "
-                                "it takes effect between two steps); try again when it is done")
+    @contextmanager
+    def _one_change(self) -> Iterator[None]:
+        """Holds the one-change-at-a-time lock; RebalanceBusy when another change is being decided or a swap
+        is under way."""
+        if not self._lock.acquire(blocking=False):
+            raise RebalanceBusy("a rebalance or a change of the shard count is being decided; try again when it "
+                                "is done")
+        try:
+            pending = self.executor.placement_pending()
+            if pending is not None:
+                raise RebalanceBusy(f"the swap to placement version {pending} is under way (its replicas load, "
+                                    "then it takes effect between two steps); try again when it is done")
+            yield
+        finally:
+            self._lock.release()
 
     def _rows(self, load: dict) -> list[list[int]]:
         current = self.executor.placement
@@ -90,12 +101,8 @@ class ElasticExperts:
         """Decides on the current load window and, when worth it (or `force`d and not worse), starts the swap.
         Returns the decision: when, the figures before and after, the gain, the version it swaps to (None when
         it did not). RebalanceBusy while another is under way."""
-        if not self._lock.acquire(blocking=False):
-            raise RebalanceBusy("a rebalance or a change of the shard count is being decided; try again when it "
-                                "is done")
-        try:
+        with self._one_change():
             ex = self.executor
-            self._busy_check()
             current = ex.placement
             load = ex.load_counts(window=True)
             rows = self._rows(load)
@@ -116,8 +123,6 @@ class ElasticExperts:
                          table.version, verdict.before, verdict.after)
             self.decisions.append(decision)
             return decision
-        finally:
-            self._lock.release()
 
     def scale(self, shards: int, *, why: str = "asked for") -> dict:
         """Runs `shards` expert shards from the next swap on: starts the new ones first when growing (this
@@ -125,12 +130,8 @@ class ElasticExperts:
         recent load. Returns the change: when, from, to, the version, seconds to start the shards.
         ValueError outside the deployment's bounds; RebalanceBusy while another change is under way."""
         self.scaling.check_target(shards)
-        if not self._lock.acquire(blocking=False):
-            raise RebalanceBusy("a rebalance or a change of the shard count is being decided; try again when it "
-                                "is done")
-        try:
+        with self._one_change():
             ex = self.executor
-            self._busy_check()
             current = ex.placement
             change = {"at": time.time(), "from": current.num_shards, "to": shards, "why": why, "version": None}
             if shards == current.num_shards:
@@ -151,8 +152,6 @@ class ElasticExperts:
             log.info("expert shards %d -> %d (%s): placement version %d", current.num_shards, shards, why,
                      table.version)
             return change
-        finally:
-            self._lock.release()
 
     def autoscale(self) -> dict | None:
         """One look at the step timings: scales by one shard when the policy says so (then the timings start
