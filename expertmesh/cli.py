@@ -59,6 +59,18 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)
+    srv.add_argument("--enable-lora", action="store_true",
+                     help="serve LoRA adapters named by a request's model (implied by --lora-modules/--lora-dirs)")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help="peft adapter directories served from the start, as name=path or vLLM's JSON "
+                          "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    srv.add_argument("--lora-dirs", nargs="+", default=None, metavar="DIR",
+                     help="directories adapter paths must resolve into (symlinks followed); turns on "
+                          "POST /v1/load_lora_adapter and /v1/unload_lora_adapter (one replica only)")
+    srv.add_argument("--max-loras", type=int, default=None,
+                     help="LoRA adapters resident per replica (default 16); more may be served, the least "
+                          "recently used evicted and loaded again when named")
+    srv.add_argument("--max-lora-rank", type=int, default=None, help="the highest adapter rank served (default 16)")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond it get 429")
     srv.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     srv.add_argument("--max-request-work", type=int, default=1 << 20,

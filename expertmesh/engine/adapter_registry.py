@@ -2,7 +2,8 @@
 
 An unfinished request pins its adapter's slot, so what a running sequence reads is never overwritten. An
 adapter not resident goes to a free slot, else to the least recently used slot that no request pins; when
-every slot is pinned the request is refused, naming the adapters that hold them.
+every slot is pinned the request is refused (`AdapterSlotsFull`), naming the adapters that hold them. A
+forgotten adapter leaves its slot at once, or when the last request running with it finishes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from dataclasses import dataclass
 from expertmesh.engine.lora_request import LoRARequest
 
 
+class AdapterSlotsFull(ValueError):
+    """Every slot holds an adapter of an unfinished request: the adapter can be loaded once one finishes."""
+
+
 @dataclass(slots=True)
 class _Resident:
     request: LoRARequest
     slot: int
     users: int = 0  # unfinished requests that run with it
+    forgotten: bool = False  # leaves its slot when the last of its users finishes
 
 
 class AdapterRegistry:
@@ -50,6 +56,19 @@ class AdapterRegistry:
         entry = self._resident[lora_int_id]
         assert entry.users > 0, f"adapter {lora_int_id} released more often than acquired"
         entry.users -= 1
+        if entry.forgotten and not entry.users:
+            del self._resident[lora_int_id]
+
+    def forget(self, lora_int_id: int) -> int:
+        """Drops an adapter from its slot: now when no request runs with it, else once the unfinished requests
+        that do (how many: returned) have finished. Its id can still be acquired: it is loaded again if it has left."""
+        entry = self._resident.get(lora_int_id)
+        if entry is None:
+            return 0
+        if not entry.users:
+            del self._resident[lora_int_id]
+        entry.forgotten = True
+        return entry.users
 
     def resident(self) -> dict[int, int]:
         """lora_int_id -> slot, least recently used first."""
@@ -70,7 +89,7 @@ class AdapterRegistry:
                 del self._resident[key]
                 return entry.slot
         names = ", ".join(repr(entry.request.lora_name) for entry in self._resident.values())
-        raise ValueError(
+        raise AdapterSlotsFull(
             f"cannot load LoRA adapter {request.lora_name!r}: all max_loras={self.max_loras} slots hold adapters of "
             f"unfinished requests ({names}); raise max_loras or run fewer adapters at once"
         )

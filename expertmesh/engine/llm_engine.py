@@ -142,9 +142,8 @@ class LLMEngine:
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
             raise TypeError(f"lora_request must be a LoRARequest or None, got {type(lora_request).__name__}")
-        if lora_request is not None and self.adapters is None:
-            raise ValueError(f"got lora_request {lora_request.lora_name!r}, but LoRA is not enabled: create the "
-                             "engine with enable_lora=True")
+        if lora_request is not None:
+            self._check_lora_enabled(lora_request)
         if request_id in self._seq_ids:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         vocab = self.model_config.vocab_size
@@ -185,6 +184,30 @@ class LLMEngine:
         if seq_id is not None:
             self.scheduler.abort(seq_id)
             self._release_adapter(self._requests.pop(seq_id).lora_request)
+
+    # -- LoRA adapters outside requests, as vLLM's LLMEngine names these -----------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Loads an adapter into a slot now (evicting the least recently used one that no request runs with,
+        if no slot is free), so that a ValueError naming what does not fit comes before any request uses it;
+        `AdapterSlotsFull` when every slot holds an adapter of an unfinished request. It stays resident until
+        evicted, and is loaded again by the next request naming it after that."""
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        self._check_lora_enabled(lora_request)
+        self._acquire_adapter(lora_request)
+        self._release_adapter(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> int:
+        """Frees the adapter's slot: now, or once the unfinished requests running with it (how many:
+        returned) finish; they run to their end with it."""
+        if self.adapters is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
+        return self.adapters.forget(lora_int_id)
+
+    def _check_lora_enabled(self, lora_request: LoRARequest) -> None:
+        if self.adapters is None:
+            raise ValueError(f"got lora_request {lora_request.lora_name!r}, but LoRA is not enabled: create the "
+                             "engine with enable_lora=True")
 
     def _acquire_adapter(self, lora_request: LoRARequest) -> int:
         """The executor slot holding the request's adapter, loaded there if it is not resident; pinned until

@@ -2,7 +2,7 @@
 
 - `async_engine`: the engine thread and per-request async streams
 - `protocol`, `errors`, `middleware`: request bodies, OpenAI-style errors, keys and size limits
-- `app`: the routes; `health`: the cached readiness check; `metrics`: Prometheus; `dashboard`: the
-  expert-load page (`dashboard.html`)
+- `app`: the routes; `lora`: the LoRA adapters served by name; `health`: the cached readiness check;
+  `metrics`: Prometheus; `dashboard`: the expert-load page (`dashboard.html`)
 - `serve_app`: the Ray Serve deployment; `runner`: what `expertmesh serve` runs
 """

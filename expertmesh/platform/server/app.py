@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible completions and chat, models, health, metrics, experts, dashboard.
+"""The FastAPI app: OpenAI-compatible completions and chat, models and LoRA adapters, health, metrics, experts,
+dashboard.
 
 `build_app(engine, settings)` works on any `AsyncEngine`; Ray Serve wraps it as an ingress deployment
 (`serve_app.py`), and tests can also run it under plain uvicorn.
@@ -15,19 +16,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from expertmesh.engine.executor import Executor, ExecutorUnavailable, PlacementExecutor
+from expertmesh.engine.lora_request import LoRARequest
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.experts import expert_health, expert_shares, layer_balancedness, shard_loads
 from expertmesh.platform.elastic import ElasticExperts, RebalanceBusy
 from expertmesh.platform.server import errors
-from expertmesh.platform.server.async_engine import AsyncEngine
+from expertmesh.platform.server.async_engine import AsyncEngine, EngineDead
 from expertmesh.platform.server.dashboard import DASHBOARD_HTML
 from expertmesh.platform.server.generation import generate
 from expertmesh.platform.server.health import HEALTH_MAX_AGE_S, HealthCache
 from expertmesh.platform.server.loop_lag import LoopLagMonitor
+from expertmesh.platform.server.lora import ServedAdapters
 from expertmesh.platform.server.metrics import ServerMetrics
 from expertmesh.platform.server.middleware import AuthMiddleware, BodyLimitMiddleware, has_valid_key
-from expertmesh.platform.server.protocol import (ChatCompletionRequest, CompletionRequest, RebalanceRequest,
-                                                 ScaleRequest)
+from expertmesh.platform.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+                                                 RebalanceRequest, ScaleRequest, UnloadLoRAAdapterRequest)
 from expertmesh.platform.server.settings import ServerSettings
 
 # Readiness turns red once this many steps in a row have failed (each already retried by the executor).
@@ -40,9 +43,10 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 class ServerState:
     """What the routes share: the engine, the settings, the metrics."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, adapters: ServedAdapters | None = None):
         self.engine = engine
         self.settings = settings
+        self.adapters = adapters if adapters is not None else ServedAdapters(settings)
         self.llm = engine.engine
         self.executor: Executor = self.llm.executor
         self.tokenizer = self.llm.tokenizer
@@ -131,10 +135,13 @@ class ServerState:
         return self._health.get()
 
     # -- requests ----------------------------------------------------------------------------------
-    def check_model(self, model: str) -> None:
-        if model not in (self.settings.model_name, self.settings.model):
-            raise errors.APIError(404, f"model {model!r} does not exist; this server serves "
-                                       f"{self.settings.model_name!r}", param="model", code="model_not_found")
+    def check_model(self, model: str) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for a model not served."""
+        return self.adapters.lookup(model)
+
+    def model_card(self, model_id: str, root: str, parent: str | None) -> dict:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "expertmesh", "root": root,
+                "parent": parent, "max_model_len": self.llm.max_model_len}
 
     def tokenize(self, prompts: list) -> list[dict]:
         """Engine prompts for a completion's prompts (text is tokenized here, in the caller's thread)."""
@@ -184,10 +191,12 @@ class ServerState:
             raise errors.APIError(400, str(e), param=str(e).split()[0]) from None
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id: bool = True) -> FastAPI:
-    """`echo_request_id=False` behind Ray Serve, whose proxy gives every request an `x-request-id` (the
+def build_app(engine: AsyncEngine, settings: ServerSettings, *, adapters: ServedAdapters | None = None,
+              echo_request_id: bool = True) -> FastAPI:
+    """`adapters`: the LoRA adapters served (default: those of `settings`, loaded when first named).
+    `echo_request_id=False` behind Ray Serve, whose proxy gives every request an `x-request-id` (the
     client's, or one it makes) and echoes it on the response itself."""
-    state = ServerState(engine, settings)
+    state = ServerState(engine, settings, adapters)
     app = FastAPI(title="expertmesh", version="0.1.0",
                   description="OpenAI-compatible serving of Mixture-of-Experts LLMs on a Ray actor graph.")
     app.state.server = state
@@ -231,10 +240,30 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        llm = state.llm
-        card = {"id": settings.model_name, "object": "model", "created": state.created, "owned_by": "expertmesh",
-                "root": settings.model, "max_model_len": llm.max_model_len}
-        return {"object": "list", "data": [card]}
+        """The base model, then each LoRA adapter served, whose `parent` is the base model (as vLLM lists them)."""
+        cards = [state.model_card(settings.model_name, settings.model, None)]
+        cards += [state.model_card(r.lora_name, r.lora_path, settings.model_name) for r in state.adapters.known]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> dict:
+        """Serves a LoRA adapter under a new model name (behind the API key; needs --lora-dirs): checked whole
+        and loaded into a slot before the answer, so a bad adapter gets a 400 naming what does not fit."""
+        try:
+            lora, new = await state.adapters.load(engine, body.lora_name, body.lora_path)
+        except EngineDead as e:
+            raise errors.server_failure(request.state.request_id, e) from None
+        return {**state.model_card(lora.lora_name, lora.lora_path, settings.model_name), "loaded": new}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> dict:
+        """Stops serving an adapter (behind the API key; needs --lora-dirs): new requests naming it get 404,
+        the ones running finish with it, and its slot is freed when they have."""
+        try:
+            running = await state.adapters.unload(engine, body.lora_name)
+        except EngineDead as e:
+            raise errors.server_failure(request.state.request_id, e) from None
+        return {"id": body.lora_name, "object": "model", "deleted": True, "running_requests": running}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -272,7 +301,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        state.check_model(body.model)
+        lora = state.check_model(body.model)
         prompts = body.prompts()
         for i, p in enumerate(prompts):
             if isinstance(p, str) and not p:
@@ -281,21 +310,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *, echo_request_id:
         state.check_work(len(prompts), body.n, body.max_tokens, body.logprobs, "max_tokens", "logprobs")
         engine_prompts = await asyncio.to_thread(state.tokenize, prompts)  # off the event loop: prompts can be long
         return await generate(state, request, body, engine_prompts, "prompt", body.max_tokens, body.logprobs,
-                               chat=False)
+                               chat=False, lora_request=lora)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.check_model(body.model)
+        lora = state.check_model(body.model)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         state.check_work(1, body.n, body.token_limit(), logprobs, max_field, "top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = await asyncio.to_thread(state.chat_prompt, messages)  # the template and tokenizer: off the loop
-        return await generate(state, request, body, [prompt], "messages", body.token_limit(), logprobs, chat=True)
+        return await generate(state, request, body, [prompt], "messages", body.token_limit(), logprobs, chat=True,
+                              lora_request=lora)
 
     return app
 
 
 _ROUTES = {"/health", "/v1/models", "/metrics", "/v1/experts", "/v1/experts/rebalance", "/v1/experts/scale",
-           "/dashboard", "/v1/completions", "/v1/chat/completions"}
+           "/dashboard", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 _GENERATE = {"/v1/completions", "/v1/chat/completions"}

@@ -1,11 +1,12 @@
 """The engine behind the HTTP server: one thread steps the `LLMEngine`; requests stream out to asyncio.
 
 `LLMEngine` is not thread-safe, so only the engine thread touches it. Handlers on the event loop queue
-their adds and aborts; the engine thread takes both queues at once between steps, drops every add whose
-abort came with it (a client that hung up while its request was being accepted), applies the rest, then
-runs a step (continuous batching: every running request advances one token per step) and hands each
-request's new output to its stream. A request is accepted or refused by the engine thread itself (a
-prompt that can never fit is refused there), so the handler knows before it answers 200.
+their adds and aborts (and calls such as loading a LoRA adapter, `run_in_engine`); the engine thread takes
+both queues at once between steps, drops every add whose abort came with it (a client that hung up while
+its request was being accepted), applies the rest in order, then runs a step (continuous batching: every
+running request advances one token per step) and hands each request's new output to its stream. A
+request is accepted or refused by the engine thread itself (a prompt that can never fit is refused there),
+so the handler knows before it answers 200.
 
 Requests ask for DELTA outputs, and a stream holds at most one of them: what arrives before the handler
 looks is merged into the one waiting, so a slow or absent reader costs the size of its output, not a copy
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.lora_request import LoRARequest
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -116,6 +118,20 @@ class _Add:
     prompt: Any
     params: SamplingParams
     stream: _Stream
+    lora_request: LoRARequest | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    """`fn(engine)` to run on the engine thread; its result (`_Returned`) or exception goes to `stream`."""
+
+    fn: Callable[[LLMEngine], Any]
+    stream: _Stream
+
+
+@dataclass(slots=True)
+class _Returned:
+    value: Any
 
 
 class AsyncEngine:
@@ -132,7 +148,7 @@ class AsyncEngine:
         self.retry_after_s = retry_after_s
         self.stats = EngineStats()
         self._lock = threading.Lock()  # guards _adds and _aborts, which the engine thread takes together
-        self._adds: deque[_Add] = deque()
+        self._adds: deque[_Add | _Call] = deque()
         self._aborts: deque[str] = deque()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._wake = threading.Event()
@@ -164,16 +180,18 @@ class AsyncEngine:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def generate(self, request_id: str, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Queues a request and yields its outputs (deltas, merged while unread) until it finishes.
 
         Raises before the first output: `QueueFull`, `EngineDead`, or the engine's own ValueError/TypeError
-        for a prompt it refuses. Cancelling the consumer (a client gone) aborts the request and frees its
-        cache blocks."""
-        stream = await self.submit(request_id, prompt, params)
+        for a prompt it refuses (`AdapterSlotsFull` when its adapter finds no slot). Cancelling the consumer
+        (a client gone) aborts the request and frees its cache blocks."""
+        stream = await self.submit(request_id, prompt, params, lora_request)
         return self.outputs(request_id, stream)
 
-    async def submit(self, request_id: str, prompt: Any, params: SamplingParams) -> _Stream:
+    async def submit(self, request_id: str, prompt: Any, params: SamplingParams,
+                     lora_request: LoRARequest | None = None) -> _Stream:
         if not self.alive:
             raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
         waiting = self.num_waiting()
@@ -183,7 +201,7 @@ class AsyncEngine:
             params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)  # what streams merge
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
-            self._adds.append(_Add(request_id, prompt, params, stream))
+            self._adds.append(_Add(request_id, prompt, params, stream, lora_request))
         self._wake.set()
         try:
             first = await stream.get()
@@ -208,6 +226,20 @@ class AsyncEngine:
         finally:
             if not finished:  # cancelled, closed early or failed: free the request's cache blocks
                 self.abort(request_id)
+
+    async def run_in_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)` run on the engine thread between steps, after the adds queued before it: what it
+        returns, or raises. For what must not race a step, such as loading an adapter into a slot."""
+        if not self.alive:
+            raise EngineDead(f"the engine has stopped: {self.error or 'shut down'}")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            self._adds.append(_Call(fn, stream))
+        self._wake.set()
+        item = await stream.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item.value
 
     def abort(self, request_id: str) -> None:
         """Aborts a request, whether the engine has taken it yet or not (an add still queued is dropped)."""
@@ -266,6 +298,9 @@ class AsyncEngine:
             adds, self._adds = self._adds, deque()
             aborts, self._aborts = set(self._aborts), deque()
         for add in adds:
+            if isinstance(add, _Call):
+                self._call(add)
+                continue
             if add.request_id in aborts:
                 aborts.discard(add.request_id)
                 self.stats.aborted_requests += 1
@@ -277,9 +312,17 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
                 self.stats.aborted_requests += 1
 
+    def _call(self, call: _Call) -> None:
+        try:
+            value = call.fn(self.engine)
+        except Exception as e:  # the caller's to answer; a bug of ours is logged there, never kills the loop
+            call.stream.put(e)
+            return
+        call.stream.put(_Returned(value))
+
     def _add(self, add: _Add) -> None:
         try:
-            seq = self.engine.add_request(add.request_id, add.prompt, add.params)
+            seq = self.engine.add_request(add.request_id, add.prompt, add.params, lora_request=add.lora_request)
         except (ValueError, TypeError) as e:  # the prompt or its parameters: the client's to fix
             add.stream.put(e)
             return

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from expertmesh.engine.adapter_registry import AdapterSlotsFull
+from expertmesh.engine.lora_request import LoRARequest
 from expertmesh.engine.outputs import RequestOutput
 from expertmesh.platform.server import errors
 from expertmesh.platform.server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestAborted
@@ -45,11 +47,14 @@ class _Choice:
 
 
 async def generate(state: ServerState, request: Request, body, prompts: list, prompt_field: str,
-                   max_tokens: int | None, logprobs: int | None, *, chat: bool):
-    """Submits every prompt x n, then answers in one JSON body or as server-sent events."""
+                   max_tokens: int | None, logprobs: int | None, *, chat: bool,
+                   lora_request: LoRARequest | None = None):
+    """Submits every prompt x n (with the LoRA adapter the request's model names, if any), then answers in one
+    JSON body or as server-sent events."""
     started = time.perf_counter()
     engine = state.engine
     rid = request.state.request_id
+    model = lora_request.lora_name if lora_request is not None else state.settings.model_name  # as vLLM answers
     choices: list[_Choice] = []
     try:
         for p_index, prompt in enumerate(prompts):
@@ -57,7 +62,10 @@ async def generate(state: ServerState, request: Request, body, prompts: list, pr
                 params = state.sampling_params(body, max_tokens, j, logprobs)
                 sub_id = engine.new_request_id(rid)  # unique even when clients reuse an X-Request-Id
                 try:
-                    outputs = await engine.generate(sub_id, prompt, params)
+                    outputs = await engine.generate(sub_id, prompt, params, lora_request)
+                except AdapterSlotsFull as e:  # every slot serves running requests: one frees when they finish
+                    raise errors.APIError(429, str(e), param="model", code="adapter_slots_full",
+                                          headers={"Retry-After": str(state.settings.retry_after_s)}) from None
                 except (ValueError, TypeError) as e:
                     message = str(e).replace("prompts[0]", prompt_field if len(prompts) == 1 else
                                              f"{prompt_field}[{p_index}]")
@@ -76,7 +84,7 @@ async def generate(state: ServerState, request: Request, body, prompts: list, pr
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, body, choices, rid, response_id, started, chat, include_usage)
+        events = _stream(state, body, choices, rid, response_id, model, started, chat, include_usage)
         return _EventStream(events, choices, engine)
     try:
         await _drain(state, choices, started)
@@ -87,7 +95,7 @@ async def generate(state: ServerState, request: Request, body, prompts: list, pr
         raise
     finally:
         await _close(choices, engine)
-    answer = await asyncio.to_thread(_full_response_json, state, body, choices, response_id, chat)
+    answer = await asyncio.to_thread(_full_response_json, state, body, choices, response_id, model, chat)
     state.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
         time.perf_counter() - started)
     return Response(answer, media_type="application/json")
@@ -159,7 +167,8 @@ def _usage(choices: list[_Choice], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _full_response_json(state: ServerState, body, choices: list[_Choice], response_id: str, chat: bool) -> bytes:
+def _full_response_json(state: ServerState, body, choices: list[_Choice], response_id: str, model: str,
+                        chat: bool) -> bytes:
     """The whole answer, as JSON bytes (built off the event loop, and encoded a slice at a time: see _json)."""
     out_choices = []
     for c in choices:
@@ -173,7 +182,7 @@ def _full_response_json(state: ServerState, body, choices: list[_Choice], respon
             fields = {"index": c.index, "text": comp.text}
         out_choices.append(f'{_dumps(fields)[:-1]},"logprobs":{lp},"finish_reason":{_dumps(comp.finish_reason)}}}')
     head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": state.settings.model_name, "usage": _usage(choices, body.n)}
+            "created": int(time.time()), "model": model, "usage": _usage(choices, body.n)}
     return f'{_dumps(head)[:-1]},"choices":[{",".join(out_choices)}]}}'.encode()
 
 
@@ -226,13 +235,12 @@ def _logprobs(state: ServerState, token_ids: list[int], entries: list[dict[int, 
     }
 
 
-async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, response_id: str, started: float, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, response_id: str, model: str,
+                  started: float, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per delta of any choice, the last one of a choice with its
     finish_reason, the usage chunk when asked, then `data: [DONE]`. A client that reads slowly holds up
     the pumps at the bounded queue, and its requests' deltas merge in their streams meanwhile."""
     created = int(time.time())
-    model = state.settings.model_name
     kind = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(choices))
 

@@ -170,3 +170,20 @@ class ScaleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     expert_shards: StrictInt
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/load_lora_adapter`, vLLM's body: serve the peft adapter directory `lora_path` (absolute, inside
+    the server's --lora-dirs) under the model name `lora_name`."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/unload_lora_adapter`, vLLM's body: stop serving `lora_name` (vLLM's optional `lora_int_id` is
+    ignored: a name is enough here)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Annotated[StrictStr, Field(min_length=1, max_length=256)]

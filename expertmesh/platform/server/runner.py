@@ -7,6 +7,7 @@ cluster) and on SIGTERM or Ctrl-C takes Serve and that Ray down again before exi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,11 +20,13 @@ from expertmesh.platform.server.settings import (
     DEPLOYMENT_NAME,
     ReplicaScaling,
     ServerSettings,
+    check_runtime_lora,
     generate_api_key,
     read_api_keys,
 )
 
 SHUTDOWN_DEADLINE_S = 60
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")  # `ValueError: what`
 
 
 def settings_from_args(args) -> ServerSettings:
@@ -31,14 +34,27 @@ def settings_from_args(args) -> ServerSettings:
     if not keys and not args.no_api_key:
         keys = (generate_api_key(),)
     engine_kwargs = {}
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device"):
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device", "max_loras", "max_lora_rank"):
         value = getattr(args, name, None)
         if value is not None:
             engine_kwargs[name] = value
+    if getattr(args, "enable_lora", False):
+        engine_kwargs["enable_lora"] = True
+    model = str(Path(args.model).resolve())
+    lora_modules = {}
+    if getattr(args, "lora_modules", None):
+        from expertmesh.platform.server.lora import parse_lora_modules
+
+        names = (args.served_model_name or Path(model).name, model)
+        # relative paths are the caller's: made absolute here, as the model's is
+        lora_modules = {name: str(Path(path).absolute())
+                        for name, path in parse_lora_modules(args.lora_modules, names).items()}
     return ServerSettings(
-        model=str(Path(args.model).resolve()), served_model_name=args.served_model_name, dtype=args.dtype,
+        model=model, served_model_name=args.served_model_name, dtype=args.dtype,
         deployment=str(Path(args.deployment).resolve()) if args.deployment else None,
-        engine_kwargs=engine_kwargs, api_keys=keys, allow_no_api_key=bool(args.no_api_key),
+        engine_kwargs=engine_kwargs, lora_modules=lora_modules,
+        lora_dirs=tuple(str(Path(d).resolve()) for d in getattr(args, "lora_dirs", None) or ()),
+        api_keys=keys, allow_no_api_key=bool(args.no_api_key),
         max_waiting=args.max_waiting, max_tokens_limit=args.max_tokens_limit, max_request_work=args.max_request_work,
     )
 
@@ -89,6 +105,10 @@ def serve_config(settings: ServerSettings, host: str, port: int, scaling: Replic
         args["deployment"] = deployment
     if settings.engine_kwargs:
         args["engine_kwargs"] = dict(settings.engine_kwargs)
+    if settings.lora_modules:
+        args["lora_modules"] = dict(settings.lora_modules)
+    if settings.lora_dirs:
+        args["lora_dirs"] = list(settings.lora_dirs)
     if settings.allow_no_api_key and not settings.api_keys:  # said on purpose (--no-api-key): keep saying it
         args["allow_no_api_key"] = True
     return {
@@ -117,9 +137,14 @@ def _cluster_cpus(settings: ServerSettings, scaling: ReplicaScaling) -> float:
 def run(args) -> int:
     settings = settings_from_args(args)
     scaling = scaling_from_args(args)
+    check_runtime_lora(settings, scaling)
     if args.print_serve_config:
         print(yaml.safe_dump(serve_config(settings, args.host, args.port, scaling), sort_keys=False), end="")
         return 0
+    if settings.lora_enabled:
+        from expertmesh.platform.server.lora import ServedAdapters
+
+        ServedAdapters(settings)  # the adapters' paths and --lora-dirs, checked before Ray starts
     from expertmesh.graph import runtime
     from ray import serve
 
@@ -134,7 +159,13 @@ def run(args) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"loading {settings.model} ...", flush=True)
-        serve.run(build_application(settings, scaling=scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(build_application(settings, scaling=scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError:  # Serve says only that the deployment failed: say why (a bad adapter, a bad checkpoint)
+            reason = _replica_error(serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message)
+            if reason is None:
+                raise
+            raise ValueError(f"the server's replica could not start: {reason}") from None
         _print_banner(settings, scaling, args.host, args.port)
         while not stop.is_set():
             stop.wait(0.5)
@@ -142,6 +173,12 @@ def run(args) -> int:
     finally:
         _shutdown(serve, runtime, owns_ray)
     return 0
+
+
+def _replica_error(message: str) -> str | None:
+    """The last `SomeError: what` line of the traceback in a deployment's status message, if it has one."""
+    lines = [line for line in message.splitlines() if _EXCEPTION_LINE.match(line)]
+    return lines[-1] if lines else None
 
 
 def _shutdown(serve, runtime, owns_ray: bool) -> None:

@@ -15,7 +15,13 @@ from typing import Any
 import expertmesh.graph.runtime  # noqa: F401 - first: it sets Ray's environment before Ray loads
 from ray import serve  # noqa: I001
 
-from expertmesh.platform.server.settings import DEPLOYMENT_NAME, ReplicaScaling, ServerSettings, require_api_key
+from expertmesh.platform.server.settings import (
+    DEPLOYMENT_NAME,
+    ReplicaScaling,
+    ServerSettings,
+    check_runtime_lora,
+    require_api_key,
+)
 
 APP_NAME = "expertmesh"
 RESTART_AFTER_FAILED_STEPS = 5  # liveness: a replica whose steps keep failing is restarted by Serve
@@ -29,9 +35,10 @@ class ExpertmeshServer:
     def __init__(self, settings: dict[str, Any]):
         import torch
 
-        from expertmesh.engine.llm_engine import EngineConfig, LLMEngine
+        from expertmesh.engine.llm_engine import LLMEngine
         from expertmesh.graph import ActorGraph
         from expertmesh.platform.server.async_engine import AsyncEngine
+        from expertmesh.platform.server.lora import ServedAdapters
 
         self.settings = ServerSettings(**settings)
         require_api_key(self.settings)  # the deployment itself fails closed, however it was built
@@ -40,14 +47,24 @@ class ExpertmeshServer:
         torch.set_num_threads(int(s.num_threads or os.cpu_count() or 1))
         torch.manual_seed(0)  # as the offline LLM does: unseeded sampling draws from the global generator
         executor = None if s.deployment is None else ActorGraph(s.deployment)
-        self.engine = AsyncEngine(
-            lambda: LLMEngine(EngineConfig(model=s.model, dtype=s.dtype, **s.engine_kwargs), executor),
-            max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
+        self.adapters = ServedAdapters(s)  # checks the adapters' paths against lora_dirs
+
+        def make_engine() -> LLMEngine:
+            engine = LLMEngine(s.engine_config(), executor)
+            try:
+                self.adapters.load_startup(engine)
+            except BaseException:
+                engine.shutdown()
+                raise
+            return engine
+
+        self.engine = AsyncEngine(make_engine, max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
 
     def __serve_build_asgi_app__(self):
         from expertmesh.platform.server.app import build_app
 
-        return build_app(self.engine, self.settings, echo_request_id=False)  # Serve's proxy echoes it
+        # Serve's proxy echoes the request id
+        return build_app(self.engine, self.settings, adapters=self.adapters, echo_request_id=False)
 
     def check_health(self) -> None:
         """Ray Serve's liveness check, which restarts a replica that fails it: a stopped engine fails it, and
@@ -71,6 +88,7 @@ def build_application(settings: ServerSettings, *, num_cpus: float = 1.0, scalin
     `deployments:` entry overrides it, as `expertmesh serve --print-serve-config` writes). Each replica builds
     an engine of its own and, with a deployment, an actor graph of its own: the graph's actor names carry a
     fresh graph id, its data-plane ports are picked by the OS and its token is its own."""
+    check_runtime_lora(settings, scaling or ReplicaScaling())
     # an engine on a GPU needs Ray to give its replica one (Ray hides the GPUs from actors that ask for none)
     num_gpus = 1 if str(settings.engine_kwargs.get("device", "cpu")).startswith("cuda") else 0
     deployment = serve.deployment(

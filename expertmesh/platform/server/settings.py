@@ -1,4 +1,5 @@
-"""What the server is told at start: the model, the deployment, the API keys, the limits, how many replicas."""
+"""What the server is told at start: the model, the deployment, the LoRA adapters, the API keys, the limits, how
+many replicas."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ DEPLOYMENT_NAME = "ExpertmeshServer"  # the Serve deployment; a Serve config's `
 UPSCALE_DELAY_S = 30.0
 # ...and a quiet spell this long before it stops one, since getting it back costs those minutes again
 DOWNSCALE_DELAY_S = 600.0
+# Resident LoRA adapters per replica when the server serves adapters (the offline LLM keeps vLLM's 1): a server
+# is shared by many clients, and a request whose adapter finds every slot held by running requests gets 429.
+SERVER_MAX_LORAS = 16
+_LORA_ENGINE_FIELDS = ("max_loras", "max_lora_rank")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +30,10 @@ class ServerSettings:
     # None: local mode (the engine in the Serve replica); else the actor graph (a dict or a YAML path)
     deployment: Any = None
     engine_kwargs: dict = field(default_factory=dict)  # EngineConfig fields: max_num_seqs, kv_cache_gib, ...
+    # LoRA adapters, served when these or engine_kwargs' enable_lora say so (max_loras, max_lora_rank there too)
+    lora_modules: dict = field(default_factory=dict)  # name -> adapter directory, served from the start
+    # Directories that adapter paths must resolve into (symlinks followed); runtime loading needs one
+    lora_dirs: tuple[str, ...] = ()
     num_threads: int | None = None  # torch threads of the replica's engine; None: the machine's cores
     # One key (a string) or several (a list). Empty: no key is asked for, which the Serve entry points
     # (`app_builder`, the deployment) refuse unless allow_no_api_key says so.
@@ -56,6 +65,42 @@ class ServerSettings:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in keys))
         if not isinstance(self.allow_no_api_key, bool):
             raise ValueError(f"allow_no_api_key must be true or false, got {self.allow_no_api_key!r}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        modules, dirs = self.lora_modules, self.lora_dirs
+        if not isinstance(modules, dict) or any(not isinstance(k, str) or not k or not isinstance(v, str) or not v
+                                                for k, v in modules.items()):
+            raise ValueError(f"lora_modules must map adapter names to their directories, got {modules!r}")
+        taken = sorted(set(modules) & {self.model_name, self.model})
+        if taken:
+            raise ValueError(f"lora_modules: the adapter name {taken[0]!r} is the base model's name")
+        dirs = (dirs,) if isinstance(dirs, str) else dirs  # `lora_dirs: /adapters` in a Serve config is one
+        if not isinstance(dirs, (list, tuple)) or any(not isinstance(d, str) or not d for d in dirs):
+            raise ValueError(f"lora_dirs must be a directory or a list of them, got {dirs!r}")
+        object.__setattr__(self, "lora_dirs", tuple(dirs))
+        enable = self.engine_kwargs.get("enable_lora")
+        if enable is False and (modules or dirs):
+            raise ValueError("engine_kwargs.enable_lora is false, but lora_modules or lora_dirs name adapters")
+        sizes = [name for name in _LORA_ENGINE_FIELDS if name in self.engine_kwargs]
+        if sizes and not self.lora_enabled:
+            raise ValueError(f"{sizes[0]} sizes the LoRA adapters' slots, but this server serves none: set "
+                             "enable_lora (--enable-lora), lora_modules or lora_dirs")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.engine_kwargs.get("enable_lora") or self.lora_modules or self.lora_dirs)
+
+    def engine_config(self):
+        """The replica's `EngineConfig`: engine_kwargs over the model and dtype, with LoRA enabled when adapters
+        are named (SERVER_MAX_LORAS slots unless max_loras says otherwise)."""
+        from expertmesh.engine.llm_engine import EngineConfig  # torch: only where an engine is built
+
+        kwargs = dict(self.engine_kwargs)
+        if self.lora_enabled:
+            kwargs["enable_lora"] = True
+            kwargs.setdefault("max_loras", SERVER_MAX_LORAS)
+        return EngineConfig(model=self.model, dtype=self.dtype, **kwargs)
 
     @property
     def model_name(self) -> str:
@@ -156,6 +201,15 @@ class ReplicaScaling:
         if self.autoscales:
             return {"autoscaling_config": self.autoscaling_config()}
         return {"num_replicas": self.lowest}
+
+
+def check_runtime_lora(settings: ServerSettings, scaling: ReplicaScaling) -> None:
+    """Adapters loaded at runtime reach only the replica that takes the load request, so lora_dirs (which turns
+    runtime loading on) needs a single replica."""
+    if settings.lora_dirs and scaling.most > 1:
+        raise ValueError(f"--lora-dirs turns on loading LoRA adapters at runtime, which reaches only the replica that "
+                         f"takes the request, but up to {scaling.most} replicas may run: name the adapters with "
+                         "--lora-modules instead, or run one replica")
 
 
 def read_api_keys(key_file: str | None = None, env: dict[str, str] | None = None) -> tuple[str, ...]:
