@@ -4,8 +4,9 @@
 answers one layer's request (hidden states, the logical expert ids routed to it, routing weights) with the
 weighted sum of its experts' outputs per token. It checks every request against what it holds and the
 placement version it is on, and names what does not match. What it holds changes between steps in two
-moves: `stage` loads new replicas by name beside the ones in use (while steps go on), and `commit` swaps
-to the new holding and version at once, dropping what it no longer holds.
+moves: `stage` loads new replicas by name beside the ones in use and, told the whole new holding, stacks
+the new layers' weights too (while steps go on); `commit` then swaps to them and the new version at once,
+dropping what it no longer holds, so the step it runs between waits for a swap of references, not a copy.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ExpertShard:
         self.num_experts = config.routing.num_experts
         self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
         self._staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, not yet in use
+        self._prepared: tuple[tuple[Expert, ...], dict[int, LayerExperts]] | None = None  # a holding, stacked
         self.pairs_served = 0  # (token, expert) pairs computed since start: where the router sends work
         self.last_compute_s = 0.0  # the last request's time on the expert math, reported to the router
         self._install(self._load(experts))
@@ -73,9 +75,10 @@ class ExpertShard:
         return [(layer, e) for layer, held in sorted(self.layers.items()) for e in held.expert_ids]
 
     # -- placement changes -------------------------------------------------------------------------
-    def stage(self, experts: Iterable[Expert]) -> list[Expert]:
+    def stage(self, experts: Iterable[Expert], holding: Iterable[Expert] | None = None) -> list[Expert]:
         """Loads the replicas among `experts` that this shard does not hold yet, without using them; returns
-        those it loaded. Serving goes on meanwhile."""
+        those it loaded. With `holding` (everything the shard is to hold after the swap), also stacks the new
+        holding's weights, so that `commit` of that holding only swaps them in. Serving goes on meanwhile."""
         with self._lock:
             new = sorted({(int(layer), int(e)) for layer, e in experts} - set(self.experts) - set(self._staged))
         loaded = self._load(new)  # the slow part, outside the lock: requests go on being served
@@ -83,28 +86,38 @@ class ExpertShard:
             for layer, held in loaded.items():
                 for row, e in enumerate(held.expert_ids):
                     self._staged[layer, e] = (held.w13[row], held.w2[row])
+            if holding is None:
+                return new
+            wanted = _sorted(holding)
+            missing = self._missing(wanted)
+            layers, local, staged = dict(self.layers), dict(self._local), dict(self._staged)
+        if missing:
+            raise ValueError(f"expert shard {self.shard_index} cannot hold {missing[:8]}: neither held nor staged")
+        prepared = _stack(wanted, layers, lambda layer, e: _weights(layers, local, staged, layer, e))
+        with self._lock:
+            self._prepared = (tuple(wanted), prepared)
         return new
 
     def commit(self, version: int, experts: Iterable[Expert]) -> None:
         """Holds exactly `experts` from now on, on placement `version`: replicas it held or staged are
         kept; the rest are dropped. Refused, changing nothing, if an expert was neither held nor staged."""
-        wanted = sorted({(int(layer), int(e)) for layer, e in experts})
+        wanted = _sorted(experts)
         with self._lock:
-            missing = [x for x in wanted if x not in self._staged and self._row(*x) is None]
+            missing = self._missing(wanted)
             if missing:
                 raise ValueError(f"expert shard {self.shard_index} cannot hold {missing[:8]}: neither held nor "
                                  f"staged (stage them first)")
-            by_layer: dict[int, list[int]] = {}
-            for layer, e in wanted:
-                by_layer.setdefault(layer, []).append(e)
-            layers = {}
-            for layer, ids in by_layer.items():
-                rows = [self._weights(layer, e) for e in ids]
-                layers[layer] = LayerExperts(tuple(ids), torch.stack([w13 for w13, _ in rows]),
-                                             torch.stack([w2 for _, w2 in rows]))
+            if self._prepared is not None and self._prepared[0] == tuple(wanted):
+                layers = self._prepared[1]  # stacked while the steps went on
+            else:
+                layers = _stack(wanted, self.layers, self._weights)
             self._install(layers)
             self.placement_version = version
             self._staged.clear()
+            self._prepared = None
+
+    def _missing(self, wanted: list[Expert]) -> list[Expert]:
+        return [x for x in wanted if x not in self._staged and self._row(*x) is None]
 
     def local_rows(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
         """Logical expert ids of `layer` (-1 for slots of other shards) as rows of the stacked weights held."""
@@ -116,11 +129,7 @@ class ExpertShard:
         return None if row < 0 else row
 
     def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self._row(layer, expert)
-        if row is None:
-            return self._staged[layer, expert]
-        held = self.layers[layer]
-        return held.w13[row], held.w2[row]
+        return _weights(self.layers, self._local, self._staged, layer, expert)
 
     # -- serving -----------------------------------------------------------------------------------
     def check(
@@ -185,3 +194,35 @@ class ExpertShard:
             out = self.forward(layer, hidden, expert_ids, weights)
             self.last_compute_s = time.perf_counter() - start
             return out
+
+
+def _sorted(experts: Iterable[Expert]) -> list[Expert]:
+    return sorted({(int(layer), int(e)) for layer, e in experts})
+
+
+def _weights(layers: dict[int, LayerExperts], local: dict[int, torch.Tensor],
+             staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]], layer: int,
+             expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One replica's (w13, w2): a row of a held layer, or a staged one."""
+    index = local.get(layer)
+    row = -1 if index is None else int(index[expert])
+    if row < 0:
+        return staged[layer, expert]
+    held = layers[layer]
+    return held.w13[row], held.w2[row]
+
+
+def _stack(wanted: list[Expert], current: dict[int, LayerExperts], weights) -> dict[int, LayerExperts]:
+    """Each layer of the holding `wanted` stacked; a layer whose experts do not change keeps its tensors."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in wanted:
+        by_layer.setdefault(layer, []).append(e)
+    out = {}
+    for layer, ids in by_layer.items():
+        if layer in current and current[layer].expert_ids == tuple(ids):
+            out[layer] = current[layer]
+            continue
+        rows = [weights(layer, e) for e in ids]
+        out[layer] = LayerExperts(tuple(ids), torch.stack([w13 for w13, _ in rows]),
+                                  torch.stack([w2 for _, w2 in rows]))
+    return out

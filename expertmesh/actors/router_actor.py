@@ -99,9 +99,9 @@ class RouterActor:
     def set_placement(self, placement: dict) -> None:
         self.core.set_placement(PlacementTable.from_dict(placement))
 
-    def stage_hosted(self, shard: int, experts: list[Expert]) -> list[Expert]:
-        """"inprocess": loads new replicas for a hosted shard."""
-        return self._hosted_shard(shard).stage(experts)
+    def stage_hosted(self, shard: int, experts: list[Expert], holding: list[Expert] | None = None) -> list[Expert]:
+        """"inprocess": loads new replicas for a hosted shard (and stacks its next holding)."""
+        return self._hosted_shard(shard).stage(experts, holding)
 
     def commit_hosted(self, shard: int, version: int, experts: list[Expert]) -> None:
         self._hosted_shard(shard).commit(version, experts)

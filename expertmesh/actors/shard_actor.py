@@ -46,9 +46,10 @@ class ExpertShardActor:
 
         self._step_thread.submit(serve).result()
 
-    def stage(self, experts: list[Expert]) -> list[Expert]:
-        """Loads new replicas by name beside the ones in use; returns those it loaded."""
-        return self.shard.stage(experts)
+    def stage(self, experts: list[Expert], holding: list[Expert] | None = None) -> list[Expert]:
+        """Loads new replicas by name beside the ones in use (and stacks `holding`, the shard's next holding,
+        for a commit that only swaps it in); returns those it loaded."""
+        return self.shard.stage(experts, holding)
 
     def commit(self, version: int, experts: list[Expert]) -> None:
         """Between steps: holds exactly `experts` on placement `version` from now on."""

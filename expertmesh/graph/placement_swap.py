@@ -61,18 +61,21 @@ class PlacementSwap:
                                  f"then takes effect at a step boundary): wait for it first")
             table = dataclasses.replace(table, version=current.version + 1)
             diff = current.diff(table)
-            loads = [self._stage(s, added) for s, (added, _) in diff.items() if added]
+            # every shard whose holding changes stages: new replicas load, and the new stacks are built there
+            # while steps go on, so that the commit between two steps only swaps references
+            loads = [self._stage(s, added, table.shard_experts(s)) for s, (added, _) in diff.items()
+                     if s < table.num_shards]
             self._pending = _Swap(table, loads, loaded=sum(len(a) for a, _ in diff.values()),
                                   dropped=sum(len(d) for _, d in diff.values()))
         if wait:
             ray.wait(loads, num_returns=len(loads), timeout=timeout_s or ex.deployment.recovery_timeout_s)
         return table
 
-    def _stage(self, shard: int, experts: list):
+    def _stage(self, shard: int, experts: list, holding: list):
         ex = self.ex
         if ex.deployment.transport == "inprocess":
-            return ex.router.stage_hosted.remote(shard, experts)
-        return next(m for m in ex.shard_members if m.index == shard).handle.stage.remote(experts)
+            return ex.router.stage_hosted.remote(shard, experts, holding)
+        return next(m for m in ex.shard_members if m.index == shard).handle.stage.remote(experts, holding)
 
     @property
     def pending_version(self) -> int | None:
@@ -90,7 +93,8 @@ class PlacementSwap:
                 return
             self._pending = None
         ex, table = self.ex, swap.table
-        record = {"version": table.version, "at": time.time(), "load_seconds": time.monotonic() - swap.started,
+        # from the start of the swap to this step boundary: the loads and stacking, then the wait for a step to end
+        record = {"version": table.version, "at": time.time(), "seconds_to_swap": time.monotonic() - swap.started,
                   "loaded": swap.loaded, "dropped": swap.dropped}
         try:
             ray.get(swap.loads)

@@ -173,3 +173,24 @@ def test_commit_of_an_expert_neither_held_nor_staged_changes_nothing(tiny_model_
     assert shard.experts == [(1, 0)] and shard.placement_version == 2
     shard.commit(3, [])  # drained: holds nothing, refuses every layer
     assert shard.experts == [] and shard.layers == {}
+
+
+def test_a_holding_staged_whole_is_stacked_before_the_commit(tiny_model_dir, full_model):
+    """Told its next holding, `stage` stacks the new layers while serving goes on; `commit` of that holding
+    then installs those very tensors (no copy between two steps), and layers that do not change keep theirs."""
+    shard = ExpertShard(tiny_model_dir, [(1, 0), (1, 3), (2, 1)], shard_index=0, placement_version=0)
+    unchanged = shard.layers[2].w13
+    holding = [(1, 3), (1, 9), (2, 1)]
+    assert shard.stage([(1, 9)], holding) == [(1, 9)]
+    assert shard.experts == [(1, 0), (1, 3), (2, 1)]  # still serving the old holding
+    prepared = shard._prepared[1][1].w13
+    shard.commit(1, holding)
+    assert shard.layers[1].w13 is prepared and shard.layers[2].w13 is unchanged
+    hidden, ids, weights = random_routing(16, seed=5)
+    held, new_ids, new_weights = restrict(ids, weights, {3, 9})
+    torch.testing.assert_close(shard.serve(1, hidden, new_ids, new_weights, 1),
+                               reference(full_model, 1, hidden, ids, weights, held), atol=1e-5, rtol=1e-5)
+    # a commit of another holding than the one stacked still works (stacked then, under the lock)
+    shard.stage([(1, 0)], [(1, 0), (1, 3)])
+    shard.commit(2, [(1, 0), (1, 3), (1, 9)])
+    assert shard.experts == [(1, 0), (1, 3), (1, 9)] and 2 not in shard.layers
