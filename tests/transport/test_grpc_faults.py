@@ -148,7 +148,7 @@ def test_a_stalled_shard_is_named_within_the_deadline_and_its_late_answer_is_nev
         dispatch.close()
 
 
-class LyingShard:
+class LyingShard(pb_grpc.ExpertShardServicer):  # the rpcs it does not lie on: UNIMPLEMENTED
     """A shard servicer that answers each request with something else: another step, another layer, or
     another shape."""
 
