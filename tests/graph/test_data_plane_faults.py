@@ -57,7 +57,7 @@ class FaultyShard(ExpertShardActor):
         return self._address
 
 
-class _Misbehaving:
+class _Misbehaving(pb_grpc.ExpertShardServicer):  # Train, not faulted here: UNIMPLEMENTED
     def __init__(self, inner: ExpertShardServicer, actor: FaultyShard):
         self.inner, self.actor = inner, actor
 

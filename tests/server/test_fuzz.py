@@ -34,7 +34,9 @@ EXAMPLES = 100  # per operation; the GET ones without parameters stop after thei
 # The app's operations, listed so each is its own test (schemathesis's lazy `from_fixture` loader, which would
 # find them in the live schema, fails under pytest 9); a test checks the list against the schema.
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-              ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/experts"), ("GET", "/dashboard")]
+              ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/experts"), ("GET", "/dashboard"),
+              ("POST", "/v1/experts/rebalance"), ("POST", "/v1/experts/scale"), ("POST", "/v1/load_lora_adapter"),
+              ("POST", "/v1/unload_lora_adapter")]
 SAMPLING_EXAMPLES = 300  # cheap: most are refused, the rest generate a few tokens
 REFUSED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "suffix", "best_of")
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
