@@ -4,13 +4,20 @@
 
 from .fused_moe import fused_moe_ref, moe_align_block_size
 from .gating import topk_gating_ref
+from .lora import expert_lora_rows, fused_moe_lora_ref, lora_expand_ref, lora_shrink_ref
 from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import mla_decode_attention_ref
 from .registry import (
     BACKEND_ENV,
     fused_moe,
+    fused_moe_lora,
+    fused_moe_lora_triton,
     fused_moe_triton,
     kernel_backend,
+    lora_expand,
+    lora_expand_triton,
+    lora_shrink,
+    lora_shrink_triton,
     mla_decode_absorbed,
     mla_decode_step,
     mla_decode_attention,
@@ -26,10 +33,20 @@ from .rms_norm import rms_norm_ref
 
 __all__ = [
     "BACKEND_ENV",
+    "expert_lora_rows",
     "fused_moe",
     "fused_moe_ref",
+    "fused_moe_lora",
+    "fused_moe_lora_ref",
+    "fused_moe_lora_triton",
     "fused_moe_triton",
     "kernel_backend",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_expand_triton",
+    "lora_shrink",
+    "lora_shrink_ref",
+    "lora_shrink_triton",
     "mla_decode_absorbed",
     "mla_decode_absorbed_ref",
     "mla_decode_step",

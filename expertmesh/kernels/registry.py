@@ -17,13 +17,15 @@ import torch
 from .backend import BACKEND_ENV, kernel_backend
 from .cpu_ext import small_m_kernels
 from .cpu_fused_moe import fused_moe_cpu
+from .cpu_lora import fused_moe_lora_cpu, lora_expand_cpu, lora_shrink_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
 from .gating import check_gating_args, topk_gating_ref
+from .lora import (check_expand_args, check_fused_moe_lora_args, check_lora_args, fused_moe_lora_ref,
+                   lora_expand_ref, lora_shrink_ref)
 from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import check_mla_decode_args, mla_decode_attention_ref
 from .rms_norm import rms_norm_ref
-
 
 
 @functools.cache
@@ -111,6 +113,25 @@ def mla_decode_attention_triton(
     return impl(q_latent, q_rope, ckv_cache, kpe_cache, block_tables, context_lens, scale)
 
 
+def lora_shrink_triton(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    from .triton.lora import lora_shrink_triton as impl
+
+    return impl(x, a, rows)
+
+
+def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    from .triton.lora import lora_expand_triton as impl
+
+    return impl(y, h, b, rows)
+
+
+def fused_moe_lora_triton(*args: torch.Tensor) -> torch.Tensor:
+    """(hidden_states, w13, w2, topk_weights, topk_ids, lora_rows, a13, b13, a2, b2), as `fused_moe_lora`."""
+    from .triton.lora import fused_moe_lora_triton as impl
+
+    return impl(*args)
+
+
 # Dispatching entry points: the signatures the model code calls.
 
 
@@ -172,6 +193,49 @@ def fused_moe(
         check_fused_moe_args(*inputs)
         return fused_moe_cpu(*inputs)
     return fused_moe_ref(*inputs)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h [T, r] = A[rows[t]] x[t], zero where rows[t] = -1; see `lora_shrink_ref`."""
+    if use_triton(x, a, rows):
+        return lora_shrink_triton(x, a, rows)
+    if _cpu_inference(x, a, rows):
+        check_lora_args(x, a, rows, side="a")
+        return lora_shrink_cpu(x, a, rows)
+    return lora_shrink_ref(x, a, rows)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """y[t] += B[rows[t]] h[t] in place where rows[t] >= 0, returns y; see `lora_expand_ref`."""
+    if use_triton(y, h, b, rows):
+        return lora_expand_triton(y, h, b, rows)
+    if _cpu_inference(y, h, b, rows):
+        check_expand_args(y, h, b, rows)
+        return lora_expand_cpu(y, h, b, rows)
+    return lora_expand_ref(y, h, b, rows)
+
+
+def fused_moe_lora(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lora_rows: torch.Tensor,
+    a13: torch.Tensor,
+    b13: torch.Tensor,
+    a2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    """`fused_moe` plus LoRA on the (token, expert) pairs whose `lora_rows` entry is >= 0; see
+    `fused_moe_lora_ref`."""
+    inputs = (hidden_states, w13, w2, topk_weights, topk_ids, lora_rows, a13, b13, a2, b2)
+    if use_triton(*inputs):
+        return fused_moe_lora_triton(*inputs)
+    if _cpu_inference(*inputs):
+        check_fused_moe_lora_args(*inputs)
+        return fused_moe_lora_cpu(*inputs)
+    return fused_moe_lora_ref(*inputs)
 
 
 def mla_decode_absorbed(

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lora_rows.h"
 #include "rows_dot.h"
 
 namespace {
@@ -55,10 +56,21 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
   return out;
 }
 
+namespace {
+
+// LoRA on the (token, slot) pairs of moe_small_m: rows [T*K] into the stacks (-1: the pair has none).
+struct MoeLora {
+  const int64_t* rows;
+  expertmesh::LoraA a13, a2;
+  expertmesh::LoraB b13, b2;
+};
+
 // Routed experts for few tokens: out[t] = sum_k w[t,k] * W2[e] (silu(G[e] x_t) * (U[e] x_t)), e = ids[t,k].
 // w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], topk_weights [T, K] fp32, topk_ids [T, K] int64.
-torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
-                          torch::Tensor topk_ids) {
+// With `lora`, pairs with a row gain B13 A13 x_t on gate/up before the activation and B2 A2 act on the down
+// output, each right after the parallel region that streams the experts' weights.
+torch::Tensor moe_small_m_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                               torch::Tensor topk_ids, const MoeLora* lora) {
   check_f32_contiguous(x, "hidden_states");
   check_f32_contiguous(w13, "w13");
   check_f32_contiguous(w2, "w2");
@@ -106,6 +118,13 @@ torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, 
     }
   });
 
+  std::vector<int64_t> sorted_rows;  // lora->rows in sorted order
+  if (lora != nullptr) {
+    sorted_rows.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) sorted_rows[i] = lora->rows[pair_order[i]];
+    expertmesh::lora_rows(lora->a13, lora->b13, sorted_rows.data(), pairs, xsp, h, gup, 2 * inter);
+  }
+
   auto act = torch::empty({pairs, inter}, x.options());
   float* ap = act.data_ptr<float>();
   at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
@@ -130,6 +149,8 @@ torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, 
     }
   });
 
+  if (lora != nullptr) expertmesh::lora_rows(lora->a2, lora->b2, sorted_rows.data(), pairs, ap, inter, ysp, h);
+
   // Weighted sum over each token's K slots, in slot order.
   std::vector<int64_t> sorted_pos(pairs);
   for (int64_t i = 0; i < pairs; ++i) sorted_pos[pair_order[i]] = i;
@@ -147,6 +168,33 @@ torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, 
   });
   return out;
 }
+
+}  // namespace
+
+torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                          torch::Tensor topk_ids) {
+  return moe_small_m_impl(x, w13, w2, topk_weights, topk_ids, nullptr);
+}
+
+// moe_small_m plus LoRA on the pairs whose lora_rows [T, K] entry is >= 0: the contract of
+// kernels/lora.py's `fused_moe_lora_ref` in float32.
+torch::Tensor moe_lora_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                               torch::Tensor topk_ids, torch::Tensor lora_rows, torch::Tensor a13, torch::Tensor b13,
+                               torch::Tensor a2, torch::Tensor b2) {
+  auto rows = lora_rows.to(torch::kInt64).contiguous();
+  TORCH_CHECK(rows.sizes() == topk_ids.sizes(), "lora_rows must have the shape of topk_ids");
+  expertmesh::check_rows(rows.data_ptr<int64_t>(), rows.numel(), a13.size(0));
+  const MoeLora lora{rows.data_ptr<int64_t>(), expertmesh::lora_a(a13), expertmesh::lora_a(a2),
+                     expertmesh::lora_b(b13), expertmesh::lora_b(b2)};
+  TORCH_CHECK(lora.a13.in == x.size(1) && lora.b13.out == w13.size(1) && lora.a2.in == w2.size(2) &&
+                  lora.b2.out == x.size(1),
+              "LoRA stacks do not fit the experts");
+  return moe_small_m_impl(x, w13, w2, topk_weights, topk_ids, &lora);
+}
+
+// lora.cpp
+torch::Tensor lora_shrink_f32(torch::Tensor x, torch::Tensor a, torch::Tensor rows);
+torch::Tensor lora_expand_f32(torch::Tensor y, torch::Tensor h, torch::Tensor b, torch::Tensor rows);
 
 // decode_ops.cpp
 torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps);
@@ -169,4 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
   m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
+  m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
+  m.def("lora_shrink_f32", &lora_shrink_f32, "h = A[rows[t]] x[t] per row (zeros where rows[t] = -1)");
+  m.def("lora_expand_f32", &lora_expand_f32, "y[t] += B[rows[t]] h[t] in place where rows[t] >= 0");
 }
