@@ -218,7 +218,9 @@ def _train_worker_pids(cluster: Cluster) -> list[int]:
 
 
 def test_a_run_survives_a_killed_worker_and_counts_every_step_once(token_cluster, tmp_path, tiny_model_dir):
-    steps = 10
+    # long enough that the kill lands mid-run: a tiny step takes ~0.1 s, and `ray list actors` and the log's
+    # streaming take seconds (with 10 steps the run once ended before the kill reached it)
+    steps = 60
     job_dir = write_job(tmp_path / "job", tiny_model_dir, tmp_path / "out", steps=steps)
     job = Streamed(token_cluster.command("job", "submit", *submit_args("finetune-worker-killed", job_dir)),
                    client_env(token_cluster.token))
