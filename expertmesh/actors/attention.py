@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.actors.step import MicroBatch
+from expertmesh.actors.step import AdapterSpec, MicroBatch
 from expertmesh.model import AttentionMetadata, load_model
+from expertmesh.model.adapters import ModelAdapters
 from expertmesh.model.moe import MoEBlock
 
 
 class AttentionWorker:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", lora: AdapterSpec | None = None):
         # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
         # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
         self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
@@ -35,6 +36,11 @@ class AttentionWorker:
                                              routed_experts=False).result()
         self.block_size = block_size
         self.kv_caches = self._threads[0].submit(self.model.allocate_kv_cache, num_blocks, block_size).result()
+        # LoRA adapters of attention, shared experts and dense layers (the shards hold the routed experts')
+        lora = lora or AdapterSpec(0, 16, {})
+        self.adapters = ModelAdapters(self.model, lora.max_loras, lora.max_rank, routed=False)
+        for slot, path in lora.loaded.items():  # a replacement actor takes the adapters back
+            self.adapters.load(slot, path)
         self.link = None  # set by the actor graph: a link of expertmesh.transport (gRPC or collective)
         self._context = threading.local()  # (step, micro-batch) of the forward pass on this thread
         for layer in self.model.model.layers:
@@ -58,7 +64,9 @@ class AttentionWorker:
         )
         ids = torch.tensor(mb.input_ids, dtype=torch.int64, device=self.device)
         rows = torch.tensor(mb.logits_indices, dtype=torch.int64, device=self.device)
-        return self.model(ids, meta, self.kv_caches, rows).cpu()
+        slots = None if mb.token_slots is None else torch.tensor(mb.token_slots, dtype=torch.int64, device=self.device)
+        with self.adapters.serving(slots):
+            return self.model(ids, meta, self.kv_caches, rows).cpu()
 
     def execute(self, step: int, micro_batches: list[MicroBatch | None]) -> list[torch.Tensor | None]:
         """Logits [rows, V] per micro-batch, on the CPU (None where this actor has none of it)."""

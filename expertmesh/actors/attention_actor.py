@@ -8,7 +8,7 @@ import numpy as np
 
 from expertmesh.actors._process import device, node_info, setup
 from expertmesh.actors.attention import AttentionWorker
-from expertmesh.actors.step import MicroBatch
+from expertmesh.actors.step import AdapterSpec, MicroBatch
 from expertmesh.transport import DataPlaneSettings
 from expertmesh.transport.collective import CollectiveRouterLink, join_group
 from expertmesh.transport.grpc_route import GrpcRouterLink
@@ -16,11 +16,12 @@ from expertmesh.transport.grpc_route import GrpcRouterLink
 
 class AttentionActor:
     def __init__(self, model_dir: str | Path, *, rank: int, dtype: str, num_blocks: int, block_size: int,
-                 secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None):
+                 secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None,
+                 lora: AdapterSpec | None = None):
         setup(num_threads)  # the worker runs its micro-batches on threads of its own
         self.rank, self._secret, self._data_plane = rank, secret, data_plane
         self.worker = AttentionWorker(model_dir, dtype=dtype, num_blocks=num_blocks, block_size=block_size,
-                                      device=device())
+                                      device=device(), lora=lora)
 
     def ping(self) -> dict:
         return {**node_info(), "rank": self.rank, "device": str(self.worker.device)}
@@ -38,6 +39,13 @@ class AttentionActor:
         """Logits per micro-batch, as numpy arrays: Ray ships those zero-copy through its object store, where
         a torch tensor goes through torch's pickler (measured: 4 MiB of batch-32 logits a step)."""
         return [None if t is None else t.numpy() for t in self.worker.execute(step, micro_batches)]
+
+    def load_adapter(self, slot: int, path: str) -> None:
+        """Puts a peft adapter into `slot` for this actor's layers; ValueError naming what does not fit."""
+        self.worker.adapters.load(slot, path)
+
+    def clear_adapter(self, slot: int) -> None:
+        self.worker.adapters.clear(slot)
 
     def reconnects(self) -> int:
         """How often this actor's router stream broke and was reopened."""

@@ -21,6 +21,7 @@ import torch
 from expertmesh import kernels
 from expertmesh.model import LayerExperts, load_experts, resolve_dtype
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.expert_adapters import HeldExpertLora
 
 Expert = tuple[int, int]  # (layer, expert)
 
@@ -39,6 +40,9 @@ class ExpertShard:
         shard_index: int = 0,
         placement_version: int = 0,
         device: str | torch.device = "cpu",
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
+        adapters: dict[int, str] | None = None,
     ):
         config = ModelConfig.from_pretrained(model_dir)
         self.model_dir = model_dir
@@ -50,10 +54,20 @@ class ExpertShard:
         self.num_experts = config.routing.num_experts
         self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
         self._staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, not yet in use
-        self._prepared: tuple[tuple[Expert, ...], dict[int, LayerExperts]] | None = None  # a holding, stacked
+        self._prepared: tuple | None = None  # a holding, stacked: (experts, layers, adapters, adapter generation)
+        self._lora_generation = 0  # counts adapter loads and clears: a holding prepared before one is stale
         self.pairs_served = 0  # (token, expert) pairs computed since start: where the router sends work
         self.last_compute_s = 0.0  # the last request's time on the expert math, reported to the router
         self._install(self._load(experts))
+        # LoRA adapters of the routed experts held here, by slot (None: the graph serves no adapters)
+        self.lora: HeldExpertLora | None = None
+        if max_loras:
+            self.lora = HeldExpertLora(
+                num_slots=max_loras, max_rank=max_lora_rank, num_experts=self.num_experts,
+                moe_layers=[i for i, moe in enumerate(config.moe_layers) if moe], hidden=config.hidden_size, two_i=2 * config.moe_intermediate_size,
+                inter=config.moe_intermediate_size, dtype=self.dtype, device=self.device)
+            for slot, path in (adapters or {}).items():  # a replacement shard takes the adapters back
+                self.load_adapter(slot, path)
 
     def _load(self, experts: Iterable[Expert]) -> dict[int, LayerExperts]:
         """Reads the experts' weights from the checkpoint onto this shard's device; on a GPU the registry
@@ -95,7 +109,10 @@ class ExpertShard:
             raise ValueError(f"expert shard {self.shard_index} cannot hold {missing[:8]}: neither held nor staged")
         prepared = _stack(wanted, layers, lambda layer, e: _weights(layers, local, staged, layer, e))
         with self._lock:
-            self._prepared = (tuple(wanted), prepared)
+            generation = self._lora_generation
+        lora = None if self.lora is None else self.lora.prepare(wanted)  # new replicas' adapters, read by name
+        with self._lock:
+            self._prepared = (tuple(wanted), prepared, lora, generation)
         return new
 
     def commit(self, version: int, experts: Iterable[Expert]) -> None:
@@ -107,10 +124,11 @@ class ExpertShard:
             if missing:
                 raise ValueError(f"expert shard {self.shard_index} cannot hold {missing[:8]}: neither held nor "
                                  f"staged (stage them first)")
-            if self._prepared is not None and self._prepared[0] == tuple(wanted):
-                layers = self._prepared[1]  # stacked while the steps went on
-            else:
-                layers = _stack(wanted, self.layers, self._weights)
+            prepared = self._prepared if self._prepared is not None and self._prepared[0] == tuple(wanted) else None
+            layers = prepared[1] if prepared else _stack(wanted, self.layers, self._weights)  # stacked while steps ran
+            if self.lora is not None:  # prepared with the adapters loaded then, else read now
+                fresh = prepared is not None and prepared[3] == self._lora_generation
+                self.lora.install(prepared[2] if fresh else self.lora.prepare(wanted))
             self._install(layers)
             self.placement_version = version
             self._staged.clear()
@@ -131,9 +149,33 @@ class ExpertShard:
     def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _weights(self.layers, self._local, self._staged, layer, expert)
 
+    # -- LoRA adapters -------------------------------------------------------------------------------
+    def load_adapter(self, slot: int, path: str) -> int:
+        """Puts the peft adapter at `path` into `slot` for the replicas held here (the adapter checked against
+        the model first: ValueError naming what does not fit, the slot unchanged); returns how many held
+        replicas it adapts."""
+        lora = self._lora()
+        with self._lock:
+            lora.load(slot, path, self.experts)
+            self._lora_generation += 1
+            return len(lora.updates[slot])
+
+    def clear_adapter(self, slot: int) -> None:
+        lora = self._lora()
+        with self._lock:
+            lora.clear(slot)
+            self._lora_generation += 1
+
+    def _lora(self) -> HeldExpertLora:
+        if self.lora is None:
+            raise ValueError(f"expert shard {self.shard_index} serves no LoRA adapters: the graph was started "
+                             "without enable_lora")
+        return self.lora
+
     # -- serving -----------------------------------------------------------------------------------
     def check(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, version: int
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, version: int,
+        slots: torch.Tensor | None = None,
     ) -> None:
         """Raises ShardRequestError naming the first thing about a request that does not match this shard."""
         where = f"expert shard {self.shard_index}"
@@ -167,31 +209,65 @@ class ExpertShard:
         missing = ids[self._local[layer][ids] < 0].unique().tolist()
         if missing:
             raise ShardRequestError(f"{where} does not hold experts {missing[:8]} of layer {layer}")
+        if slots is not None:
+            self._check_slots(where, slots, num_tokens)
+
+    def _check_slots(self, where: str, slots: torch.Tensor, num_tokens: int) -> None:
+        if slots.dtype != torch.int64 or tuple(slots.shape) != (num_tokens,):
+            raise ShardRequestError(f"adapter_slots must be int64 [{num_tokens}], got {slots.dtype} {list(slots.shape)}")
+        used = set(slots.unique().tolist()) - {-1}
+        if not used:
+            return
+        if self.lora is None:
+            raise ShardRequestError(f"{where} serves no LoRA adapters, but the request names adapter slots "
+                                    f"{sorted(used)[:8]}")
+        empty = sorted(s for s in used if s not in self.lora.paths)
+        if empty:
+            raise ShardRequestError(f"{where} has no adapter in slots {empty[:8]} (adapter_slots are -1 or a loaded "
+                                    f"slot in [0, {self.lora.num_slots}))")
 
     @torch.inference_mode()
-    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert_k(hidden[t]) over the slots this shard holds (ids >= 0): [T, H], on the
-        CPU."""
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_k(hidden[t]) over the slots this shard holds (ids >= 0), each (token,
+        expert) pair adapted by the adapter in the token's slot `slots[t]` (-1 or None: none) where that
+        adapter adapts the expert: [T, H], on the CPU."""
         held = self.layers[layer]
-        tokens, slots = (expert_ids >= 0).nonzero(as_tuple=True)  # one row per routed (token, expert) pair
+        tokens, cols = (expert_ids >= 0).nonzero(as_tuple=True)  # one row per routed (token, expert) pair
         out = torch.zeros(hidden.shape, dtype=torch.float32)
         if tokens.numel() == 0:
             return out.to(hidden.dtype)
         self.pairs_served += tokens.numel()
-        local = self._local[layer][expert_ids[tokens, slots]].unsqueeze(1)  # [P, 1]
+        logical = expert_ids[tokens, cols].unsqueeze(1)  # [P, 1]
+        local = self._local[layer][logical]  # [P, 1]
         dev = self.device
-        pair_out = kernels.fused_moe(hidden[tokens].to(dev), held.w13, held.w2,
-                                     weights[tokens, slots].unsqueeze(1).to(dev), local.to(dev))
+        x, w = hidden[tokens].to(dev), weights[tokens, cols].unsqueeze(1).to(dev)
+        lora = self._adapters_in(layer, slots)
+        if lora is None:
+            pair_out = kernels.fused_moe(x, held.w13, held.w2, w, local.to(dev))
+        else:
+            rows = kernels.expert_lora_rows(lora.index, slots[tokens].to(dev), logical.to(dev))  # [P, 1]
+            pair_out = kernels.fused_moe_lora(x, held.w13, held.w2, w, local.to(dev), rows, lora.a13, lora.b13,
+                                              lora.a2, lora.b2)
         return out.index_add_(0, tokens, pair_out.float().cpu()).to(hidden.dtype)
 
+    def _adapters_in(self, layer: int, slots: torch.Tensor | None):
+        """The layer's adapter stacks when a token's slot adapts one of its experts held here, else None."""
+        if slots is None or self.lora is None:
+            return None
+        lora = self.lora.layers.get(layer)
+        if lora is None or lora.slots.isdisjoint(slots.unique().tolist()):
+            return None
+        return lora
+
     def serve(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-              version: int) -> torch.Tensor:
+              version: int, slots: torch.Tensor | None = None) -> torch.Tensor:
         """A data-plane request: checked, then computed (one at a time: the kernels already use every thread
-        this shard has)."""
+        this shard has). `slots` [T]: each token's adapter slot, -1 for the base model."""
         with self._lock:
-            self.check(layer, hidden, expert_ids, weights, version)
+            self.check(layer, hidden, expert_ids, weights, version, slots)
             start = time.perf_counter()
-            out = self.forward(layer, hidden, expert_ids, weights)
+            out = self.forward(layer, hidden, expert_ids, weights, slots)
             self.last_compute_s = time.perf_counter() - start
             return out
 

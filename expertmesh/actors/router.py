@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.actors.step import StepPlan
+from expertmesh.actors.step import StepPlan, StepSlots
 from expertmesh.engine.executor import count_routed
 from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.model import load_gates, resolve_dtype
@@ -59,8 +59,9 @@ class RouterCore:
         gate = self.gates[layer]
         return route(hidden, gate.weight, gate.correction_bias, self.config.routing)
 
-    def split(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> list[ShardWork]:
-        """The work of each shard that received any pair, in shard order."""
+    def split(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              slots: torch.Tensor | None = None) -> list[ShardWork]:
+        """The work of each shard that received any pair, in shard order, with its tokens' adapter slots."""
         if self._replicated[layer]:  # a hot expert's pairs are dealt over its replicas in turn
             shard_of = torch.tensor(self.placement.assign(layer, ids.reshape(-1).tolist())).view_as(ids)
         else:
@@ -74,6 +75,7 @@ class RouterCore:
             works.append(ShardWork(
                 shard=shard, tokens=tokens, hidden_states=hidden[tokens],
                 expert_ids=torch.where(mine, ids, -1)[tokens], weights=torch.where(mine, weights, 0.0)[tokens],
+                slots=None if slots is None else slots[tokens],
             ))
         return works
 
@@ -84,19 +86,26 @@ class RouterCore:
         return out.to(hidden.dtype)
 
     @torch.inference_mode()
-    def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """The routed-expert output of one layer for [T, H] hidden states, computed on the shards."""
+    def moe(self, step: int, layer: int, hidden: torch.Tensor, dispatch: Dispatch,
+            slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed-expert output of one layer for [T, H] hidden states, computed on the shards; `slots` [T]
+        names each token's LoRA adapter slot (-1: none), which the shards apply to the experts it adapts."""
         weights, ids = self.route(layer, hidden)
         self.load.add(layer, count_routed(ids, self.num_experts))
-        works = self.split(layer, hidden, weights, ids)
+        works = self.split(layer, hidden, weights, ids, slots)
         start = time.perf_counter()
         outputs = dispatch.dispatch(step, layer, self.placement.version, works)
         self.round_trips.append((hidden.shape[0], time.perf_counter() - start, dispatch.last_compute_s))
         return self.combine(hidden, works, outputs)
 
-    def run_step(self, step: int, plan: StepPlan, attention, dispatch: Dispatch, on_micro_batch=None) -> None:
+    def run_step(self, step: int, plan: StepPlan, attention, dispatch: Dispatch, on_micro_batch=None,
+                 slots: StepSlots | None = None) -> None:
         """Serves every MoE layer of every micro-batch of one step. `attention` is the router side of the
-        attention link (`receive`/`reply`); `on_micro_batch(mb)` lets a transport tag its messages."""
+        attention link (`receive`/`reply`); `on_micro_batch(mb)` lets a transport tag its messages; `slots`
+        gives each token's adapter slot (None: no adapter in the step)."""
+        mb_slots = [None if slots is None else
+                    torch.tensor([s for r in sorted(counts) if counts[r] > 0 for s in slots[mb][r]], dtype=torch.int64)
+                    for mb, counts in enumerate(plan)]
         attention.start_step(step)
         started, waited = time.perf_counter(), 0.0
         dispatched = len(self.round_trips)
@@ -111,7 +120,7 @@ class RouterCore:
                 hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
                 if on_micro_batch is not None:
                     on_micro_batch(mb)
-                out = self.moe(step, layer, hidden, dispatch)
+                out = self.moe(step, layer, hidden, dispatch, mb_slots[mb])
                 for r, piece in zip(ranks, out.split([counts[r] for r in ranks])):
                     attention.reply(step, mb, layer, r, piece)
         attention.finish_step()

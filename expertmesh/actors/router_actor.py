@@ -9,7 +9,7 @@ from pathlib import Path
 from expertmesh.actors._process import node_info, setup
 from expertmesh.actors.expert_shard import Expert, ExpertShard
 from expertmesh.actors.router import RouterCore
-from expertmesh.actors.step import StepPlan
+from expertmesh.actors.step import AdapterSpec, StepPlan, StepSlots
 from expertmesh.experts import PlacementTable
 from expertmesh.transport import DataPlaneSettings
 from expertmesh.transport.collective import CollectiveAttentionSide, CollectiveDispatch, join_group
@@ -21,19 +21,20 @@ from expertmesh.transport.inprocess import InProcessDispatch
 class RouterActor:
     def __init__(self, model_dir: str | Path, placement: dict, *, dtype: str, transport: str,
                  attention_ranks: list[int], secret: str, data_plane: DataPlaneSettings,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, lora: AdapterSpec | None = None):
         self._step_thread = setup(num_threads)
         self.model_dir, self.dtype_name, self.transport = model_dir, dtype, transport
         self._attention_ranks, self._secret, self._data_plane = list(attention_ranks), secret, data_plane
         table = PlacementTable.from_dict(placement)
+        self._lora = lora or AdapterSpec(0, 16, {})  # "inprocess": the hosted shards' adapters
         self.core = RouterCore(model_dir, table, dtype=dtype)
         self.dispatch = None
         self.attention = None
         self._server = None
         self._hosted: dict[int, ExpertShard] = {}  # "inprocess": the shards, by index, loaded with the router
         if transport == "inprocess":
-            self._hosted = {s: ExpertShard(model_dir, table.shard_experts(s), dtype=dtype, shard_index=s,
-                                           placement_version=table.version) for s in range(table.num_shards)}
+            self._hosted = {s: self._new_shard(s, table.shard_experts(s), table.version)
+                            for s in range(table.num_shards)}
             self.dispatch = InProcessDispatch(self._hosted)
         self._ranks: list[int] = []
         self._on_micro_batch = None
@@ -84,12 +85,12 @@ class RouterActor:
         self._on_micro_batch = lambda mb: setattr(dispatch, "micro_batch", mb)
 
     # -- steps ---------------------------------------------------------------------------------------
-    def step(self, step: int, plan: StepPlan) -> None:
+    def step(self, step: int, plan: StepPlan, slots: StepSlots | None = None) -> None:
         if self.dispatch is None or self.attention is None:
             raise RuntimeError("the router's data plane is not connected")
         self._ranks = sorted({r for counts in plan for r in counts})
         self._step_thread.submit(self.core.run_step, step, plan, self.attention, self.dispatch,
-                                 self._on_micro_batch).result()
+                                 self._on_micro_batch, slots).result()
 
     def abort(self, step: int, reason: str) -> None:
         if self.attention is not None:
@@ -108,9 +109,26 @@ class RouterActor:
 
     def _hosted_shard(self, shard: int) -> ExpertShard:
         if shard not in self._hosted:  # a shard index new to this router starts empty
-            self._hosted[shard] = ExpertShard(self.model_dir, [], dtype=self.dtype_name, shard_index=shard,
-                                              placement_version=self.core.placement.version)
+            self._hosted[shard] = self._new_shard(shard, [], self.core.placement.version)
         return self._hosted[shard]
+
+    def _new_shard(self, index: int, experts: list[Expert], version: int) -> ExpertShard:
+        lora = self._lora
+        return ExpertShard(self.model_dir, experts, dtype=self.dtype_name, shard_index=index, placement_version=version,
+                           max_loras=lora.max_loras, max_lora_rank=lora.max_rank, adapters=lora.loaded)
+
+    # -- LoRA adapters ("inprocess": on the hosted shards) ----------------------------------------------
+    def load_adapter(self, slot: int, path: str) -> None:
+        """Puts a peft adapter into `slot` on every hosted shard; ValueError naming what does not fit."""
+        for shard in self._hosted.values():
+            shard.load_adapter(slot, path)
+        self._lora = AdapterSpec(self._lora.max_loras, self._lora.max_rank, {**self._lora.loaded, slot: path})
+
+    def clear_adapter(self, slot: int) -> None:
+        for shard in self._hosted.values():
+            shard.clear_adapter(slot)
+        self._lora = AdapterSpec(self._lora.max_loras, self._lora.max_rank,
+                                 {s: p for s, p in self._lora.loaded.items() if s != slot})
 
     # -- figures -------------------------------------------------------------------------------------
     def load_counts(self, window: bool = False) -> dict[int, list[int]]:

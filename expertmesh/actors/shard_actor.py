@@ -9,6 +9,7 @@ from pathlib import Path
 from expertmesh.actors._process import device, node_info, setup
 from expertmesh.actors.expert_shard import Expert, ExpertShard
 from expertmesh.actors.shard_trainer import AdapterTensors, ShardTrainer
+from expertmesh.actors.step import AdapterSpec
 from expertmesh.transport import DataPlaneSettings
 from expertmesh.transport.collective import join_group, serve_collective_layer
 from expertmesh.transport.grpc_dispatch import start_shard_server
@@ -16,11 +17,14 @@ from expertmesh.transport.grpc_dispatch import start_shard_server
 
 class ExpertShardActor:
     def __init__(self, model_dir: str | Path, experts: list[Expert], *, shard_index: int, dtype: str,
-                 placement_version: int, secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None):
+                 placement_version: int, secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None,
+                 lora: AdapterSpec | None = None):
         self._step_thread = setup(num_threads)
         self._secret, self._data_plane = secret, data_plane
+        lora = lora or AdapterSpec(0, 16, {})
         self.shard = ExpertShard(model_dir, experts, dtype=dtype, shard_index=shard_index,
-                                 placement_version=placement_version, device=device())
+                                 placement_version=placement_version, device=device(), max_loras=lora.max_loras,
+                                 max_lora_rank=lora.max_rank, adapters=lora.loaded)
         self._server = None
         self.trainer: ShardTrainer | None = None
 
@@ -54,6 +58,14 @@ class ExpertShardActor:
     def commit(self, version: int, experts: list[Expert]) -> None:
         """Between steps: holds exactly `experts` on placement `version` from now on."""
         self.shard.commit(version, experts)
+
+    # -- LoRA adapters at serving --------------------------------------------------------------------
+    def load_adapter(self, slot: int, path: str) -> int:
+        """Puts a peft adapter into `slot` for the experts held here; returns how many it adapts."""
+        return self.shard.load_adapter(slot, path)
+
+    def clear_adapter(self, slot: int) -> None:
+        self.shard.clear_adapter(slot)
 
     # -- training mode (a fine-tuning job) -------------------------------------------------------------
     def start_training(self, adapters: dict[Expert, AdapterTensors], rank: int, alpha: float,

@@ -20,6 +20,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from expertmesh.actors import AttentionActor, ExpertShardActor, RouterActor
+from expertmesh.actors.step import AdapterSpec
 from expertmesh.experts import PlacementTable
 from expertmesh.graph.deployment import ActorResources, DeploymentConfig
 
@@ -49,8 +50,12 @@ class Member:
 
 class GraphBuilder:
     def __init__(self, model_dir: str, deployment: DeploymentConfig, *, dtype: str, num_blocks: int, block_size: int,
-                 secret: str, shard_class: type = ExpertShardActor):
+                 secret: str, shard_class: type = ExpertShardActor, max_loras: int = 0, max_lora_rank: int = 16):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
+        # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
+        # replacement, a new shard) loads them as it starts
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.adapters: dict[int, str] = {}
         self.num_blocks, self.block_size, self.secret = num_blocks, block_size, secret
         self.shard_class = shard_class
         self.graph_id = uuid.uuid4().hex[:8]
@@ -65,20 +70,23 @@ class GraphBuilder:
         r = self.resources("attention")
         return self._start("attention", rank, others, AttentionActor, dict(
             rank=rank, dtype=self.dtype, num_blocks=self.num_blocks, block_size=self.block_size, secret=self.secret,
-            data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r)))
+            data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r), lora=self.lora()))
 
     def start_router(self, placement: PlacementTable, others: list[Member]) -> Member:
         d = self.deployment
         return self._start("router", 0, others, RouterActor, dict(
             placement=placement.to_dict(), dtype=self.dtype, transport=d.transport,
             attention_ranks=list(range(d.attention_actors)), secret=self.secret, data_plane=d.data_plane("router"),
-            num_threads=_threads(self.resources("router"))))
+            num_threads=_threads(self.resources("router")), lora=self.lora()))
 
     def start_shard(self, index: int, placement: PlacementTable, others: list[Member]) -> Member:
         return self._start("shard", index, others, self.shard_class, dict(
             experts=placement.shard_experts(index), shard_index=index, dtype=self.dtype,
             placement_version=placement.version, secret=self.secret, data_plane=self.deployment.data_plane("shard"),
-            num_threads=_threads(self.resources("shard"))))
+            num_threads=_threads(self.resources("shard")), lora=self.lora()))
+
+    def lora(self) -> AdapterSpec | None:
+        return AdapterSpec(self.max_loras, self.max_lora_rank, dict(self.adapters)) if self.max_loras else None
 
     def _start(self, role: str, index: int, others: list[Member], cls: type, kwargs: dict) -> Member:
         """Reserves the actor's placement group and starts it there; neither is waited for (`wait_ready`)."""

@@ -81,7 +81,11 @@ class ActorGraphExecutor:
         self.router_member: Member | None = None
         self.shard_members: list[Member] = []
         self.builder = GraphBuilder(spec.model, deployment, dtype=spec.dtype, num_blocks=spec.num_blocks,
-                                    block_size=spec.block_size, secret=new_secret(), shard_class=shard_class)
+                                    block_size=spec.block_size, secret=new_secret(), shard_class=shard_class,
+                                    max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank)
+        if spec.max_loras and deployment.transport == "collective":
+            raise ValueError("LoRA adapters in the actor graph need transport grpc or inprocess: the collective "
+                             "transport's messages carry no adapter slots")
         self.recovery = Recovery(self)
         self.swap = PlacementSwap(self)
         self._owns_ray = connect(deployment.ray_address, num_cpus=deployment.total_cpus)
@@ -155,7 +159,7 @@ class ActorGraphExecutor:
         raise RuntimeError(f"the step failed {self.max_retries + 1} times; last error: {last}")
 
     def _run(self, step: int, planned: PlannedStep) -> dict[int, list]:
-        calls: dict = {self.router.step.remote(step, planned.router_plan): ("router", 0)}
+        calls: dict = {self.router.step.remote(step, planned.router_plan, planned.router_slots): ("router", 0)}
         for rank, mbs in planned.inputs.items():
             calls[self.attention_members[rank].handle.execute.remote(step, mbs)] = ("attention", rank)
         if self.deployment.transport == "collective":
@@ -232,6 +236,43 @@ class ActorGraphExecutor:
         """Swaps in a new expert placement between steps, while requests go on (see `placement_swap.py`);
         returns it with the version it takes effect under."""
         return self.swap.start(table, wait=wait, timeout_s=timeout_s)
+
+    # -- LoRA adapters -------------------------------------------------------------------------------
+    def load_adapter(self, slot: int, path: str) -> None:
+        """Puts a peft adapter into `slot` on every actor: attention, shared-expert and dense-layer LoRA on the
+        attention actors, each routed expert's on the shards that hold it (read there by name). ValueError
+        naming what does not fit, and the slot is then emptied everywhere. An actor that dies meanwhile is
+        replaced by recovery, and its replacement loads the graph's adapters as it starts."""
+        if not self.builder.max_loras:
+            raise ValueError("this actor graph serves no LoRA adapters: create the engine with enable_lora=True")
+        if not 0 <= slot < self.builder.max_loras:
+            raise ValueError(f"adapter slot {slot} is outside [0, {self.builder.max_loras})")
+        self.builder.adapters[slot] = path
+        error = self._on_adapter_holders("load_adapter", slot, path)
+        if error is not None:
+            self.builder.adapters.pop(slot, None)
+            self._on_adapter_holders("clear_adapter", slot)
+            raise ValueError(error)
+
+    def _on_adapter_holders(self, method: str, *args) -> str | None:
+        """Calls `method` on every actor that holds adapter weights; the first ValueError's message, if any.
+        A dead actor is left to recovery (its replacement starts with the builder's adapters)."""
+        holders = [*self.attention_members, *self.shard_members]
+        if self.deployment.transport == "inprocess":
+            holders.append(self.router_member)
+        refs = [getattr(m.handle, method).remote(*args) for m in holders]
+        error = None
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=self.deployment.control_timeout_s)
+            except RayTaskError as e:
+                if error is None and isinstance(e.cause, ValueError):
+                    error = str(e.cause)
+                elif not isinstance(e.cause, ValueError):
+                    raise
+            except (RayActorError, GetTimeoutError) as e:
+                log.warning("%s did not reach an actor (recovery will replace it): %s", method, _short(e))
+        return error
 
     def running_shards(self) -> int | None:
         """How many expert-shard actors run (None for "inprocess", whose shards live in the router and come

@@ -59,6 +59,7 @@ class PlannedStep:
     router_plan: list[dict[int, int]]  # per micro-batch with work: {attention rank: tokens}
     rows: list[tuple[int, int, int]]  # (rank, micro-batch, row) of each logits row, in plan order
     order: list[tuple[int, int]]  # (batch index, logits rows) in plan order, to restore the batch's order
+    router_slots: list[dict[int, list[int]]] | None = None  # beside router_plan: each token's adapter slot
 
     @property
     def active_micro_batches(self) -> list[int]:
@@ -75,17 +76,20 @@ def plan_step(batch: ScheduledBatch, homes: Homes, *, micro_batches: int, all_lo
     rows: list[tuple[int, int, int]] = []
     order: list[tuple[int, int]] = []
     plan: list[dict[int, int]] = [{}, {}]
+    adapters = any(seq.adapter_slot >= 0 for seq in batch.seqs)  # else no slot is sent at all
+    plan_slots: list[dict[int, list[int]]] = [{}, {}]
     for rank, items in per_rank.items():
         halves = split_two(items) if len(items) > 1 and micro_batches == 2 else [items]
         inputs[rank] = [None, None]
         for mb, part in enumerate(halves):
-            ids, qlens, clens, tables, logits_rows = [], [], [], [], []
+            ids, qlens, clens, tables, logits_rows, slots = [], [], [], [], [], []
             for i, seq, n, sample in part:
                 start = seq.num_computed_tokens
                 first = 0 if seq.seq_id in homes.lost else start  # a lost cache: recompute from token 0
                 ids.extend(seq.token_ids[first : start + n])
                 offset = len(ids)
                 qlens.append(start + n - first)
+                slots.extend([seq.adapter_slot] * (start + n - first))
                 clens.append(start + n)
                 tables.append(seq.block_table)
                 wanted = range(offset - n, offset) if all_logits else ([offset - 1] if sample else [])
@@ -93,9 +97,11 @@ def plan_step(batch: ScheduledBatch, homes: Homes, *, micro_batches: int, all_lo
                 for row in wanted:
                     rows.append((rank, mb, len(logits_rows)))
                     logits_rows.append(row)
-            inputs[rank][mb] = MicroBatch(ids, qlens, clens, tables, logits_rows)
+            inputs[rank][mb] = MicroBatch(ids, qlens, clens, tables, logits_rows, slots if adapters else None)
             plan[mb][rank] = len(ids)
-    return PlannedStep(inputs, [p for p in plan if p], rows, order)
+            plan_slots[mb][rank] = slots
+    router_slots = [s for p, s in zip(plan, plan_slots) if p] if adapters else None
+    return PlannedStep(inputs, [p for p in plan if p], rows, order, router_slots)
 
 
 def assemble(results: Mapping[int, Sequence[np.ndarray | None]], step: PlannedStep) -> np.ndarray:

@@ -20,6 +20,7 @@ nothing is set and every hook returns at its first test.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from expertmesh import kernels
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.expert_adapters import expert_updates
 from expertmesh.model.layers import Linear
 from expertmesh.model.mla import MLAttention
 from expertmesh.model.moe import MoEBlock, RoutedExperts
@@ -73,10 +75,9 @@ class AdapterBatch:
         return rows
 
 
-class AdapterContext:
-    """What the hooks of one model read: the batch of the forward running now (None: no adapter in it)."""
-
-    __slots__ = ("batch",)
+class AdapterContext(threading.local):
+    """What the hooks of one model read: the batch of the forward running now (None: no adapter in it), per
+    thread, so forwards on two threads (an attention actor's micro-batches) each see their own."""
 
     def __init__(self) -> None:
         self.batch: AdapterBatch | None = None
@@ -227,8 +228,9 @@ class ModelAdapters:
     """Up to `num_slots` LoRA adapters resident on one model, loaded from peft directories into slots; what a
     slot holds is the engine's business (its adapters registry)."""
 
-    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int):
+    def __init__(self, model: MoECausalLM, num_slots: int, max_rank: int, *, routed: bool = True):
         self.model, self.num_slots, self.max_rank = model, num_slots, max_rank
+        self.routed = routed  # False: the model has no routed experts (an attention actor's); shards adapt them
         self.context = AdapterContext()
         self.linears: dict[str, LinearAdapters] = {}  # by module path, MLA's kv_b_proj included
         self.experts: dict[str, RoutedExpertAdapters] = {}  # by MoE block path
@@ -254,7 +256,7 @@ class ModelAdapters:
         adapter = read_peft_adapter(adapter_dir)
         self._check_rank(adapter, "the adapter", adapter.rank)
         writes = [self._linear(adapter, path, a, b) for path, (a, b) in adapter.linears.items()]
-        writes += [self._experts(adapter, path, updates) for path, updates in adapter.experts.items()]
+        writes += [self._experts(adapter, path) for path in adapter.experts]
         self.clear(slot)
         for write in writes:
             write(slot)
@@ -306,31 +308,18 @@ class ModelAdapters:
 
         return write
 
-    def _experts(self, adapter: PeftAdapter, block_path: str,
-                 updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Write:
+    def _experts(self, adapter: PeftAdapter, block_path: str) -> Write:
         block = self._module(adapter, block_path)
-        if not isinstance(block, MoEBlock) or not isinstance(block.experts, RoutedExperts):
+        if not isinstance(block, MoEBlock) or (self.routed and not isinstance(block.experts, RoutedExperts)):
             raise ValueError(f"{adapter.path}: the adapter adapts routed experts of {block_path}, which has none here")
+        if not self.routed:  # the expert shards hold and check these
+            return lambda slot: None
         experts = block.experts
         num, two_i, hidden = experts.w13.shape
-        shapes = {"w13": (two_i, hidden), "w2": (hidden, experts.w2.shape[2])}  # (out, in)
-        per_expert = {}  # which -> (A [E, r, in], B [E, out, r])
-        for which, (a, b) in updates.items():
-            out_features, in_features = shapes[which]
-            rank = a.shape[0] // num
-            if tuple(a.shape) != (num * rank, in_features) or tuple(b.shape) != (out_features, rank * num) or not rank:
-                raise ValueError(f"{adapter.path}: {block_path}.experts ({which}): adapter shapes {tuple(a.shape)}, "
-                                 f"{tuple(b.shape)} do not fit {num} experts of {in_features} -> {out_features}")
-            self._check_rank(adapter, f"{block_path}.experts", rank)
-            per_expert[which] = (a.reshape(num, rank, in_features), b.reshape(out_features, rank, num).permute(2, 0, 1))
-        for which, (out_features, in_features) in shapes.items():  # one side not adapted: zeros
-            per_expert.setdefault(which, (torch.zeros(num, 1, in_features), torch.zeros(num, out_features, 1)))
-        adapted = torch.zeros(num, dtype=torch.bool)
-        for a, b in per_expert.values():  # an expert whose update is zero is not adapted (peft writes them all)
-            adapted |= a.flatten(1).any(1) & b.flatten(1).any(1)
-        chosen = adapted.nonzero().squeeze(1).tolist()
         weight = experts.w13
-        tensors = tuple(t[chosen].to(weight) for which in ("w13", "w2") for t in per_expert[which])
+        chosen, updates = expert_updates(adapter, block_path, num_experts=num, two_i=two_i, hidden=hidden,
+                                         inter=experts.w2.shape[2], max_rank=self.max_rank)
+        tensors = tuple(t.to(weight) for t in updates)
 
         def write(slot: int) -> None:
             holder = self.experts.get(block_path)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'expertmesh/protos/expert_dispatch.proto\x12\x16\x65xpertmesh.dispatch.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe3\x01\n\rExpertRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x35\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x32\n\nexpert_ids\x18\x05 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12/\n\x07weights\x18\x06 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\"v\n\x0e\x45xpertResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12.\n\x06output\x18\x03 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"w\n\x0cRouteRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x35\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\"\x80\x01\n\rRouteResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xa2\x03\n\x0cTrainRequest\x12\x39\n\x05phase\x18\x01 \x01(\x0e\x32*.expertmesh.dispatch.v1.TrainRequest.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x19\n\x11placement_version\x18\x04 \x01(\x04\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x0c\n\x04\x63\x61ll\x18\x06 \x01(\x04\x12\x35\n\rhidden_states\x18\x07 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x32\n\nexpert_ids\x18\x08 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12/\n\x07weights\x18\t \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x33\n\x0bgrad_output\x18\n \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x0c\n\x04keep\x18\x0b \x01(\x08\"\"\n\x05Phase\x12\x0b\n\x07\x46ORWARD\x10\x00\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x01\"\xb9\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\x04\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x34\n\x0cgrad_weights\x18\x05 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x32\xc6\x01\n\x0b\x45xpertShard\x12]\n\x08\x44ispatch\x12%.expertmesh.dispatch.v1.ExpertRequest\x1a&.expertmesh.dispatch.v1.ExpertResponse(\x01\x30\x01\x12X\n\x05Train\x12$.expertmesh.dispatch.v1.TrainRequest\x1a%.expertmesh.dispatch.v1.TrainResponse(\x01\x30\x01\x32\x65\n\tMoERouter\x12X\n\x05Route\x12$.expertmesh.dispatch.v1.RouteRequest\x1a%.expertmesh.dispatch.v1.RouteResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'expertmesh/protos/expert_dispatch.proto\x12\x16\x65xpertmesh.dispatch.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9a\x02\n\rExpertRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x35\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x32\n\nexpert_ids\x18\x05 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12/\n\x07weights\x18\x06 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x35\n\radapter_slots\x18\x07 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\"v\n\x0e\x45xpertResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12.\n\x06output\x18\x03 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"w\n\x0cRouteRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x35\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\"\x80\x01\n\rRouteResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xa2\x03\n\x0cTrainRequest\x12\x39\n\x05phase\x18\x01 \x01(\x0e\x32*.expertmesh.dispatch.v1.TrainRequest.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x19\n\x11placement_version\x18\x04 \x01(\x04\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x0c\n\x04\x63\x61ll\x18\x06 \x01(\x04\x12\x35\n\rhidden_states\x18\x07 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x32\n\nexpert_ids\x18\x08 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12/\n\x07weights\x18\t \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x33\n\x0bgrad_output\x18\n \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x0c\n\x04keep\x18\x0b \x01(\x08\"\"\n\x05Phase\x12\x0b\n\x07\x46ORWARD\x10\x00\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x01\"\xb9\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\x04\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x34\n\x0cgrad_weights\x18\x05 \x01(\x0b\x32\x1e.expertmesh.dispatch.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x32\xc6\x01\n\x0b\x45xpertShard\x12]\n\x08\x44ispatch\x12%.expertmesh.dispatch.v1.ExpertRequest\x1a&.expertmesh.dispatch.v1.ExpertResponse(\x01\x30\x01\x12X\n\x05Train\x12$.expertmesh.dispatch.v1.TrainRequest\x1a%.expertmesh.dispatch.v1.TrainResponse(\x01\x30\x01\x32\x65\n\tMoERouter\x12X\n\x05Route\x12$.expertmesh.dispatch.v1.RouteRequest\x1a%.expertmesh.dispatch.v1.RouteResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=67
   _globals['_TENSOR']._serialized_end=119
   _globals['_EXPERTREQUEST']._serialized_start=122
-  _globals['_EXPERTREQUEST']._serialized_end=349
-  _globals['_EXPERTRESPONSE']._serialized_start=351
-  _globals['_EXPERTRESPONSE']._serialized_end=469
-  _globals['_ROUTEREQUEST']._serialized_start=471
-  _globals['_ROUTEREQUEST']._serialized_end=590
-  _globals['_ROUTERESPONSE']._serialized_start=593
-  _globals['_ROUTERESPONSE']._serialized_end=721
-  _globals['_TRAINREQUEST']._serialized_start=724
-  _globals['_TRAINREQUEST']._serialized_end=1142
-  _globals['_TRAINREQUEST_PHASE']._serialized_start=1108
-  _globals['_TRAINREQUEST_PHASE']._serialized_end=1142
-  _globals['_TRAINRESPONSE']._serialized_start=1145
-  _globals['_TRAINRESPONSE']._serialized_end=1330
-  _globals['_EXPERTSHARD']._serialized_start=1333
-  _globals['_EXPERTSHARD']._serialized_end=1531
-  _globals['_MOEROUTER']._serialized_start=1533
-  _globals['_MOEROUTER']._serialized_end=1634
+  _globals['_EXPERTREQUEST']._serialized_end=404
+  _globals['_EXPERTRESPONSE']._serialized_start=406
+  _globals['_EXPERTRESPONSE']._serialized_end=524
+  _globals['_ROUTEREQUEST']._serialized_start=526
+  _globals['_ROUTEREQUEST']._serialized_end=645
+  _globals['_ROUTERESPONSE']._serialized_start=648
+  _globals['_ROUTERESPONSE']._serialized_end=776
+  _globals['_TRAINREQUEST']._serialized_start=779
+  _globals['_TRAINREQUEST']._serialized_end=1197
+  _globals['_TRAINREQUEST_PHASE']._serialized_start=1163
+  _globals['_TRAINREQUEST_PHASE']._serialized_end=1197
+  _globals['_TRAINRESPONSE']._serialized_start=1200
+  _globals['_TRAINRESPONSE']._serialized_end=1385
+  _globals['_EXPERTSHARD']._serialized_start=1388
+  _globals['_EXPERTSHARD']._serialized_end=1586
+  _globals['_MOEROUTER']._serialized_start=1588
+  _globals['_MOEROUTER']._serialized_end=1689
 # @@protoc_insertion_point(module_scope)

@@ -109,10 +109,13 @@ class GrpcDispatch:
         if unknown:  # checked before anything is sent, so no stream is left waiting for a read
             raise DataPlaneError(f"the router has no connection to expert shards {unknown}")
         for w in works:
-            self.streams[w.shard].send(pb.ExpertRequest(
+            request = pb.ExpertRequest(
                 step=step, layer=layer, placement_version=version, hidden_states=to_proto(w.hidden_states),
                 expert_ids=to_proto(w.expert_ids), weights=to_proto(w.weights),
-            ))
+            )
+            if w.slots is not None:
+                request.adapter_slots.CopyFrom(to_proto(w.slots))
+            self.streams[w.shard].send(request)
         outs, error, compute = [], None, 0.0
         for w in works:  # read every answer even after an error, so no stream is left out of step
             stream = self.streams[w.shard]
@@ -169,7 +172,9 @@ class ExpertShardServicer:
                 hidden = from_proto(request.hidden_states, name="hidden_states")
                 expert_ids = from_proto(request.expert_ids, name="expert_ids")
                 weights = from_proto(request.weights, name="weights")
-                out = self.runtime.serve(request.layer, hidden, expert_ids, weights, request.placement_version)
+                slots = (from_proto(request.adapter_slots, name="adapter_slots")
+                         if request.HasField("adapter_slots") else None)
+                out = self.runtime.serve(request.layer, hidden, expert_ids, weights, request.placement_version, slots)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 return

@@ -16,7 +16,7 @@ class InProcessDispatch:
         outs, self.last_compute_s = [], 0.0
         for w in works:
             shard = self.shards[w.shard]
-            outs.append(shard.serve(layer, w.hidden_states, w.expert_ids, w.weights, version))
+            outs.append(shard.serve(layer, w.hidden_states, w.expert_ids, w.weights, version, w.slots))
             self.last_compute_s += shard.last_compute_s  # one after the other: the sum is the compute
         return outs
 

@@ -23,6 +23,7 @@ class ShardWork:
     hidden_states: torch.Tensor  # [Ts, H]
     expert_ids: torch.Tensor  # [Ts, K] int64 logical ids on this shard, -1 for slots on other shards
     weights: torch.Tensor  # [Ts, K] float32
+    slots: torch.Tensor | None = None  # [Ts] int64 each token's LoRA adapter slot (-1: none); None: no adapter
 
 
 class ShardRuntime(Protocol):
@@ -32,9 +33,10 @@ class ShardRuntime(Protocol):
     last_compute_s: float  # seconds the last `serve` spent on the expert math (its checks left out)
 
     def serve(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-              version: int) -> torch.Tensor:
-        """sum_k weights[t, k] * expert(expert_ids[t, k])(hidden[t]) over this shard's slots: [T, H]. Raises
-        ValueError naming what does not match (layer, shapes, dtypes, experts held, placement version)."""
+              version: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_k weights[t, k] * expert(expert_ids[t, k])(hidden[t]) over this shard's slots, each pair with
+        the LoRA adapter of its token's slot `slots[t]` where it adapts that expert: [T, H]. Raises ValueError
+        naming what does not match (layer, shapes, dtypes, experts held, placement version, adapter slots)."""
         ...
 
 

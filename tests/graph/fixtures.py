@@ -73,12 +73,13 @@ def local_tokens(model_dir, prompts, params=GREEDY) -> list[list[int]]:
     return token_ids(LLM(str(model_dir)).generate(prompts, params))
 
 
-def generate_with(llm: LLM, prompts, params: SamplingParams, before_step: Callable[[int], None]) -> list[list[int]]:
+def generate_with(llm: LLM, prompts, params: SamplingParams, before_step: Callable[[int], None],
+                  lora_requests=None) -> list[list[int]]:
     """Runs the engine step by step, calling `before_step(i)` before step i (to inject a fault, swap a
-    placement...); every request's tokens, in prompt order."""
+    placement...); every request's tokens, in prompt order. `lora_requests`: one LoRARequest or None per prompt."""
     engine = llm.llm_engine
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params, index=i)
+        engine.add_request(str(i), p, params, index=i, lora_request=lora_requests[i] if lora_requests else None)
     done: dict[str, list[int]] = {}
     step = 0
     while engine.has_unfinished_requests():

@@ -17,6 +17,7 @@ import yaml
 from expertmesh import LLM, SamplingParams
 from expertmesh.graph.runtime import ACTOR_NAMESPACE
 from tests.server.cli_server import cli_server
+from tests.server.streaming import stream_text
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +52,6 @@ def expected(tiny_model_dir):
         return [out.outputs[0].text for out in llm.generate(PROMPTS, params)]
 
 
-async def stream_text(client: openai.AsyncOpenAI, model: str, prompt: str, started: asyncio.Event) -> str:
-    """A greedy streamed completion's text; `started` is set at its first piece."""
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True})
-    parts = []
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            parts.append(chunk.choices[0].text)
-            started.set()
-    return "".join(parts)
-
-
 def _shards() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["namespace"] == ACTOR_NAMESPACE and "-shard" in a["name"])
@@ -83,7 +72,7 @@ def test_killing_a_shard_with_8_open_streams(server, tiny_model_dir, expected):
     started = [asyncio.Event() for _ in PROMPTS]
 
     async def one(i: int) -> str:
-        return await stream_text(client, model, PROMPTS[i], started[i])
+        return await stream_text(client, model, PROMPTS[i], started[i], MAX_TOKENS)
 
     async def kill_when_streaming():
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=120)
@@ -119,7 +108,7 @@ def test_rebalancing_the_experts_with_8_open_streams(server, tiny_model_dir, exp
     before = httpx.get(server.url + "/v1/experts", headers=auth, timeout=60).json()["placement"]["version"]
 
     async def one(i: int) -> str:
-        return await stream_text(client, model, PROMPTS[i], started[i])
+        return await stream_text(client, model, PROMPTS[i], started[i], MAX_TOKENS)
 
     async def run():
         try:

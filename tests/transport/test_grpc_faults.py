@@ -37,7 +37,7 @@ class ScaleRuntime:
         self.stall_s = 0.0
         self.last_compute_s = 0.0
 
-    def serve(self, layer, hidden, expert_ids, weights, version):
+    def serve(self, layer, hidden, expert_ids, weights, version, slots=None):
         self.served += 1
         if self.stall_s:
             stall, self.stall_s = self.stall_s, 0.0
