@@ -101,9 +101,10 @@ class PlacementExecutor(Protocol):
         """Every swap tried, oldest first: version, when, outcome, replicas loaded and dropped."""
         ...
 
-    def add_expert_shards(self, count: int) -> None:
-        """Starts `count` more shards holding nothing, ready for a placement that names them (a placement
-        with fewer shards swapped in ends those past its count)."""
+    def add_expert_shards(self, count: int, table: PlacementTable | None = None) -> None:
+        """Starts `count` more shards holding their part of `table` (or nothing), ready for a placement that
+        names them (`set_placement` of a table with more shards starts them itself; a placement with fewer
+        shards swapped in ends those past its count)."""
         ...
 
     def expert_step_timings(self, clear: bool = False) -> list[tuple[float, float, float]]:

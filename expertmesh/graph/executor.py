@@ -234,8 +234,18 @@ class ActorGraphExecutor:
     def set_placement(self, table: PlacementTable, *, wait: bool = True,
                       timeout_s: float | None = None) -> PlacementTable:
         """Swaps in a new expert placement between steps, while requests go on (see `placement_swap.py`);
-        returns it with the version it takes effect under."""
-        return self.swap.start(table, wait=wait, timeout_s=timeout_s)
+        returns it with the version it takes effect under. A table with more shards than run starts the
+        missing ones (each loading its part of the table as it starts) while the running shards load theirs;
+        this call returns once the new shards are connected."""
+        most = self.autoscale_policy.max_shards
+        if table.num_shards > most:
+            raise ValueError(f"the placement has {table.num_shards} shards; this deployment runs at most {most} "
+                             "(expert_shards, or its max)")
+        running = self.running_shards()
+        joining = None
+        if running is not None and table.num_shards > running:
+            joining = lambda t: self.add_expert_shards(t.num_shards - running, t)  # noqa: E731
+        return self.swap.start(table, wait=wait, timeout_s=timeout_s, joining=joining)
 
     # -- LoRA adapters -------------------------------------------------------------------------------
     def load_adapter(self, slot: int, path: str) -> None:
@@ -279,10 +289,10 @@ class ActorGraphExecutor:
         and go with the placement)."""
         return None if self.deployment.transport == "inprocess" else len(self.shard_members)
 
-    def add_expert_shards(self, count: int) -> None:
-        """Starts `count` more expert shards (each in its own placement group, holding nothing yet) and
-        connects the router to them; steps go on meanwhile, and a placement with more shards can then be
-        swapped in. A shard no node can take waits for one (the Ray autoscaler's, on a cluster that grows)
+    def add_expert_shards(self, count: int, table: PlacementTable | None = None) -> None:
+        """Starts `count` more expert shards (each in its own placement group, holding its part of `table`,
+        or nothing) and connects the router to them; steps go on meanwhile, and a placement with more shards
+        can then be swapped in (`set_placement` of such a table calls this itself). A shard no node can take waits for one (the Ray autoscaler's, on a cluster that grows)
         for `placement_timeout_s`; TimeoutError naming it past that, and nothing is left started."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
@@ -292,7 +302,7 @@ class ActorGraphExecutor:
         if self.deployment.transport == "inprocess":
             return  # the router makes a hosted shard when a placement first gives it experts
         first = len(self.shard_members)
-        fresh = [self.builder.start_shard(first + i, self.placement, self.members()) for i in range(count)]
+        fresh = [self.builder.start_shard(first + i, table or self.placement, self.members()) for i in range(count)]
         try:
             self.builder.wait_ready(fresh, self.deployment.placement_timeout_s, "more expert shards")
             addresses = ray.get([m.handle.serve_grpc.remote() for m in fresh],

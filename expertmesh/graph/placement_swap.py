@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ class _Swap:
     loaded: int  # replicas the shards load
     dropped: int  # replicas they drop at the swap
     started: float = field(default_factory=time.monotonic)
+    joined: bool = True  # False while the shards the table adds are still starting
 
 
 class PlacementSwap:
@@ -42,9 +44,15 @@ class PlacementSwap:
         self._pending: _Swap | None = None
         self.history: list[dict] = []  # one entry per swap tried: version, outcome, replicas loaded and dropped
 
-    def start(self, table: PlacementTable, *, wait: bool = True, timeout_s: float | None = None) -> PlacementTable:
+    def start(self, table: PlacementTable, *, wait: bool = True, timeout_s: float | None = None,
+              joining: Callable[[PlacementTable], None] | None = None) -> PlacementTable:
         """Starts loading `table`'s new replicas; with `wait`, returns once they are loaded (the swap itself
-        happens at the next step boundary). The table gets the version after the current one. Returns it."""
+        happens at the next step boundary). The table gets the version after the current one. Returns it.
+
+        A table with more shards than run needs `joining(table)`: it starts the shards the table adds, each
+        loading its part of the table as it starts, and returns once they are connected. It runs after the
+        running shards were asked to stage, so the two overlap; the swap cannot commit before it returns, and
+        if it raises, the swap is dropped (nothing was swapped) and the error goes to the caller."""
         ex = self.ex
         current = ex.placement
         table.check_fits(current.moe_layers, current.num_experts)
@@ -52,7 +60,7 @@ class PlacementSwap:
         if table.num_shards != current.num_shards and ex.deployment.transport == "collective":
             raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {current.num_shards}, and "
                              "over the collective transport their number is fixed (its process group is)")
-        if running is not None and table.num_shards > running:
+        if running is not None and table.num_shards > running and joining is None:
             raise ValueError(f"the placement has {table.num_shards} shards; this graph runs {running} (start more "
                              "first: add_expert_shards)")
         with self._lock:
@@ -63,10 +71,21 @@ class PlacementSwap:
             diff = current.diff(table)
             # every shard whose holding changes stages: new replicas load, and the new stacks are built there
             # while steps go on, so that the commit between two steps only swaps references
-            loads = [self._stage(s, added, table.shard_experts(s)) for s, (added, _) in diff.items()
-                     if s < table.num_shards]
-            self._pending = _Swap(table, loads, loaded=sum(len(a) for a, _ in diff.values()),
-                                  dropped=sum(len(d) for _, d in diff.values()))
+            staging = table.num_shards if running is None else min(table.num_shards, running)
+            loads = [self._stage(s, added, table.shard_experts(s)) for s, (added, _) in diff.items() if s < staging]
+            swap = self._pending = _Swap(table, loads, loaded=sum(len(a) for a, _ in diff.values()),
+                                         dropped=sum(len(d) for _, d in diff.values()), joined=joining is None)
+        if joining is not None:
+            try:
+                joining(table)
+            except BaseException as e:
+                with self._lock:
+                    self._pending = None
+                self.history.append({"version": table.version, "at": time.time(), "loaded": swap.loaded,
+                                     "dropped": swap.dropped, "outcome": f"not swapped: {type(e).__name__} while "
+                                     "the new shards started"})
+                raise
+            swap.joined = True
         if wait:
             ray.wait(loads, num_returns=len(loads), timeout=timeout_s or ex.deployment.recovery_timeout_s)
         return table
@@ -86,7 +105,7 @@ class PlacementSwap:
         """Between steps: swaps the pending placement in if its replicas are loaded (else leaves it be)."""
         with self._lock:
             swap = self._pending
-            if swap is None:
+            if swap is None or not swap.joined:
                 return
             ready, _ = ray.wait(swap.loads, num_returns=len(swap.loads), timeout=0)
             if len(ready) < len(swap.loads):

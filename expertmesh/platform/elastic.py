@@ -125,9 +125,10 @@ class ElasticExperts:
             return decision
 
     def scale(self, shards: int, *, why: str = "asked for") -> dict:
-        """Runs `shards` expert shards from the next swap on: starts the new ones first when growing (this
-        waits for them to be placed and started), then swaps in a placement over them rebalanced on the
-        recent load. Returns the change: when, from, to, the version, seconds to start the shards.
+        """Runs `shards` expert shards from the next swap on: swaps in a placement over them rebalanced on the
+        recent load, starting the new ones when growing (this waits for them to be placed, started and
+        connected). Returns the change: when, from, to, the version, seconds until the new shards were
+        connected (`start_seconds`).
         ValueError outside the deployment's bounds; RebalanceBusy while another change is under way."""
         self.scaling.check_target(shards)
         with self._one_change():
@@ -138,13 +139,12 @@ class ElasticExperts:
                 change["reason"] = f"the graph already runs {shards} expert shards"
                 return change
             started = time.perf_counter()
-            running = ex.running_shards()
-            if running is not None and shards > running:
-                ex.add_expert_shards(shards - running)
-            change["start_seconds"] = time.perf_counter() - started
             table = rebalance(self._rows(ex.load_counts(window=True)), moe_layers=current.moe_layers,
                               num_shards=shards, slots_per_shard=self.policy.slots_per_shard, base=current)
+            # growing, this starts the new shards, each loading its replicas as it starts, while the running
+            # shards load theirs; it returns once the new shards are connected
             table = ex.set_placement(table, wait=False)
+            change["start_seconds"] = time.perf_counter() - started
             moves = current.diff(table)
             change.update(version=table.version, replicas_loaded=sum(len(a) for a, _ in moves.values()))
             self._last_change = time.monotonic()

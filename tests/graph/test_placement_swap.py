@@ -70,7 +70,7 @@ def test_a_placement_that_does_not_fit_the_graph_is_refused(tiny_model_dir):
         from expertmesh.experts import PlacementTable
 
         wider = PlacementTable.balanced(executor.placement.moe_layers, executor.placement.num_experts, 3)
-        with pytest.raises(ValueError, match="the placement has 3 shards; this graph runs 2"):
+        with pytest.raises(ValueError, match=r"the placement has 3 shards; this deployment runs at most 2 \(expert_shards"):
             executor.set_placement(wider)
         other_model = PlacementTable.balanced([0, 1], 4, 2)
         with pytest.raises(ValueError, match=r"MoE layers \[0, 1\] x 4 experts; this model has \[1, 2, 3\] x 16"):
