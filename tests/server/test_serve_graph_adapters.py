@@ -1,5 +1,5 @@
 """`python -m expertmesh serve --deployment ... --lora-modules ...`: LoRA adapters served by an actor graph whose
-expert shards scale, driven by the official `openai` client. Streams of two adapters (one made by peft, one by
+expert shards scale, on a two-node local cluster, driven by the official `openai` client. Streams of two adapters (one made by peft, one by
 our writer) and of the base model run together; an expert shard is killed while they are open, and later the
 graph scales from 2 to 3 expert shards and back by `POST /v1/experts/scale` while they are open. Every stream
 completes with the offline engine's text for its adapter (`LLM(enable_lora=True)` in local mode, itself
@@ -19,6 +19,7 @@ import yaml
 
 from expertmesh import LLM, LoRARequest, SamplingParams
 from expertmesh.graph.runtime import ACTOR_NAMESPACE
+from tests.graph.fixtures import start_cluster, stop_cluster
 from tests.lora_adapters import make_peft_adapter, write_adapter
 from tests.server.cli_server import cli_server
 from tests.server.streaming import stream_text
@@ -57,18 +58,18 @@ def expected(tiny_model_dir, adapters) -> dict[int, list[str]]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters, expected, tmp_path_factory):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    cluster = start_cluster(2, cpus_per_node=4)  # two nodes: the graph spans them, and a third shard fits
     try:
         deploy = tmp_path_factory.mktemp("deploy") / "deploy.yaml"
         deploy.write_text(yaml.safe_dump({"attention_actors": 1, "expert_shards": {"min": 2, "max": 3},
-                                          "transport": "grpc", "placement_strategy": "PACK"}))
+                                          "transport": "grpc", "placement_strategy": "SPREAD"}))
         with cli_server(tiny_model_dir, "--deployment", str(deploy), "--lora-modules", f"peft={adapters['peft']}",
                         f"ours={adapters['ours']}", "--max-loras", "2",
-                        env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address}, api_key=KEY) as srv:
+                        env={"RAY_ADDRESS": cluster.address}, api_key=KEY) as srv:
             yield srv
         assert srv.proc.returncode is not None and srv.stop_seconds < 60, srv.output()[-3000:]
     finally:
-        ray.shutdown()
+        stop_cluster(cluster)
 
 
 def _shards() -> list[str]:
