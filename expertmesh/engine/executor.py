@@ -24,6 +24,7 @@ from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.model import AttentionMetadata, MoECausalLM, load_model
 from expertmesh.model.adapters import ModelAdapters
 from expertmesh.model.moe import MoEBlock
+from expertmesh.model.quantize import check_checkpoint_quantizable, quantize_model
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,6 +40,7 @@ class ExecutorSpec:
     block_size: int
     max_loras: int = 0
     max_lora_rank: int = 16
+    quantization: str | None = None  # weight-only quantisation of the routed experts ("int8"), see model/quantize.py
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -142,7 +144,11 @@ class LocalExecutor:
     @classmethod
     def build(cls, spec: ExecutorSpec) -> LocalExecutor:
         """The default executor factory: loads the whole model on `spec.device`."""
+        if spec.quantization is not None:
+            check_checkpoint_quantizable(spec.model, spec.quantization)
         model = load_model(spec.model, spec.dtype, spec.device)
+        if spec.quantization is not None:
+            quantize_model(model, spec.quantization)
         return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size, max_loras=spec.max_loras,
                    max_lora_rank=spec.max_lora_rank)
 

@@ -18,6 +18,7 @@ from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.stop import StopChecker
 from expertmesh.engine.tokenizer import ByteTokenizer, Tokenizer, load_eos_token_ids
 from expertmesh.model import ModelConfig, MoECausalLM, resolve_dtype
+from expertmesh.model.quantize import check_quantization
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,8 +35,13 @@ class EngineConfig:
     enable_lora: bool = False  # serve LoRA adapters named per request (vLLM's defaults below)
     max_loras: int = 1  # adapters resident at once: those of unfinished requests must fit
     max_lora_rank: int = 16
+    quantization: str | None = None  # "int8": int8 weight-only routed experts, quantised at load
 
     def __post_init__(self) -> None:
+        check_quantization(self.quantization)
+        if self.quantization is not None and self.enable_lora:
+            raise ValueError(f"enable_lora with quantization={self.quantization!r} is not served: LoRA adapters "
+                             "apply to float experts; leave one of them out")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -80,7 +86,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         spec = ExecutorSpec(model=config.model, dtype=config.dtype, device=config.device, num_blocks=num_blocks,
                             block_size=config.block_size, max_loras=config.max_loras if config.enable_lora else 0,
-                            max_lora_rank=config.max_lora_rank)
+                            max_lora_rank=config.max_lora_rank, quantization=config.quantization)
         self.executor: Executor = (executor or LocalExecutor.build)(spec)
         self.adapters: AdapterRegistry | None = None  # which adapter each slot of the executor holds
         self._adapter_executor: AdapterExecutor | None = None  # the executor again, when it serves adapters

@@ -59,6 +59,9 @@ class ActorGraph:
         if spec.device != "cpu":
             raise ValueError("with a deployment, each actor picks its own device (the GPU Ray gives it): leave "
                              "device='cpu'")
+        if spec.quantization is not None:
+            raise ValueError(f"quantization={spec.quantization!r} is served in local mode only: the actor graph's "
+                             "expert shards hold float weights")
         return ActorGraphExecutor(spec, self.deployment, shard_class=self.shard_class)
 
 

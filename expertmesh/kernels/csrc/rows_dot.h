@@ -1,7 +1,11 @@
-// out[t * out_stride + r] = dot(w[r], x[t]) for r < rows, t < m: the inner loop of every CPU decode
+// out[t * out_stride + r] = dot(w[r], x[t]) (* scale[r]) for r < rows, t < m: the inner loop of every CPU decode
 // kernel here. Weight rows are walked four at a time and tokens four at a time, so each 16-lane step
 // issues 16 independent FMAs from 8 loads: enough independent work to hide FMA latency, few enough
 // accumulators to stay in registers.
+//
+// Weights are float32, or int8 with one float32 scale per row (weight-only quantisation: each weight widens
+// to float32 in registers, the products accumulate in float32, and the row's sum is scaled once at the end).
+// Activations are float32 in both.
 #pragma once
 
 #include <cstdint>
@@ -11,8 +15,9 @@ namespace expertmesh {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowBlock = 4;
 
-template <int64_t RB, int64_t TB>
-inline void dot_block(const float* w, int64_t k, const float* x, int64_t x_stride, float* out, int64_t out_stride) {
+template <int64_t RB, int64_t TB, typename W>
+inline void dot_block(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride, float* out,
+                      int64_t out_stride) {
   float acc[RB][TB][kLanes] = {};
   const int64_t k_vec = k / kLanes * kLanes;
   for (int64_t i = 0; i < k_vec; i += kLanes) {
@@ -22,7 +27,8 @@ inline void dot_block(const float* w, int64_t k, const float* x, int64_t x_strid
     for (int64_t b = 0; b < RB; ++b) {
       for (int64_t t = 0; t < TB; ++t) {
 #pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[b][t][j] += w[b * k + i + j] * x[t * x_stride + i + j];
+        for (int64_t j = 0; j < kLanes; ++j)
+          acc[b][t][j] += static_cast<float>(w[b * k + i + j]) * x[t * x_stride + i + j];
       }
     }
   }
@@ -30,31 +36,36 @@ inline void dot_block(const float* w, int64_t k, const float* x, int64_t x_strid
     for (int64_t t = 0; t < TB; ++t) {
       float s = 0.f;
       for (int64_t j = 0; j < kLanes; ++j) s += acc[b][t][j];
-      for (int64_t i = k_vec; i < k; ++i) s += w[b * k + i] * x[t * x_stride + i];
-      out[t * out_stride + b] = s;
+      for (int64_t i = k_vec; i < k; ++i) s += static_cast<float>(w[b * k + i]) * x[t * x_stride + i];
+      out[t * out_stride + b] = scale == nullptr ? s : s * scale[b];
     }
   }
 }
 
-template <int64_t RB>
-inline void dot_rows_all_tokens(const float* w, int64_t k, const float* x, int64_t x_stride, int64_t m, float* out,
-                                int64_t out_stride) {
+template <int64_t RB, typename W>
+inline void dot_rows_all_tokens(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride,
+                                int64_t m, float* out, int64_t out_stride) {
   int64_t t = 0;
-  for (; t + 4 <= m; t += 4) dot_block<RB, 4>(w, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride);
+  for (; t + 4 <= m; t += 4)
+    dot_block<RB, 4>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride);
   switch (m - t) {
-    case 3: dot_block<RB, 3>(w, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
-    case 2: dot_block<RB, 2>(w, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
-    case 1: dot_block<RB, 1>(w, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
+    case 3: dot_block<RB, 3>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
+    case 2: dot_block<RB, 2>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
+    case 1: dot_block<RB, 1>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
     default: break;
   }
 }
 
-inline void rows_dot(const float* w, int64_t rows, int64_t k, const float* x, int64_t x_stride, int64_t m, float* out,
-                     int64_t out_stride) {
+// `scale`: one per weight row (int8 weights), or nullptr (float32 weights).
+template <typename W>
+inline void rows_dot(const W* w, int64_t rows, int64_t k, const float* x, int64_t x_stride, int64_t m, float* out,
+                     int64_t out_stride, const float* scale = nullptr) {
   int64_t r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock)
-    dot_rows_all_tokens<kRowBlock>(w + r * k, k, x, x_stride, m, out + r, out_stride);
-  for (; r < rows; ++r) dot_rows_all_tokens<1>(w + r * k, k, x, x_stride, m, out + r, out_stride);
+    dot_rows_all_tokens<kRowBlock>(w + r * k, scale == nullptr ? nullptr : scale + r, k, x, x_stride, m, out + r,
+                                   out_stride);
+  for (; r < rows; ++r)
+    dot_rows_all_tokens<1>(w + r * k, scale == nullptr ? nullptr : scale + r, k, x, x_stride, m, out + r, out_stride);
 }
 
 }  // namespace expertmesh

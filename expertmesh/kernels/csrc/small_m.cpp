@@ -65,16 +65,25 @@ struct MoeLora {
   expertmesh::LoraB b13, b2;
 };
 
+// The experts of one layer: float32 weights (scales null), or int8 weights with a float32 scale per output row.
+template <typename W>
+struct Experts {
+  const W* w13;      // [E, 2I, H]: gate rows, then up
+  const float* s13;  // [E, 2I] or null
+  const W* w2;       // [E, H, I]
+  const float* s2;   // [E, H] or null
+  int64_t count, inter;
+};
+
 // Routed experts for few tokens: out[t] = sum_k w[t,k] * W2[e] (silu(G[e] x_t) * (U[e] x_t)), e = ids[t,k].
-// w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], topk_weights [T, K] fp32, topk_ids [T, K] int64.
+// topk_weights [T, K] fp32, topk_ids [T, K] int64.
 // With `lora`, pairs with a row gain B13 A13 x_t on gate/up before the activation and B2 A2 act on the down
 // output, each right after the parallel region that streams the experts' weights.
-torch::Tensor moe_small_m_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+template <typename W>
+torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Tensor topk_weights,
                                torch::Tensor topk_ids, const MoeLora* lora) {
   check_f32_contiguous(x, "hidden_states");
-  check_f32_contiguous(w13, "w13");
-  check_f32_contiguous(w2, "w2");
-  const int64_t t_count = x.size(0), h = x.size(1), e_count = w13.size(0), inter = w2.size(2);
+  const int64_t t_count = x.size(0), h = x.size(1), e_count = ex.count, inter = ex.inter;
   const int64_t k_count = topk_ids.size(1);
   auto ids = topk_ids.to(torch::kInt64).contiguous();
   auto weights = topk_weights.to(torch::kFloat32).contiguous();
@@ -107,14 +116,14 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor
 
   auto gate_up = torch::empty({pairs, 2 * inter}, x.options());
   float* gup = gate_up.data_ptr<float>();
-  const float* w13p = w13.data_ptr<float>();
   const int64_t rows1 = chunk_rows(h), chunks1 = (2 * inter + rows1 - 1) / rows1;
   at::parallel_for(0, groups * chunks1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks1, r0 = (item % chunks1) * rows1, r1 = std::min(2 * inter, r0 + rows1);
       const int64_t o = offsets[g];
-      rows_dot(w13p + (experts[g] * 2 * inter + r0) * h, r1 - r0, h, xsp + o * h, h, offsets[g + 1] - o,
-               gup + o * 2 * inter + r0, 2 * inter);
+      const int64_t row = experts[g] * 2 * inter + r0;
+      rows_dot(ex.w13 + row * h, r1 - r0, h, xsp + o * h, h, offsets[g + 1] - o, gup + o * 2 * inter + r0, 2 * inter,
+               ex.s13 == nullptr ? nullptr : ex.s13 + row);
     }
   });
 
@@ -138,14 +147,14 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor
 
   auto ys = torch::empty({pairs, h}, x.options());
   float* ysp = ys.data_ptr<float>();
-  const float* w2p = w2.data_ptr<float>();
   const int64_t rows2 = chunk_rows(inter), chunks2 = (h + rows2 - 1) / rows2;
   at::parallel_for(0, groups * chunks2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks2, r0 = (item % chunks2) * rows2, r1 = std::min(h, r0 + rows2);
       const int64_t o = offsets[g];
-      rows_dot(w2p + (experts[g] * h + r0) * inter, r1 - r0, inter, ap + o * inter, inter, offsets[g + 1] - o,
-               ysp + o * h + r0, h);
+      const int64_t row = experts[g] * h + r0;
+      rows_dot(ex.w2 + row * inter, r1 - r0, inter, ap + o * inter, inter, offsets[g + 1] - o, ysp + o * h + r0, h,
+               ex.s2 == nullptr ? nullptr : ex.s2 + row);
     }
   });
 
@@ -171,9 +180,37 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor
 
 }  // namespace
 
+Experts<float> f32_experts(const torch::Tensor& w13, const torch::Tensor& w2) {
+  check_f32_contiguous(w13, "w13");
+  check_f32_contiguous(w2, "w2");
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2),
+              "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
+  return {w13.data_ptr<float>(), nullptr, w2.data_ptr<float>(), nullptr, w13.size(0), w2.size(2)};
+}
+
 torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
                           torch::Tensor topk_ids) {
-  return moe_small_m_impl(x, w13, w2, topk_weights, topk_ids, nullptr);
+  return moe_small_m_impl(x, f32_experts(w13, w2), topk_weights, topk_ids, nullptr);
+}
+
+// moe_small_m over int8 weight-only experts: w13 [E, 2I, H] int8 with w13_scale [E, 2I] float32, w2 [E, H, I]
+// int8 with w2_scale [E, H]; weight (e, n, k) stands for w[e, n, k] * scale[e, n].
+torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor w13_scale, torch::Tensor w2,
+                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids) {
+  for (const auto& [t, name] : {std::pair{w13, "w13"}, std::pair{w2, "w2"}}) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt8 && t.is_contiguous() && t.dim() == 3, name,
+                " must be a contiguous CPU int8 tensor [E, N, K]");
+  }
+  for (const auto& [t, name] : {std::pair{w13_scale, "w13_scale"}, std::pair{w2_scale, "w2_scale"}}) {
+    check_f32_contiguous(t, name);
+  }
+  TORCH_CHECK(w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2) && w13.size(2) == w2.size(1),
+              "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
+  TORCH_CHECK(w13_scale.sizes() == w13.sizes().slice(0, 2) && w2_scale.sizes() == w2.sizes().slice(0, 2),
+              "the scales must be [E, 2I] and [E, H]: one per output row of each expert");
+  const Experts<int8_t> ex{w13.data_ptr<int8_t>(), w13_scale.data_ptr<float>(), w2.data_ptr<int8_t>(),
+                           w2_scale.data_ptr<float>(), w13.size(0), w2.size(2)};
+  return moe_small_m_impl(x, ex, topk_weights, topk_ids, nullptr);
 }
 
 // moe_small_m plus LoRA on the pairs whose lora_rows [T, K] entry is >= 0: the contract of
@@ -189,7 +226,7 @@ torch::Tensor moe_lora_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor
   TORCH_CHECK(lora.a13.in == x.size(1) && lora.b13.out == w13.size(1) && lora.a2.in == w2.size(2) &&
                   lora.b2.out == x.size(1),
               "LoRA stacks do not fit the experts");
-  return moe_small_m_impl(x, w13, w2, topk_weights, topk_ids, &lora);
+  return moe_small_m_impl(x, f32_experts(w13, w2), topk_weights, topk_ids, &lora);
 }
 
 // lora.cpp
@@ -217,6 +254,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
   m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
+  m.def("moe_small_m_int8", &moe_small_m_int8, "moe_small_m over int8 weight-only experts (a scale per output row)");
   m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
   m.def("lora_shrink_f32", &lora_shrink_f32, "h = A[rows[t]] x[t] per row (zeros where rows[t] = -1)");
   m.def("lora_expand_f32", &lora_expand_f32, "y[t] += B[rows[t]] h[t] in place where rows[t] >= 0");

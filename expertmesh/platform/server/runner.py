@@ -34,7 +34,8 @@ def settings_from_args(args) -> ServerSettings:
     if not keys and not args.no_api_key:
         keys = (generate_api_key(),)
     engine_kwargs = {}
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device", "max_loras", "max_lora_rank"):
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device", "max_loras", "max_lora_rank",
+                 "quantization"):
         value = getattr(args, name, None)
         if value is not None:
             engine_kwargs[name] = value

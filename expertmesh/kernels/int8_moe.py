@@ -1,0 +1,76 @@
+"""Int8 weight-only routed experts: symmetric quantisation with one float32 scale per output row of each expert
+(w[e, n, :] ~ q[e, n, :] * scale[e, n], q in [-127, 127]), activations and accumulation in float32.
+
+`quantize_int8` makes them from float weights; `fused_moe_int8_ref` is the reference (dequantise the experts
+that received tokens, then `fused_moe_ref`); `fused_moe_int8_cpu` is the serving path on the CPU: at decode
+sizes the C++ kernel of `csrc/small_m.cpp` streams the int8 rows and widens them in registers (a quarter of
+float32's bytes), at prefill sizes each expert that received tokens is dequantised and runs as two linears.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu_ext import small_m_kernels
+from .cpu_fused_moe import SMALL_M_MAX_PAIRS, fused_moe_cpu
+from .fused_moe import check_fused_moe_args, fused_moe_ref
+
+QMAX = 127  # symmetric: -128 is never used, so negating a weight never overflows
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., N, K], scale float32 [..., N]) with w ~ q * scale[..., None], rounding to nearest; a row
+    of zeros gets scale 1."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
+
+
+def check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> None:
+    """ValueError naming the argument that does not fit (shapes as `check_fused_moe_args`, int8 weights,
+    float32 scales of one per output row)."""
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != torch.int8:
+            raise ValueError(f"{name} must be int8, got {t.dtype}")
+    for name, t, w in (("w13_scale", w13_scale, w13), ("w2_scale", w2_scale, w2)):
+        if t.dtype != torch.float32 or tuple(t.shape) != tuple(w.shape[:2]):
+            raise ValueError(f"{name} must be float32 {tuple(w.shape[:2])}, got {t.dtype} {tuple(t.shape)}")
+    like = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731 - shapes only
+    check_fused_moe_args(hidden_states, like(w13), like(w2), topk_weights, topk_ids)
+
+
+def _used(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the experts that received tokens [U], topk_ids renumbered into them [T, K])."""
+    used, inverse = torch.unique(topk_ids, return_inverse=True)
+    return used, inverse.view_as(topk_ids)
+
+
+def fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
+    """Routed output [T, H] in hidden_states.dtype: `fused_moe_ref` over the dequantised experts."""
+    check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    used, ids = _used(topk_ids)
+    dtype = hidden_states.dtype
+    return fused_moe_ref(hidden_states, dequantize_int8(w13[used], w13_scale[used], dtype),
+                         dequantize_int8(w2[used], w2_scale[used], dtype), topk_weights, ids)
+
+
+@torch.no_grad()
+def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0 or top_k == 0:
+        return hidden_states.new_zeros(num_tokens, hidden_states.shape[1])
+    if hidden_states.dtype == torch.float32 and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
+        kernels = small_m_kernels()
+        if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
+            return kernels.moe_small_m_int8(hidden_states.contiguous(), w13, w13_scale.contiguous(), w2,
+                                            w2_scale.contiguous(), topk_weights, topk_ids)
+    used, ids = _used(topk_ids)
+    dtype = hidden_states.dtype
+    return fused_moe_cpu(hidden_states, dequantize_int8(w13[used], w13_scale[used], dtype),
+                         dequantize_int8(w2[used], w2_scale[used], dtype), topk_weights, ids)
