@@ -323,6 +323,17 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[lis
     return tokens, margin
 
 
+@torch.no_grad()
+def reference_greedy_steps(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """`reference_greedy`'s tokens, and each step's relative top-1/top-2 gap."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              eos_token_id=None, bos_token_id=BOS_ID, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+    input_ids = torch.tensor([prompt])
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    return out.sequences[0, len(prompt):].tolist(), [_relative_top2_gap(step[0].float()) for step in out.logits]
+
+
 def _relative_top2_gap(logits: torch.Tensor) -> float:
     top2 = logits.topk(2).values
     return float((top2[0] - top2[1]) / max(1.0, float(logits.abs().max())))

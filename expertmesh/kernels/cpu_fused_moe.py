@@ -39,10 +39,12 @@ def fused_moe_cpu(
     top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
     if num_tokens == 0 or top_k == 0:
         return hidden_states.new_zeros(num_tokens, hidden)
-    if hidden_states.dtype == torch.float32 and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
+    if hidden_states.dtype in (torch.float32, torch.bfloat16) and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
         kernels = small_m_kernels()
         if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
-            return kernels.moe_small_m(hidden_states.contiguous(), w13, w2, topk_weights, topk_ids)
+            # bf16 weights are read as they are, the activations and every sum in float32
+            out = kernels.moe_small_m(hidden_states.float().contiguous(), w13, w2, topk_weights.float(), topk_ids)
+            return out.to(hidden_states.dtype)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
     if num_tokens == 1:  # decode at batch 1: K experts, no sorting
         x = hidden_states

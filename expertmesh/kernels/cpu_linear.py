@@ -51,8 +51,24 @@ def _cpu_inference_f32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _cpu_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and x.dim() == 2
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and kernel_backend() == "auto"
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]."""
+    """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]. In bfloat16 at decode sizes the
+    streaming kernel reads the bf16 weights and sums in float32, rounding the output once (as oneDNN's bf16
+    GEMM does)."""
+    if _cpu_inference_bf16(x, weight) and x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
+        kernels = small_m_kernels()
+        if kernels is not None:
+            return kernels.linear_small_m(x.float().contiguous(), weight, bias).to(torch.bfloat16)
     if _cpu_inference_f32(x, weight):
         rows, size = x.shape[0], weight.numel()
         if rows <= STREAMING_MAX_ROWS and size >= STREAMING_MIN_WEIGHT_ELEMENTS and weight.is_contiguous():

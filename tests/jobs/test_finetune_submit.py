@@ -229,6 +229,13 @@ def test_a_run_survives_a_killed_worker_and_counts_every_step_once(token_cluster
         pids = _train_worker_pids(token_cluster)
         assert len(pids) == 2, pids
         job.wait_for(f"step 3/{steps} loss", timeout=60)  # past the step-2 checkpoint
+        # and Ray Train's controller has registered it (it writes this snapshot when it does): a worker killed
+        # before that would restart the run from step 1, without a checkpoint to go on from
+        snapshot = tmp_path / "out" / "ray" / "finetune" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 60
+        while not snapshot.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert snapshot.is_file(), f"no checkpoint registered:\n{job.text[-3000:]}"
         victim = pids[0]
         title = Path(f"/proc/{victim}/cmdline").read_bytes()
         assert title.startswith(b"ray::RayTrainWorker"), title[:80]  # not a recycled pid

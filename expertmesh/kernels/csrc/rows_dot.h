@@ -3,14 +3,28 @@
 // issues 16 independent FMAs from 8 loads: enough independent work to hide FMA latency, few enough
 // accumulators to stay in registers.
 //
-// Weights are float32, or int8 with one float32 scale per row (weight-only quantisation: each weight widens
-// to float32 in registers, the products accumulate in float32, and the row's sum is scaled once at the end).
-// Activations are float32 in both.
+// Weights are float32, bfloat16 (`Bf16`: the raw bits), or int8 with one float32 scale per row (weight-only
+// quantisation). Each weight widens to float32 in registers and the products accumulate in float32; an int8
+// row's sum is scaled once at the end. Activations are float32 in every case.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace expertmesh {
+
+struct Bf16 {
+  uint16_t bits;
+};
+
+inline float widen(float w) { return w; }
+inline float widen(int8_t w) { return static_cast<float>(w); }
+inline float widen(Bf16 w) {  // bf16 is float32's upper half
+  const uint32_t u = static_cast<uint32_t>(w.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowBlock = 4;
@@ -28,7 +42,7 @@ inline void dot_block(const W* w, const float* scale, int64_t k, const float* x,
       for (int64_t t = 0; t < TB; ++t) {
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j)
-          acc[b][t][j] += static_cast<float>(w[b * k + i + j]) * x[t * x_stride + i + j];
+          acc[b][t][j] += widen(w[b * k + i + j]) * x[t * x_stride + i + j];
       }
     }
   }
@@ -36,7 +50,7 @@ inline void dot_block(const W* w, const float* scale, int64_t k, const float* x,
     for (int64_t t = 0; t < TB; ++t) {
       float s = 0.f;
       for (int64_t j = 0; j < kLanes; ++j) s += acc[b][t][j];
-      for (int64_t i = k_vec; i < k; ++i) s += static_cast<float>(w[b * k + i]) * x[t * x_stride + i];
+      for (int64_t i = k_vec; i < k; ++i) s += widen(w[b * k + i]) * x[t * x_stride + i];
       out[t * out_stride + b] = scale == nullptr ? s : s * scale[b];
     }
   }

@@ -32,18 +32,17 @@ void check_f32_contiguous(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-}  // namespace
+const expertmesh::Bf16* bf16_ptr(const torch::Tensor& t) {
+  return reinterpret_cast<const expertmesh::Bf16*>(t.data_ptr<at::BFloat16>());
+}
 
-// x [M, K] @ w[N, K]^T (+ bias) -> [M, N]
-torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  check_f32_contiguous(x, "x");
-  check_f32_contiguous(w, "weight");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  auto out = torch::empty({m, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+void check_bf16_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, name, " must be a CPU bfloat16 tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+template <typename W>
+void linear_rows(const float* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n) {
   const int64_t rows = chunk_rows(k);
   const int64_t chunks = (n + rows - 1) / rows;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -52,7 +51,24 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
       rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n);
     }
   });
-  if (bias.has_value()) out.add_(bias.value());
+}
+
+}  // namespace
+
+// x [M, K] @ w[N, K]^T (+ bias) -> [M, N]; x float32, w float32 or bfloat16 (read as bf16, summed in float32).
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_f32_contiguous(x, "x");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  if (w.scalar_type() == torch::kBFloat16) {
+    check_bf16_contiguous(w, "weight");
+    linear_rows(x.data_ptr<float>(), bf16_ptr(w), out.data_ptr<float>(), m, k, n);
+  } else {
+    check_f32_contiguous(w, "weight");
+    linear_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), m, k, n);
+  }
+  if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
   return out;
 }
 
@@ -188,8 +204,17 @@ Experts<float> f32_experts(const torch::Tensor& w13, const torch::Tensor& w2) {
   return {w13.data_ptr<float>(), nullptr, w2.data_ptr<float>(), nullptr, w13.size(0), w2.size(2)};
 }
 
+// x float32; w13 [E, 2I, H] and w2 [E, H, I] float32, or bfloat16 (read as bf16, summed in float32).
 torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
                           torch::Tensor topk_ids) {
+  if (w13.scalar_type() == torch::kBFloat16) {
+    check_bf16_contiguous(w13, "w13");
+    check_bf16_contiguous(w2, "w2");
+    TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2),
+                "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
+    const Experts<expertmesh::Bf16> ex{bf16_ptr(w13), nullptr, bf16_ptr(w2), nullptr, w13.size(0), w2.size(2)};
+    return moe_small_m_impl(x, ex, topk_weights, topk_ids, nullptr);
+  }
   return moe_small_m_impl(x, f32_experts(w13, w2), topk_weights, topk_ids, nullptr);
 }
 
