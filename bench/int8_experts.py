@@ -1,7 +1,8 @@
-"""Int8 weight-only routed experts against float32 ones on the `small` preset, one process, one run.
+"""Int8 weight-only routed experts and bfloat16 against float32 on the `small` preset, one process, one run.
 
-Decode tokens/s at batch 1 (prompt 32) and batch 32 (prompts 256) for `LLM(model)` and `LLM(model,
-quantization="int8")`, in interleaved rounds (float32, int8, float32, int8...), each a fresh generation; the
+Decode tokens/s at batch 1 (prompt 32) and batch 32 (prompts 256) for `LLM(model)`, `LLM(model,
+dtype="bfloat16")` and `LLM(model, quantization="int8")`, in interleaved rounds (float32, bfloat16, int8,
+float32...), each a fresh generation; the
 decode step is (time of the last token - time of the first) / (N - 1), best and median over the rounds. Then
 the accuracy of int8 against float32, teacher-forced over every position of random sequences: top-1 agreement
 of the next-token predictions and mean KL(float32 || int8), the figures llama.cpp's `llama-perplexity
@@ -58,7 +59,8 @@ def main() -> int:
     path = ensure_checkpoint("small")
     info = {"machine": machine(), "preset": "small", "rounds": rounds, "decode": {}}
     print(json.dumps(info["machine"]), flush=True)
-    engines = {"float32": LLM(str(path)), "int8": LLM(str(path), quantization="int8")}
+    engines = {"float32": LLM(str(path)), "bfloat16": LLM(str(path), dtype="bfloat16"),
+               "int8": LLM(str(path), quantization="int8")}
     vocab = engines["float32"].llm_engine.model_config.vocab_size
     for batch, length, new in cases:
         ids = prompts(batch, length, vocab)
@@ -70,24 +72,28 @@ def main() -> int:
                 steps[name].append(decode_step(llm, ids, new))
         row = {name: {"best_step_s": min(s), "median_step_s": statistics.median(s), "steps_s": s,
                       "tok_s": batch / min(s)} for name, s in steps.items()}
-        row["int8_over_float32"] = row["int8"]["tok_s"] / row["float32"]["tok_s"]
+        for name in ("bfloat16", "int8"):
+            row[f"{name}_over_float32"] = row[name]["tok_s"] / row["float32"]["tok_s"]
         info["decode"][f"b{batch}"] = row
-        print(f"batch {batch:2d} (prompt {length}, {new} new): float32 {row['float32']['tok_s']:7.1f} tok/s, int8 "
-              f"{row['int8']['tok_s']:7.1f} tok/s -> {row['int8_over_float32']:.2f}x", flush=True)
+        print(f"batch {batch:2d} (prompt {length}, {new} new): " + ", ".join(
+            f"{name} {row[name]['tok_s']:7.1f} tok/s" for name in engines) + f" -> bf16 "
+            f"{row['bfloat16_over_float32']:.2f}x, int8 {row['int8_over_float32']:.2f}x float32", flush=True)
 
     models = {name: llm.llm_engine.executor.model for name, llm in engines.items()}
     info["expert_bytes"] = {name: expert_bytes_per_token(m) for name, m in models.items()}
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(4, vocab, (positions[1],), generator=gen).tolist() for _ in range(positions[0])]
-    start = time.perf_counter()
-    agreement = next_token_agreement(models["float32"], models["int8"], sequences)
-    info["accuracy"] = {"positions": agreement.positions, "top1_agreement": agreement.top1,
-                        "mean_kl": agreement.mean_kl, "max_kl": agreement.max_kl,
-                        "seconds": time.perf_counter() - start}
-    print(f"int8 against float32 over {agreement.positions} positions: top-1 agreement {agreement.top1:.4f}, mean KL "
-          f"{agreement.mean_kl:.3g} nats (max {agreement.max_kl:.3g}); routed-expert bytes per decode token "
-          f"{info['expert_bytes']['float32']['per_token'] / 2**20:.1f} MiB float32, "
-          f"{info['expert_bytes']['int8']['per_token'] / 2**20:.1f} MiB int8", flush=True)
+    info["accuracy"] = {}
+    for name in ("int8", "bfloat16"):  # bf16 against float32: the yardstick of what rounding alone does here
+        start = time.perf_counter()
+        agreement = next_token_agreement(models["float32"], models[name], sequences)
+        info["accuracy"][name] = {"positions": agreement.positions, "top1_agreement": agreement.top1,
+                                  "mean_kl": agreement.mean_kl, "max_kl": agreement.max_kl,
+                                  "seconds": time.perf_counter() - start}
+        print(f"{name} against float32 over {agreement.positions} positions: top-1 agreement {agreement.top1:.4f}, "
+              f"mean KL {agreement.mean_kl:.3g} nats (max {agreement.max_kl:.3g})", flush=True)
+    print(f"routed-expert bytes per decode token: {info['expert_bytes']['float32']['per_token'] / 2**20:.1f} MiB "
+          f"float32, {info['expert_bytes']['int8']['per_token'] / 2**20:.1f} MiB int8", flush=True)
     if args.json:
         args.json.write_text(json.dumps(info, indent=1))
     return 0

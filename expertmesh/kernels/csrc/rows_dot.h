@@ -38,11 +38,15 @@ inline void dot_block(const W* w, const float* scale, int64_t k, const float* x,
     // Pull the next row block toward L2 while this one is consumed: the streams of one work item are
     // short enough that the hardware prefetchers otherwise lose time ramping up at each block.
     for (int64_t b = 0; b < RB; ++b) __builtin_prefetch(w + (RB + b) * k + i, 0, 1);
+    float wv[RB][kLanes];  // the block's weights widened once, then used for every token
+    for (int64_t b = 0; b < RB; ++b) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) wv[b][j] = widen(w[b * k + i + j]);
+    }
     for (int64_t b = 0; b < RB; ++b) {
       for (int64_t t = 0; t < TB; ++t) {
 #pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j)
-          acc[b][t][j] += widen(w[b * k + i + j]) * x[t * x_stride + i + j];
+        for (int64_t j = 0; j < kLanes; ++j) acc[b][t][j] += wv[b][j] * x[t * x_stride + i + j];
       }
     }
   }
