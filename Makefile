@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 MODEL_DIR ?= models/tiny
 
-.PHONY: serve test venv test-venv bench bench-graph bench-serve image infra-check serve-config clean
+.PHONY: serve test venv test-venv bench bench-graph bench-serve bench-llamacpp image infra-check serve-config clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -70,6 +70,10 @@ bench-graph: $(VENV)/.installed-test
 # Load on `expertmesh serve` (small preset, local mode): throughput, TTFT and ITL at concurrency 1, 8 and 32.
 bench-serve: $(VENV)/.installed-test
 	$(PY) bench/serve_load.py --json bench/serve_load_results.json
+
+# builds llama.cpp from its PyPI source distribution (cached outside the repository) and races it on `small`
+bench-llamacpp: $(VENV)/.installed-test
+	$(PY) bench/engine_vs_llamacpp.py --json bench/engine_vs_llamacpp_results.json
 
 # The serving image (infra/docker/Dockerfile): VARIANT=cuda (default) or cpu. Needs Docker with BuildKit.
 IMAGE ?= expertmesh:0.1.0
