@@ -156,6 +156,10 @@ def main() -> int:
                   f"{row['expertmesh']['prefill_tok_s']:.0f} tok/s -> {row['prefill_ratio']:.2f}x", flush=True)
         llm.shutdown()
         del llm
+    if set(args.pairs) != set(PAIRS) and args.json.is_file():  # a partial run updates the pairs it measured
+        kept = json.loads(args.json.read_text())
+        info = {**kept, "results": {**kept.get("results", {}), **info["results"]},
+                "runs": [*kept.get("runs", []), {k: v for k, v in info.items() if k != "results"}]}
     args.json.write_text(json.dumps(info, indent=1))
     print(f"wrote {args.json}")
     return 0

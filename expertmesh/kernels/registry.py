@@ -160,10 +160,12 @@ def topk_gating(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, K] fp32, ids [T, K] int64)``; see ``topk_gating_ref``."""
     ext = _fp32_cpu_kernels(router_logits, correction_bias)
+    if ext is None and router_logits.dtype == torch.bfloat16 and _cpu_inference(router_logits):
+        ext = small_m_kernels()  # the reference scores bf16 logits in float32 too: hand them over in float32
     if ext is not None and not use_triton(router_logits, correction_bias):
         check_gating_args(router_logits, top_k, scoring_func, correction_bias, n_group, topk_group, group_score)
-        bias = correction_bias.contiguous() if correction_bias is not None else None
-        return ext.topk_gating_f32(router_logits.contiguous(), top_k, scoring_func == "sigmoid", bias, n_group,
+        bias = correction_bias.float().contiguous() if correction_bias is not None else None
+        return ext.topk_gating_f32(router_logits.float().contiguous(), top_k, scoring_func == "sigmoid", bias, n_group,
                                    topk_group, group_score == "top2_sum", renormalize, scaling_factor)
     impl = topk_gating_triton if use_triton(router_logits, correction_bias) else topk_gating_ref
     return impl(
@@ -279,6 +281,10 @@ def mla_decode_absorbed(
     if ext is not None:
         return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
                                            ckv_cache, kpe_cache, block_tables, context_lens, scale)
+    ext = _bf16_cpu_kernels((kv_b_weight, ckv_cache, kpe_cache), (q_nope, q_pe))
+    if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
+        return ext.mla_decode_absorbed_f32(q_nope.float().contiguous(), q_pe.float().contiguous(), kv_b_weight,
+                                           ckv_cache, kpe_cache, block_tables, context_lens, scale).to(q_nope.dtype)
     return mla_decode_absorbed_ref(*args, scale)
 
 
@@ -306,6 +312,13 @@ def mla_decode_step(
         return ext.mla_decode_step_f32(q.contiguous(), kv_a.contiguous(), kv_norm_weight.contiguous(), eps,
                                        cos.contiguous(), sin.contiguous(), interleave, kv_b_weight.contiguous(),
                                        ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens, scale)
+    ext = _bf16_cpu_kernels((kv_b_weight, ckv_cache, kpe_cache), (q, kv_a, kv_norm_weight, cos, sin))
+    if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
+        # bf16 weights and caches stay as they are; this step's few activations go to float32 and back
+        f32 = lambda t: t.float().contiguous()  # noqa: E731
+        return ext.mla_decode_step_f32(f32(q), f32(kv_a), f32(kv_norm_weight), eps, f32(cos), f32(sin), interleave,
+                                       kv_b_weight, ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens,
+                                       scale).to(q.dtype)
     return mla_decode_step_ref(*args)
 
 
@@ -315,6 +328,14 @@ def _fp32_cpu_kernels(*tensors: torch.Tensor | None):
     if not _cpu_inference(*present):
         return None
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in present):
+        return None
+    return small_m_kernels()
+
+
+def _bf16_cpu_kernels(stored: tuple[torch.Tensor, ...], activations: tuple[torch.Tensor, ...]):
+    """The compiled CPU kernels for CPU inference whose `stored` tensors (weights, caches) are all bf16: the
+    kernels read them as they are, and the caller hands them the few `activations` in float32."""
+    if not _cpu_inference(*stored, *activations) or any(t.dtype != torch.bfloat16 for t in stored):
         return None
     return small_m_kernels()
 

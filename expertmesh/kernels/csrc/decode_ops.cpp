@@ -20,6 +20,15 @@ void check_f32(const torch::Tensor& t, const char* name) {
               " must be a contiguous CPU float32 tensor");
 }
 
+void check_bf16(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.is_contiguous(), name,
+              " must be a contiguous CPU bfloat16 tensor (as kv_b is)");
+}
+
+const expertmesh::Bf16* bf16(const torch::Tensor& t) {
+  return reinterpret_cast<const expertmesh::Bf16*>(t.data_ptr<at::BFloat16>());
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {};
   int64_t i = 0;
@@ -45,8 +54,10 @@ std::vector<int64_t> top_indices(const float* v, int64_t n, int64_t k) {
 
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N (row strides given): 4 rows of A by 64 columns of B
 // per register block, so each loaded 16-lane piece of B feeds four FMAs.
-void small_gemm(const float* a, int64_t a_stride, const float* b, int64_t b_stride, float* c, int64_t c_stride,
+template <typename W>
+void small_gemm(const float* a, int64_t a_stride, const W* b, int64_t b_stride, float* c, int64_t c_stride,
                 int64_t m_count, int64_t n_count, int64_t k_count) {
+  using expertmesh::widen;
   constexpr int64_t kM = 4, kN = 64;
   for (int64_t m0 = 0; m0 < m_count; m0 += kM) {
     const int64_t mb = std::min(kM, m_count - m0);
@@ -54,11 +65,14 @@ void small_gemm(const float* a, int64_t a_stride, const float* b, int64_t b_stri
     for (; n0 + kN <= n_count; n0 += kN) {
       float acc[kM][kN] = {};
       for (int64_t k = 0; k < k_count; ++k) {
-        const float* brow = b + k * b_stride + n0;
+        const W* brow = b + k * b_stride + n0;
+        float bv[kN];
+#pragma omp simd
+        for (int64_t j = 0; j < kN; ++j) bv[j] = widen(brow[j]);
         for (int64_t i = 0; i < mb; ++i) {
           const float av = a[(m0 + i) * a_stride + k];
 #pragma omp simd
-          for (int64_t j = 0; j < kN; ++j) acc[i][j] += av * brow[j];
+          for (int64_t j = 0; j < kN; ++j) acc[i][j] += av * bv[j];
         }
       }
       for (int64_t i = 0; i < mb; ++i) std::copy(acc[i], acc[i] + kN, c + (m0 + i) * c_stride + n0);
@@ -66,7 +80,7 @@ void small_gemm(const float* a, int64_t a_stride, const float* b, int64_t b_stri
     for (; n0 < n_count; ++n0) {  // columns past the last full block
       for (int64_t i = 0; i < mb; ++i) {
         float sum = 0.f;
-        for (int64_t k = 0; k < k_count; ++k) sum += a[(m0 + i) * a_stride + k] * b[k * b_stride + n0];
+        for (int64_t k = 0; k < k_count; ++k) sum += a[(m0 + i) * a_stride + k] * widen(b[k * b_stride + n0]);
         c[(m0 + i) * c_stride + n0] = sum;
       }
     }
@@ -158,21 +172,19 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
 //   q_lat[h] = W_UK[h]^T q_nope[h];  s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])
 //   o_lat[h] = softmax_t(s[h]) . c_kv;  out[h] = W_UV[h] o_lat[h]
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
-torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
-                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
-                                      torch::Tensor context_lens, double scale) {
-  check_f32(q_nope, "q_nope");
-  check_f32(q_pe, "q_pe");
-  check_f32(kv_b, "kv_b");
-  check_f32(ckv_cache, "ckv_cache");
-  check_f32(kpe_cache, "kpe_cache");
+namespace {
+
+// The absorbed attention over kv_b and caches stored as T (float32 or bf16); queries and output float32.
+template <typename T>
+torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const T* w, const T* ckv, const T* kpe,
+                           int64_t rank, int64_t block, int64_t v_dim, torch::Tensor block_tables,
+                           torch::Tensor context_lens, double scale) {
+  using expertmesh::widen;
   const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
-  const int64_t rank = ckv_cache.size(2), block = ckv_cache.size(1), v_dim = kv_b.size(0) / heads - nope;
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = context_lens.to(torch::kInt64).contiguous();
   auto out = torch::zeros({b_count, heads, v_dim}, q_nope.options());
-  const float *qn = q_nope.data_ptr<float>(), *qp = q_pe.data_ptr<float>(), *w = kv_b.data_ptr<float>();
-  const float *ckv = ckv_cache.data_ptr<float>(), *kpe = kpe_cache.data_ptr<float>();
+  const float *qn = q_nope.data_ptr<float>(), *qp = q_pe.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
   float* op = out.data_ptr<float>();
@@ -223,13 +235,16 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
+      std::vector<float> row(rank);
       for (int64_t t = 0; t < len; ++t) {
-        const float* c = ckv + (tp[b * width + t / block] * block + t % block) * rank;
+        const T* c = ckv + (tp[b * width + t / block] * block + t % block) * rank;
+#pragma omp simd
+        for (int64_t r = 0; r < rank; ++r) row[r] = widen(c[r]);
         for (int64_t i = 0; i < hn; ++i) {
           const float p = scores[i * len + t];
           float* o = o_lat + i * rank;
 #pragma omp simd
-          for (int64_t r = 0; r < rank; ++r) o[r] += p * c[r];
+          for (int64_t r = 0; r < rank; ++r) o[r] += p * row[r];
         }
       }
     }
@@ -241,6 +256,36 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
                            op + h * v_dim, heads * v_dim);
   });
   return out;
+}
+
+}  // namespace
+
+// MLA decode in absorbed form, one sequence per work item (its heads share every cache row it reads):
+//   q_lat[h] = W_UK[h]^T q_nope[h];  s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])
+//   o_lat[h] = softmax_t(s[h]) . c_kv;  out[h] = W_UV[h] o_lat[h]
+// kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
+// Queries float32; kv_b and both caches all float32 or all bf16 (read as bf16, every sum in float32).
+torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
+                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
+                                      torch::Tensor context_lens, double scale) {
+  check_f32(q_nope, "q_nope");
+  check_f32(q_pe, "q_pe");
+  const int64_t heads = q_nope.size(1), nope = q_nope.size(2);
+  const int64_t rank = ckv_cache.size(2), block = ckv_cache.size(1), v_dim = kv_b.size(0) / heads - nope;
+  if (kv_b.scalar_type() == torch::kBFloat16) {
+    check_bf16(kv_b, "kv_b");
+    check_bf16(ckv_cache, "ckv_cache");
+    check_bf16(kpe_cache, "kpe_cache");
+    return mla_absorbed(q_nope, q_pe, bf16(kv_b), bf16(ckv_cache), bf16(kpe_cache), rank, block, v_dim, block_tables,
+                        context_lens, scale);
+  }
+  check_f32(kv_b, "kv_b");
+  check_f32(ckv_cache, "ckv_cache");
+  check_f32(kpe_cache, "kpe_cache");
+  return mla_absorbed(q_nope, q_pe, static_cast<const float*>(kv_b.data_ptr<float>()),
+                      static_cast<const float*>(ckv_cache.data_ptr<float>()),
+                      static_cast<const float*>(kpe_cache.data_ptr<float>()), rank, block, v_dim, block_tables,
+                      context_lens, scale);
 }
 
 // One MLA decode step after the projections, for B single-token sequences: kv_a_layernorm on the latent,
@@ -255,8 +300,14 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
   check_f32(kv_norm_weight, "kv_norm_weight");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
-  check_f32(ckv_cache, "ckv_cache");
-  check_f32(kpe_cache, "kpe_cache");
+  const bool bf16_cache = ckv_cache.scalar_type() == torch::kBFloat16;
+  if (bf16_cache) {
+    check_bf16(ckv_cache, "ckv_cache");
+    check_bf16(kpe_cache, "kpe_cache");
+  } else {
+    check_f32(ckv_cache, "ckv_cache");
+    check_f32(kpe_cache, "kpe_cache");
+  }
   const int64_t b_count = q.size(0), heads = q.size(1), rank = ckv_cache.size(2), dr = kpe_cache.size(2);
   const int64_t nope = q.size(2) - dr, half = dr / 2;
   TORCH_CHECK(kv_a.size(1) == rank + dr, "kv_a must be [B, R + Dr]");
@@ -266,27 +317,35 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
   const float *qp = q.data_ptr<float>(), *kp = kv_a.data_ptr<float>(), *nw = kv_norm_weight.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  float *ckv = ckv_cache.data_ptr<float>(), *kpe = kpe_cache.data_ptr<float>();
   float *qn = q_nope.data_ptr<float>(), *qr = q_pe.data_ptr<float>();
-  // out[:half] = x1 c - x2 s, out[half:] = x2 c + x1 s, with (x1, x2) the even/odd or first/second halves.
-  auto rotate = [&](const float* x, const float* c, const float* s, float* out) {
+  // out[:half] = x1 c - x2 s, out[half:] = x2 c + x1 s, with (x1, x2) the even/odd or first/second halves;
+  // `out` is float32, or a bf16 cache row (rounded to nearest even, as torch writes one).
+  auto rotate = [&](const float* x, const float* c, const float* s, auto* out) {
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = interleave ? x[2 * i] : x[i], x2 = interleave ? x[2 * i + 1] : x[half + i];
-      out[i] = x1 * c[i] - x2 * s[i];
-      out[half + i] = x2 * c[i] + x1 * s[i];
+      expertmesh::store(out + i, x1 * c[i] - x2 * s[i]);
+      expertmesh::store(out + half + i, x2 * c[i] + x1 * s[i]);
     }
   };
-  for (int64_t b = 0; b < b_count; ++b) {
-    const float* latent = kp + b * (rank + dr);
-    const float inv = 1.f / std::sqrt(dot(latent, latent, rank) / rank + static_cast<float>(eps));
-    float* dst = ckv + slot[b] * rank;
-    for (int64_t r = 0; r < rank; ++r) dst[r] = nw[r] * (latent[r] * inv);
-    rotate(latent + rank, cp + b * half, sp + b * half, kpe + slot[b] * dr);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* qh = qp + (b * heads + h) * (nope + dr);
-      std::copy(qh, qh + nope, qn + (b * heads + h) * nope);
-      rotate(qh + nope, cp + b * half, sp + b * half, qr + (b * heads + h) * dr);
+  auto step = [&](auto* ckv, auto* kpe) {
+    for (int64_t b = 0; b < b_count; ++b) {
+      const float* latent = kp + b * (rank + dr);
+      const float inv = 1.f / std::sqrt(dot(latent, latent, rank) / rank + static_cast<float>(eps));
+      auto* dst = ckv + slot[b] * rank;
+      for (int64_t r = 0; r < rank; ++r) expertmesh::store(dst + r, nw[r] * (latent[r] * inv));
+      rotate(latent + rank, cp + b * half, sp + b * half, kpe + slot[b] * dr);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qh = qp + (b * heads + h) * (nope + dr);
+        std::copy(qh, qh + nope, qn + (b * heads + h) * nope);
+        rotate(qh + nope, cp + b * half, sp + b * half, qr + (b * heads + h) * dr);
+      }
     }
+  };
+  if (bf16_cache) {
+    step(reinterpret_cast<expertmesh::Bf16*>(ckv_cache.data_ptr<at::BFloat16>()),
+         reinterpret_cast<expertmesh::Bf16*>(kpe_cache.data_ptr<at::BFloat16>()));
+  } else {
+    step(ckv_cache.data_ptr<float>(), kpe_cache.data_ptr<float>());
   }
   return mla_decode_absorbed_f32(q_nope, q_pe, kv_b, ckv_cache, kpe_cache, block_tables, context_lens, scale);
 }

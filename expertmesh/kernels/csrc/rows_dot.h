@@ -29,6 +29,18 @@ inline float widen(Bf16 w) {  // bf16 is float32's upper half
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowBlock = 4;
 
+// float32 -> bf16, rounding to nearest even (torch's `.to(torch.bfloat16)`); NaN stays NaN.
+inline Bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+
+inline void store(float* dst, float v) { *dst = v; }
+inline void store(Bf16* dst, float v) { *dst = to_bf16(v); }
+
 template <int64_t RB, int64_t TB, typename W>
 inline void dot_block(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride, float* out,
                       int64_t out_stride) {

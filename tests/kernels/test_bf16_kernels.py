@@ -1,0 +1,65 @@
+"""The CPU decode kernels on bfloat16 weights and caches: they read bf16 as it is stored and sum in float32,
+so against float32 math on the same bf16 values they are at least as close as torch's own bf16 path (the
+reference functions run in bf16), and the cache rows they write are that float32 value rounded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expertmesh import kernels
+from expertmesh.kernels.cpu_ext import small_m_kernels
+from expertmesh.kernels.cpu_linear import linear
+from expertmesh.kernels.mla_absorbed import mla_decode_step_ref
+
+pytestmark = pytest.mark.skipif(small_m_kernels() is None, reason="the C++ CPU kernels could not be built here")
+
+
+def err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+def test_linear_reads_bf16_weights():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 512, generator=gen).bfloat16(), torch.randn(1024, 512, generator=gen).bfloat16()
+    bias = torch.randn(1024, generator=gen).bfloat16()
+    exact = F.linear(x.float(), w.float(), bias.float())
+    got = linear(x, w, bias)
+    assert got.dtype == torch.bfloat16
+    assert err(got, exact) <= 1.01 * err(F.linear(x, w, bias), exact) + 1e-6
+
+
+def test_routed_experts_read_bf16_weights():
+    gen = torch.Generator().manual_seed(1)
+    w13, w2 = (torch.randn(16, 128, 128, generator=gen) * 0.05).bfloat16(), (torch.randn(16, 128, 64, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(5)])
+    weights = torch.rand(5, 4, generator=gen).bfloat16()
+    exact = kernels.fused_moe_ref(x.float(), w13.float(), w2.float(), weights.float(), ids)
+    got = kernels.fused_moe(x, w13, w2, weights, ids)
+    assert got.dtype == torch.bfloat16
+    assert err(got, exact) <= err(kernels.fused_moe_ref(x, w13, w2, weights, ids), exact)
+
+
+def mla_inputs(dtype):
+    gen = torch.Generator().manual_seed(2)
+    b, h, nope, dr, rank, v, block = 3, 4, 32, 16, 64, 32, 4
+    angles = torch.rand(b, dr // 2, generator=gen)
+    tensors = [torch.randn(b, h, nope + dr, generator=gen), torch.randn(b, rank + dr, generator=gen),
+               torch.rand(rank, generator=gen) + 0.5, angles.cos(), angles.sin(),
+               torch.randn(h * (nope + v), rank, generator=gen) * 0.1, torch.randn(16, block, rank, generator=gen),
+               torch.randn(16, block, dr, generator=gen)]
+    q, kv_a, norm, cos, sin, kv_b, ckv, kpe = (t.bfloat16().to(dtype) for t in tensors)  # the same bf16 values
+    slots, tables = torch.tensor([4, 24, 35]), torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    return [q, kv_a, norm, 1e-6, cos, sin, False, kv_b, ckv, kpe, slots, tables, torch.tensor([5, 9, 12]), 0.1]
+
+
+def test_mla_decode_step_reads_and_writes_bf16_caches():
+    exact_args, got_args, ref_args = mla_inputs(torch.float32), mla_inputs(torch.bfloat16), mla_inputs(torch.bfloat16)
+    exact = mla_decode_step_ref(*exact_args)
+    got = kernels.mla_decode_step(*got_args)
+    assert got.dtype == torch.bfloat16
+    assert err(got, exact) <= 1.01 * err(mla_decode_step_ref(*ref_args), exact) + 1e-6
+    for i in (8, 9):  # the rows this step wrote: the float32 values rounded to bf16 once
+        torch.testing.assert_close(got_args[i].float(), exact_args[i].bfloat16().float(), rtol=0, atol=0)
