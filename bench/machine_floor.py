@@ -19,11 +19,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from machine_info import machine  # bench/ is on sys.path when run as a script
+from engine_vs_hf import best_of  # bench/ is on sys.path when run as a script
+from machine_info import machine
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -118,16 +118,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None)
@@ -144,12 +134,12 @@ def main() -> int:
     nbytes = buf.numel() * 4
     info = {"machine": machine(), "buffer_gib": args.gib, "read_gbs": {}, "dot_gops": {}}
     for threads in sorted({1, cores}):
-        t = best(lambda: ext.stream_sum(buf, threads), 7)
+        t = best_of(lambda: ext.stream_sum(buf, threads), 7)
         info["read_gbs"][f"avx512_{threads}t"] = nbytes / t / 1e9
     previous = torch.get_num_threads()
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
-        info["read_gbs"][f"torch_sum_{threads}t"] = nbytes / best(lambda: buf.sum(), 7) / 1e9
+        info["read_gbs"][f"torch_sum_{threads}t"] = nbytes / best_of(lambda: buf.sum(), 7) / 1e9
     torch.set_num_threads(previous)
     kinds = {"fp32_fma": 0} | ({"bf16_dot": 1} if ext.has_bf16() else {}) | ({"int8_dot": 2} if ext.has_vnni() else {})
     for name, kind in kinds.items():

@@ -41,20 +41,11 @@ def onednn_available() -> bool:
     return bool(torch.equal(out, F.linear(x, w)))
 
 
-def _cpu_inference_f32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """CPU inference on 2-D `x` with `x` and `weight` both `dtype`, under the `auto` backend."""
     return (
         x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.dim() == 2
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and kernel_backend() == "auto"
-    )
-
-
-def _cpu_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.bfloat16
+        and x.dtype == weight.dtype == dtype
         and x.dim() == 2
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and kernel_backend() == "auto"
@@ -65,11 +56,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]. In bfloat16 at decode sizes the
     streaming kernel reads the bf16 weights and sums in float32, rounding the output once (as oneDNN's bf16
     GEMM does)."""
-    if _cpu_inference_bf16(x, weight) and x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
+    if _cpu_inference(x, weight, torch.bfloat16) and x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
         kernels = small_m_kernels()
         if kernels is not None:
             return kernels.linear_small_m(x.float().contiguous(), weight, bias).to(torch.bfloat16)
-    if _cpu_inference_f32(x, weight):
+    if _cpu_inference(x, weight, torch.float32):
         rows, size = x.shape[0], weight.numel()
         if rows <= STREAMING_MAX_ROWS and size >= STREAMING_MIN_WEIGHT_ELEMENTS and weight.is_contiguous():
             kernels = small_m_kernels()

@@ -45,19 +45,19 @@ def check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, t
     check_fused_moe_args(hidden_states, like(w13), like(w2), topk_weights, topk_ids)
 
 
-def _used(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the experts that received tokens [U], topk_ids renumbered into them [T, K])."""
+def dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, dtype: torch.dtype):
+    """(w13 [U, 2I, H], w2 [U, H, I] of only the experts that received tokens, dequantised to `dtype`; topk_ids
+    renumbered into them [T, K]): what a float fused-MoE path runs on."""
     used, inverse = torch.unique(topk_ids, return_inverse=True)
-    return used, inverse.view_as(topk_ids)
+    return (dequantize_int8(w13[used], w13_scale[used], dtype), dequantize_int8(w2[used], w2_scale[used], dtype),
+            inverse.view_as(topk_ids))
 
 
 def fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
     """Routed output [T, H] in hidden_states.dtype: `fused_moe_ref` over the dequantised experts."""
     check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
-    used, ids = _used(topk_ids)
-    dtype = hidden_states.dtype
-    return fused_moe_ref(hidden_states, dequantize_int8(w13[used], w13_scale[used], dtype),
-                         dequantize_int8(w2[used], w2_scale[used], dtype), topk_weights, ids)
+    w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
+    return fused_moe_ref(hidden_states, w13_f, w2_f, topk_weights, ids)
 
 
 @torch.no_grad()
@@ -70,7 +70,5 @@ def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights
         if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
             return kernels.moe_small_m_int8(hidden_states.contiguous(), w13, w13_scale.contiguous(), w2,
                                             w2_scale.contiguous(), topk_weights, topk_ids)
-    used, ids = _used(topk_ids)
-    dtype = hidden_states.dtype
-    return fused_moe_cpu(hidden_states, dequantize_int8(w13[used], w13_scale[used], dtype),
-                         dequantize_int8(w2[used], w2_scale[used], dtype), topk_weights, ids)
+    w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
+    return fused_moe_cpu(hidden_states, w13_f, w2_f, topk_weights, ids)

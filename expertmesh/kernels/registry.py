@@ -20,7 +20,7 @@ from .cpu_fused_moe import fused_moe_cpu
 from .cpu_lora import fused_moe_lora_cpu, lora_expand_cpu, lora_shrink_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
-from .int8_moe import check_int8_args, dequantize_int8, fused_moe_int8_cpu, fused_moe_int8_ref
+from .int8_moe import check_int8_args, dequantize_used, fused_moe_int8_cpu, fused_moe_int8_ref
 from .gating import check_gating_args, topk_gating_ref
 from .lora import (check_expand_args, check_fused_moe_lora_args, check_lora_args, fused_moe_lora_ref,
                    lora_expand_ref, lora_shrink_ref)
@@ -215,10 +215,8 @@ def fused_moe_int8(
         return fused_moe_int8_cpu(*inputs)
     if use_triton(hidden_states, topk_weights):
         check_int8_args(*inputs)
-        used, inverse = torch.unique(topk_ids, return_inverse=True)
-        dtype = hidden_states.dtype
-        return fused_moe(hidden_states, dequantize_int8(w13[used], w13_scale[used], dtype),
-                         dequantize_int8(w2[used], w2_scale[used], dtype), topk_weights, inverse.view_as(topk_ids))
+        w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
+        return fused_moe(hidden_states, w13_f, w2_f, topk_weights, ids)
     return fused_moe_int8_ref(*inputs)
 
 

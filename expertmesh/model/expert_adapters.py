@@ -98,6 +98,7 @@ class HeldExpertLora:
         adapter = read_peft_adapter(path)
         wanted = set(experts)
         out: dict[Expert, Updates] = {}
+        cast = lambda t, scale=1.0: (t * scale).to(self.dtype).to(self.device)  # noqa: E731
         for block_path in adapter.experts:
             layer = block_layer(adapter, block_path)
             if layer not in self.moe_layers:
@@ -107,7 +108,6 @@ class HeldExpertLora:
                                                         max_rank=self.max_rank, **self.sizes)
             for row, e in enumerate(chosen):
                 if (layer, e) in wanted:
-                    cast = lambda t, scale=1.0: (t * scale).to(self.dtype).to(self.device)  # noqa: E731
                     out[layer, e] = (cast(a13[row]), cast(b13[row], adapter.scaling), cast(a2[row]),
                                      cast(b2[row], adapter.scaling))
         return out
