@@ -4,7 +4,13 @@ cluster the job runs on) or run directly (it starts a private Ray)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Every step line is the job's record: Ray's driver folds lines that differ only in their numbers, from
+# different processes, into "[repeated Nx across cluster]", which after a worker restart hid most of them.
+# Read when ray is imported, so set before any import of it.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
