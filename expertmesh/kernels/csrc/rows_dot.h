@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace expertmesh {
 
 struct Bf16 {
@@ -41,6 +45,45 @@ inline Bf16 to_bf16(float f) {
 inline void store(float* dst, float v) { *dst = v; }
 inline void store(Bf16* dst, float v) { *dst = to_bf16(v); }
 
+#if defined(__AVX512F__)
+// 16 weights widened to float32 lanes: one load, plus a sign extension and convert (int8) or a shift (bf16).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const Bf16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The same contract as the portable version below, written in AVX-512: the compiler's vectorisation of the
+// portable loop re-widened int8 weights per token and spilled accumulators (int8 rows streamed at ~13 GB/s
+// from cache, float32 ones at ~60).
+template <int64_t RB, int64_t TB, typename W>
+inline void dot_block(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride, float* out,
+                      int64_t out_stride) {
+  __m512 acc[RB][TB];
+  for (int64_t b = 0; b < RB; ++b)
+    for (int64_t t = 0; t < TB; ++t) acc[b][t] = _mm512_setzero_ps();
+  const int64_t k_vec = k / kLanes * kLanes;
+  for (int64_t i = 0; i < k_vec; i += kLanes) {
+    for (int64_t b = 0; b < RB; ++b) __builtin_prefetch(w + (RB + b) * k + i, 0, 1);
+    __m512 wv[RB];
+    for (int64_t b = 0; b < RB; ++b) wv[b] = load16(w + b * k + i);
+    for (int64_t t = 0; t < TB; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + t * x_stride + i);
+      for (int64_t b = 0; b < RB; ++b) acc[b][t] = _mm512_fmadd_ps(wv[b], xv, acc[b][t]);
+    }
+  }
+  for (int64_t b = 0; b < RB; ++b) {
+    for (int64_t t = 0; t < TB; ++t) {
+      float s = _mm512_reduce_add_ps(acc[b][t]);
+      for (int64_t i = k_vec; i < k; ++i) s += widen(w[b * k + i]) * x[t * x_stride + i];
+      out[t * out_stride + b] = scale == nullptr ? s : s * scale[b];
+    }
+  }
+}
+#else
 template <int64_t RB, int64_t TB, typename W>
 inline void dot_block(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride, float* out,
                       int64_t out_stride) {
@@ -71,6 +114,8 @@ inline void dot_block(const W* w, const float* scale, int64_t k, const float* x,
     }
   }
 }
+
+#endif  // __AVX512F__
 
 template <int64_t RB, typename W>
 inline void dot_rows_all_tokens(const W* w, const float* scale, int64_t k, const float* x, int64_t x_stride,

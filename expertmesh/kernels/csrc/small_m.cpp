@@ -41,14 +41,16 @@ void check_bf16_contiguous(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// `scale`: one per weight row (int8 weights), or nullptr.
 template <typename W>
-void linear_rows(const float* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n) {
+void linear_rows(const float* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n,
+                 const float* scale = nullptr) {
   const int64_t rows = chunk_rows(k);
   const int64_t chunks = (n + rows - 1) / rows;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
-      rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n);
+      rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n, scale == nullptr ? nullptr : scale + r0);
     }
   });
 }
@@ -68,6 +70,22 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
     check_f32_contiguous(w, "weight");
     linear_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), m, k, n);
   }
+  if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
+  return out;
+}
+
+// x [M, K] @ (w [N, K] int8 * scale [N, 1])^T (+ bias) -> [M, N] float32: int8 weight-only linear, each row
+// widened in registers and its sum scaled once.
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  check_f32_contiguous(x, "x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2,
+              "weight must be a contiguous CPU int8 tensor [N, K]");
+  check_f32_contiguous(scale, "scale");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "linear_int8: x [M, K] does not fit weight [N, K]");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == w.size(0), "scale must be [N]: one per weight row");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  linear_rows(x.data_ptr<float>(), w.data_ptr<int8_t>(), out.data_ptr<float>(), m, k, n, scale.data_ptr<float>());
   if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
   return out;
 }
@@ -278,6 +296,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
+  m.def("linear_int8", &linear_int8, "x @ (w * scale)^T (+ bias) over int8 weight rows with a scale per row");
   m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
   m.def("moe_small_m_int8", &moe_small_m_int8, "moe_small_m over int8 weight-only experts (a scale per output row)");
   m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
