@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from expertmesh.model.quantize import QUANTIZATIONS
 from expertmesh.platform.server.settings import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S
 
 
@@ -56,9 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default=None, choices=["cpu", "cuda"],
                      help="where the engine runs in local mode (default cpu); with --deployment, each actor of the "
                           "graph runs on the GPU Ray gives it")
-    srv.add_argument("--quantization", default=None, choices=["int8"],
-                     help="int8: int8 weight-only routed experts (a scale per output row), quantised at load; "
-                          "local mode only")
+    srv.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                     help="int8: every linear layer's weights as int8 with a scale per output row (as llama.cpp's "
+                          "Q8_0); experts_int8: the routed experts only. Quantised at load; local mode only")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)

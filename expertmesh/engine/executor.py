@@ -40,7 +40,7 @@ class ExecutorSpec:
     block_size: int
     max_loras: int = 0
     max_lora_rank: int = 16
-    quantization: str | None = None  # weight-only quantisation of the routed experts ("int8"), see model/quantize.py
+    quantization: str | None = None  # int8 weight-only quantisation ("int8", "experts_int8"), model/quantize.py
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -137,7 +137,7 @@ class LocalExecutor:
             block.backend = self._counting_backend
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
-        self.device = model.lm_head.weight.device
+        self.device = model.model.embed_tokens.weight.device
         if self.device.type == "cpu":
             small_m_kernels()  # build the C++ decode kernels now rather than during the first request
 

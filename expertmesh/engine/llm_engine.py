@@ -35,13 +35,13 @@ class EngineConfig:
     enable_lora: bool = False  # serve LoRA adapters named per request (vLLM's defaults below)
     max_loras: int = 1  # adapters resident at once: those of unfinished requests must fit
     max_lora_rank: int = 16
-    quantization: str | None = None  # "int8": int8 weight-only routed experts, quantised at load
+    quantization: str | None = None  # "int8" or "experts_int8": int8 weight-only, quantised at load
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
         if self.quantization is not None and self.enable_lora:
             raise ValueError(f"enable_lora with quantization={self.quantization!r} is not served: LoRA adapters "
-                             "apply to float experts; leave one of them out")
+                             "apply to float weights; leave one of them out")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

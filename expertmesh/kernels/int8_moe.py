@@ -65,10 +65,11 @@ def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0 or top_k == 0:
         return hidden_states.new_zeros(num_tokens, hidden_states.shape[1])
-    if hidden_states.dtype == torch.float32 and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
+    if hidden_states.dtype in (torch.float32, torch.bfloat16) and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
         kernels = small_m_kernels()
         if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
-            return kernels.moe_small_m_int8(hidden_states.contiguous(), w13, w13_scale.contiguous(), w2,
-                                            w2_scale.contiguous(), topk_weights, topk_ids)
+            out = kernels.moe_small_m_int8(hidden_states.float().contiguous(), w13, w13_scale.contiguous(), w2,
+                                           w2_scale.contiguous(), topk_weights, topk_ids)
+            return out.to(hidden_states.dtype)  # bf16: float32 sums, rounded once
     w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
     return fused_moe_cpu(hidden_states, w13_f, w2_f, topk_weights, ids)

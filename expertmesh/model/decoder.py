@@ -59,8 +59,9 @@ class MoECausalLM(nn.Module):
         return [layer.self_attn.cache_shapes(num_blocks, block_size) for layer in self.model.layers]
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        dtype = dtype or self.lm_head.weight.dtype
-        device = self.lm_head.weight.device
+        embedding = self.model.embed_tokens.weight  # the model's dtype and device, whatever quantisation did
+        dtype = dtype or embedding.dtype
+        device = embedding.device
         return [
             tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in shapes)
             for shapes in self.cache_shapes(num_blocks, block_size)

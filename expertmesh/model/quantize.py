@@ -1,9 +1,14 @@
-"""Weight-only quantisation of a loaded model, chosen by name (`quantization="int8"`).
+"""Weight-only quantisation of a loaded model, chosen by name (`quantization=...`).
 
-"int8": every MoE block's routed experts become `Int8RoutedExperts`: int8 weights with one float32 scale per
-output row of each expert (see `kernels/int8_moe.py`), a quarter of float32's bytes and half of bf16's, which
-is what a memory-bound decode step reads. Attention, shared experts, dense layers, the gates and the LM head
-stay in the checkpoint's dtype.
+Weights become int8 with one float32 scale per output row (see `kernels/int8_moe.py`): a quarter of float32's
+bytes and half of bf16's, which is what a memory-bound decode step reads. Activations stay in the model's dtype
+and products sum in float32.
+- "int8": every linear layer's weights, as llama.cpp's Q8_0 does: the routed experts (`Int8RoutedExperts`),
+  and attention, shared experts, dense layers and the LM head (`Int8Linear`). Kept as they are: the embedding
+  (one row a token), the norms, the routers' gates (routing decides which weights run at all) and MLA's
+  `kv_b_proj` (the absorbed decode kernel reads it as W_UK and W_UV).
+- "experts_int8": only the routed experts (vLLM's name for the same choice): most of a MoE's bytes, and the
+  weights a token touches least often.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from torch import nn
 
 from expertmesh import kernels
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.layers import Linear
 from expertmesh.model.moe import MoEBlock, RoutedExperts
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "experts_int8")
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -60,13 +66,68 @@ class Int8RoutedExperts(nn.Module):
         return kernels.fused_moe_int8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, topk_weights, topk_ids)
 
 
-def quantize_model(model: MoECausalLM, quantization: str) -> int:
-    """Quantises `model` in place as `quantization` names; returns how many MoE blocks' experts it changed."""
-    check_quantization(quantization)
+class Int8Linear(nn.Module):
+    """A `Linear` as int8 weights and per-row scales; called as `Linear` is."""
+
+    adapters = None  # LoRA adapters are served on float weights only
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] float32
+        self.register_buffer("bias", bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = kernels.quantize_int8(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q.contiguous(), scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int8(x, self.qweight, self.scale, self.bias)
+
+
+KEPT_FLOAT = ("kv_b_proj",)  # read as float weights by the MLA decode kernel
+
+
+def _quantize_linears(module: nn.Module) -> int:
+    """Replaces every `Linear` under `module` (but the KEPT_FLOAT ones) with its `Int8Linear`; returns how many."""
     changed = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, Linear) and name not in KEPT_FLOAT:
+            setattr(module, name, Int8Linear.from_float(child))
+            changed += 1
+        elif not isinstance(child, (MoEBlock, RoutedExperts)):
+            changed += _quantize_linears(child)
+    return changed
+
+
+def quantize_model(model: MoECausalLM, quantization: str) -> dict[str, int]:
+    """Quantises `model` in place as `quantization` names; returns how many MoE blocks' routed experts and how
+    many other linear layers it changed."""
+    check_quantization(quantization)
+    counts = {"routed_experts": 0, "linears": 0}
     for layer in model.model.layers:
         block = layer.mlp
         if isinstance(block, MoEBlock) and isinstance(block.experts, RoutedExperts):
             block.experts = Int8RoutedExperts.from_float(block.experts)
-            changed += 1
-    return changed
+            counts["routed_experts"] += 1
+        if quantization == "int8":
+            counts["linears"] += _quantize_linears(layer.self_attn)
+            if isinstance(block, MoEBlock):
+                shared = getattr(block, "shared_experts", None)
+                counts["linears"] += _quantize_linears(shared) if shared is not None else 0
+            else:
+                counts["linears"] += _quantize_linears(block)
+    if quantization == "int8":
+        model.lm_head = Int8Linear.from_float(model.lm_head)
+        counts["linears"] += 1
+    return counts

@@ -1,6 +1,7 @@
-"""`LLM(..., quantization="int8")`: the routed experts are held as int8 with a scale per output row (a quarter of
-their float32 bytes), next-token predictions stay close to the float model's (top-1 agreement and mean KL over
-every position of random sequences, teacher-forced), and unsupported settings are refused naming the field."""
+"""`LLM(..., quantization="int8")`: every linear layer but the gates and MLA's kv_b_proj is held as int8 with a scale
+per output row (a quarter of its float32 bytes); with "experts_int8" only the routed experts are. Next-token
+predictions stay close to the float model's (top-1 agreement and mean KL over every position of random
+sequences, teacher-forced), and unsupported settings are refused naming the field."""
 
 from __future__ import annotations
 
@@ -16,14 +17,19 @@ from expertmesh.cli import main
 from expertmesh.graph import ActorGraph
 from expertmesh.model import load_model
 from expertmesh.model.moe import MoEBlock
-from expertmesh.model.quantize import Int8RoutedExperts
+from expertmesh.model.quantize import Int8Linear, Int8RoutedExperts
 from expertmesh.testing.agreement import next_token_agreement
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
-def test_int8_experts_predict_as_the_float_model_does(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), quantization="int8")
+def int8_linears(model) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+
+
+@pytest.mark.parametrize("quantization, top1, max_mean_kl", [("experts_int8", 0.97, 1e-4), ("int8", 0.93, 1e-4)])
+def test_int8_predicts_as_the_float_model_does(tiny_model_dir, quantization, top1, max_mean_kl):
+    llm = LLM(str(tiny_model_dir), quantization=quantization)
     quantized = llm.llm_engine.executor.model
     blocks = [layer.mlp for layer in quantized.model.layers if isinstance(layer.mlp, MoEBlock)]
     assert blocks and all(isinstance(b.experts, Int8RoutedExperts) for b in blocks)
@@ -33,21 +39,30 @@ def test_int8_experts_predict_as_the_float_model_does(tiny_model_dir):
     assert experts.w13.dtype == torch.int8 and experts.w13.shape == ref_experts.w13.shape
     assert experts.w13.nbytes * 4 == ref_experts.w13.nbytes
 
+    linears = int8_linears(quantized)
+    if quantization == "experts_int8":
+        assert not linears
+    else:  # attention (but kv_b_proj), shared experts, the dense layer and the LM head; never a gate
+        assert {"lm_head", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                "model.layers.1.mlp.shared_experts.up_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa"} <= linears
+        assert not any("kv_b_proj" in name or "gate." in name or name.endswith(".gate") for name in linears)
+        assert quantized.lm_head.qweight.nbytes * 4 == reference.lm_head.weight.nbytes
+
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, reference.config.vocab_size, (48,), generator=gen).tolist() for _ in range(16)]
     agreement = next_token_agreement(reference, quantized, sequences)
     assert agreement.positions == 16 * 48
-    assert agreement.top1 >= 0.97
-    assert 0 < agreement.mean_kl < 1e-4  # not the float model itself, and close to it
+    assert agreement.top1 >= top1
+    assert 0 < agreement.mean_kl < max_mean_kl  # not the float model itself, and close to it
 
-    # decoding (the int8 C++ kernel at batch sizes of decode) serves whole generations
+    # decoding (the int8 C++ kernels at batch sizes of decode) serves whole generations
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": [5, 9, 13]}, {"prompt_token_ids": list(range(40, 70))}], params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8]
 
 
 def test_unsupported_quantization_settings_are_refused(tiny_model_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"quantization must be one of \['int8'\] or None, got 'fp8'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of \['int8', 'experts_int8'\] or None, got 'fp8'"):
         LLM(str(tiny_model_dir), quantization="fp8")
     with pytest.raises(ValueError, match="enable_lora with quantization='int8' is not served"):
         LLM(str(tiny_model_dir), quantization="int8", enable_lora=True)
