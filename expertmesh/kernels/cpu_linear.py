@@ -9,7 +9,7 @@ oneDNN builds (and caches, up to 1024 entries) one primitive per input shape, wh
 first time. Only small row counts take this path: they are where it wins, and they bound the number of
 shapes the cache must hold. Larger M is compute-bound, where MKL is as good. oneDNN also costs ~13 us more
 per call, so weights that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`. For the
-fewest rows (batch-1..8 decode) the compiled streaming kernel of `cpu_ext` goes faster still.
+fewest rows (decode batches up to 16; 4 in bf16) the compiled streaming kernel of `cpu_ext` goes faster still.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from .backend import kernel_backend
 from .cpu_ext import small_m_kernels
 
 ONEDNN_MAX_ROWS = 32
-# Up to this many rows the C++ weight-streaming kernel (csrc/small_m.cpp) beats oneDNN by 10-40%.
-STREAMING_MAX_ROWS = 8
+# Up to this many rows the C++ weight-streaming kernel (csrc/small_m.cpp) beats oneDNN (by 10-70% at 2-8 rows
+# on the Intel reference machine; even at 32). In bf16, past 4 rows oneDNN's AMX GEMM wins.
+STREAMING_MAX_ROWS = 16
+STREAMING_MAX_ROWS_BF16 = 4
 STREAMING_MIN_WEIGHT_ELEMENTS = 64 * 1024
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 
@@ -56,7 +58,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear` semantics: x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]. In bfloat16 at decode sizes the
     streaming kernel reads the bf16 weights and sums in float32, rounding the output once (as oneDNN's bf16
     GEMM does)."""
-    if _cpu_inference(x, weight, torch.bfloat16) and x.shape[0] <= STREAMING_MAX_ROWS and weight.is_contiguous():
+    if _cpu_inference(x, weight, torch.bfloat16) and x.shape[0] <= STREAMING_MAX_ROWS_BF16 and weight.is_contiguous():
         kernels = small_m_kernels()
         if kernels is not None:
             return kernels.linear_small_m(x.float().contiguous(), weight, bias).to(torch.bfloat16)

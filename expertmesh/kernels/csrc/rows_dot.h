@@ -8,6 +8,7 @@
 // row's sum is scaled once at the end. Activations are float32 in every case.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -32,6 +33,7 @@ inline float widen(Bf16 w) {  // bf16 is float32's upper half
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowBlock = 4;
+constexpr int64_t kPrefetchBytes = 8192;
 
 // float32 -> bf16, rounding to nearest even (torch's `.to(torch.bfloat16)`); NaN stays NaN.
 inline Bf16 to_bf16(float f) {
@@ -66,8 +68,13 @@ inline void dot_block(const W* w, const float* scale, int64_t k, const float* x,
   for (int64_t b = 0; b < RB; ++b)
     for (int64_t t = 0; t < TB; ++t) acc[b][t] = _mm512_setzero_ps();
   const int64_t k_vec = k / kLanes * kLanes;
+  // Rows this far ahead are pulled toward L2 while this block is consumed (at least the next block): short
+  // int8 or bf16 rows would otherwise be prefetched too close to hide DRAM's latency.
+  const int64_t ahead = std::max<int64_t>(RB, kPrefetchBytes / static_cast<int64_t>(k * sizeof(W)));
+  constexpr int64_t kLine = 64 / sizeof(W) < kLanes ? kLanes : 64 / sizeof(W);  // elements per cache line (>= 16)
   for (int64_t i = 0; i < k_vec; i += kLanes) {
-    for (int64_t b = 0; b < RB; ++b) __builtin_prefetch(w + (RB + b) * k + i, 0, 1);
+    if (i % kLine == 0)
+      for (int64_t b = 0; b < RB; ++b) __builtin_prefetch(w + (ahead + b) * k + i, 0, 1);
     __m512 wv[RB];
     for (int64_t b = 0; b < RB; ++b) wv[b] = load16(w + b * k + i);
     for (int64_t t = 0; t < TB; ++t) {
