@@ -40,15 +40,16 @@ def linear_int8_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     return out.to(x.dtype)
 
 
-@torch.no_grad()
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-    """`linear_int8_ref`'s result, through the C++ kernel where it is faster (float32 sums either way)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if (x.device.type == "cpu" and 0 < rows.shape[0] <= KERNEL_MAX_ROWS and kernel_backend() == "auto"
-            and q.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()):
+    """`linear_int8_ref`'s result, through the C++ kernel where it is faster (float32 sums either way). The
+    kernel records nothing for autograd: it serves inference."""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if (x.device.type == "cpu" and 0 < rows.shape[0] <= KERNEL_MAX_ROWS and q.is_contiguous()
+            and kernel_backend() == "auto"):
         kernels = small_m_kernels()
         if kernels is not None:
             check_int8_linear_args(x, q, scale, bias)
-            out = kernels.linear_int8(rows.float().contiguous(), q, scale, bias)
-            return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+            out = kernels.linear_int8(rows.float().contiguous(), q, scale.contiguous(), bias)
+            out = out if x.dtype == torch.float32 else out.to(x.dtype)
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], q.shape[0])
     return linear_int8_ref(x, q, scale, bias)
