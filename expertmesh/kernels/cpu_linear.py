@@ -46,7 +46,7 @@ def onednn_available() -> bool:
 def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """CPU inference on 2-D `x` with `x` and `weight` both `dtype`, under the `auto` backend."""
     return (
-        x.device.type == "cpu"
+        x.is_cpu
         and x.dtype == weight.dtype == dtype
         and x.dim() == 2
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

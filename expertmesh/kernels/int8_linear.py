@@ -44,7 +44,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     """`linear_int8_ref`'s result, through the C++ kernel where it is faster (float32 sums either way). The
     kernel records nothing for autograd: it serves inference."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if (x.device.type == "cpu" and 0 < rows.shape[0] <= KERNEL_MAX_ROWS and q.is_contiguous()
+    if (x.is_cpu and 0 < rows.shape[0] <= KERNEL_MAX_ROWS and q.is_contiguous()
             and kernel_backend() == "auto"):
         kernels = small_m_kernels()
         if kernels is not None:

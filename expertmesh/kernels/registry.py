@@ -47,9 +47,11 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         if not triton_available():
             raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
         return True
-    present = [t for t in tensors if t is not None]
-    needs_autograd = torch.is_grad_enabled() and any(t.requires_grad for t in present)
-    return triton_available() and not needs_autograd and all(t.is_cuda for t in present)
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a loop, not generators: this runs ~150 times a decode step
+        if t is not None and (not t.is_cuda or (grad and t.requires_grad)):
+            return False
+    return triton_available()
 
 
 # Triton implementations, imported on first use.
@@ -325,8 +327,9 @@ def _fp32_cpu_kernels(*tensors: torch.Tensor | None):
     present = [t for t in tensors if t is not None]
     if not _cpu_inference(*present):
         return None
-    if any(t.is_floating_point() and t.dtype != torch.float32 for t in present):
-        return None
+    for t in present:
+        if t.dtype != torch.float32 and t.is_floating_point():
+            return None
     return small_m_kernels()
 
 
@@ -343,8 +346,11 @@ def _cpu_inference(*tensors: torch.Tensor) -> bool:
     (cpu_*.py) apply. `EXPERTMESH_KERNELS=torch` keeps the plain references."""
     if kernel_backend() != "auto":
         return False
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return not recording and all(t.device.type == "cpu" for t in tensors)
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a loop, not generators: this runs ~150 times a decode step
+        if not t.is_cpu or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def mla_decode_attention(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from expertmesh.kernels.backend import pinned_backend
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.gqa import GQAttention
@@ -83,7 +84,8 @@ class MoECausalLM(nn.Module):
         kv_caches: list[KVCache] | None,
         logits_indices: torch.Tensor | None = None,  # rows whose logits are wanted; None: all
     ) -> torch.Tensor:
-        x = self.hidden_states(input_ids, meta, kv_caches)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(x).float()  # [N, V]
+        with pinned_backend():  # the kernel backend read once for the ~150 kernel calls of a pass
+            x = self.hidden_states(input_ids, meta, kv_caches)
+            if logits_indices is not None:
+                x = x[logits_indices]
+            return self.lm_head(x).float()  # [N, V]

@@ -25,6 +25,32 @@ def test_backend_read_from_environment(monkeypatch, value, backend):
     assert kernel_backend() == backend
 
 
+def test_a_pinned_backend_is_read_once_per_thread_and_released(monkeypatch):
+    import threading
+
+    from expertmesh.kernels.backend import pinned_backend
+
+    monkeypatch.setenv("EXPERTMESH_KERNELS", "torch")
+    seen = []
+    with pinned_backend() as backend:
+        assert backend == "torch"
+        monkeypatch.setenv("EXPERTMESH_KERNELS", "auto")  # read on entry: a pass keeps one backend throughout
+        assert kernel_backend() == "torch"
+        with pinned_backend() as inner:  # nested: the outer reading
+            assert inner == "torch"
+        assert kernel_backend() == "torch"
+        other = threading.Thread(target=lambda: seen.append(kernel_backend()))
+        other.start()
+        other.join()
+    assert seen == ["auto"]  # another thread reads the environment for itself
+    assert kernel_backend() == "auto"  # released on exit
+    monkeypatch.setenv("EXPERTMESH_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="EXPERTMESH_KERNELS"), pinned_backend():
+        pass
+    monkeypatch.setenv("EXPERTMESH_KERNELS", "auto")
+    assert kernel_backend() == "auto"  # the refused reading was not left pinned
+
+
 def test_unknown_backend_is_rejected_by_name(monkeypatch):
     monkeypatch.setenv("EXPERTMESH_KERNELS", "cuda")
     with pytest.raises(ValueError, match="EXPERTMESH_KERNELS"):
