@@ -10,8 +10,9 @@ Both engines decode the same shapes, `llama-batched-bench` for llama.cpp (prompt
 prompt of 32 and 64 new tokens, batch 32 with prompts of 256 and 32 new tokens, 2 threads. Decode tokens/s:
 llama.cpp's S_TG (batch x new tokens / the generation's time); ours, batch / decode step time, the step
 being (last token's time - first's) / (N - 1) inside one generation. Rounds interleave the engines; the
-figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, Q8_0 - int8 experts
-(`quantization="int8"`; llama.cpp's Q8_0 quantises every weight, ours only the routed experts).
+figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, Q8_0 - `quantization="int8"` (int8
+weights with a scale per row in every linear layer but the gates and MLA's kv_b_proj; llama.cpp's Q8_0 quantises
+every weight matrix in blocks of 32, and its activations too).
 
     python bench/engine_vs_llamacpp.py [--rounds 3] [--json bench/engine_vs_llamacpp_results.json]
     make bench-llamacpp
@@ -62,14 +63,14 @@ def llama_source() -> Path:
     return sorted(CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
-def llama_build(source: Path) -> Path:
+def llama_build(source: Path, tools: tuple[str, ...] = TOOLS) -> Path:
     """The built tools' directory (cmake, Release, native CPU flags, no network code)."""
     build = source / "build-bench"
-    if all((build / "bin" / t).is_file() for t in TOOLS):
+    if all((build / "bin" / t).is_file() for t in tools):
         return build / "bin"
     run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
-    run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS])
+    run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *tools])
     return build / "bin"
 
 

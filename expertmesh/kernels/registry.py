@@ -145,6 +145,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ext = _fp32_cpu_kernels(x, weight)
     if ext is not None and x.shape[-1] == weight.shape[-1]:
         return ext.rms_norm_f32(x.contiguous(), weight.contiguous(), eps)
+    ext = _bf16_cpu_kernels((x, weight), ())
+    if ext is not None and weight.dim() == 1 and x.shape[-1] == weight.shape[0]:
+        return ext.rms_norm_bf16(x.contiguous(), weight.contiguous(), eps)
     return rms_norm_ref(x, weight, eps)
 
 

@@ -24,15 +24,18 @@ class Agreement:
 
 @torch.inference_mode()
 def next_token_agreement(reference: MoECausalLM, other: MoECausalLM, sequences: Sequence[Sequence[int]],
-                         batch: int = 8) -> Agreement:
-    """Both models over every position of `sequences` (no KV cache), `batch` sequences per forward."""
+                         batch: int = 8, skip: int = 0) -> Agreement:
+    """Both models over every position of `sequences` (no KV cache), `batch` sequences per forward; the first
+    `skip` positions of each sequence are run but not scored (llama-perplexity scores the second half of each
+    context only)."""
     agree, kls = 0, []
     for start in range(0, len(sequences), batch):
         chunk = [list(s) for s in sequences[start : start + batch]]
         ids = torch.tensor([t for s in chunk for t in s])
         meta = AttentionMetadata.without_cache([len(s) for s in chunk])
-        ref = F.log_softmax(reference(ids, meta, None).float(), dim=-1)  # [T, V]
-        got = F.log_softmax(other(ids, meta, None).float(), dim=-1)
+        scored = torch.tensor([i >= skip for s in chunk for i in range(len(s))])
+        ref = F.log_softmax(reference(ids, meta, None).float()[scored], dim=-1)  # [T, V]
+        got = F.log_softmax(other(ids, meta, None).float()[scored], dim=-1)
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         kls.append((ref.exp() * (ref - got)).sum(-1))
     kl = torch.cat(kls)

@@ -63,3 +63,20 @@ def test_mla_decode_step_reads_and_writes_bf16_caches():
     assert err(got, exact) <= 1.01 * err(mla_decode_step_ref(*ref_args), exact) + 1e-6
     for i in (8, 9):  # the rows this step wrote: the float32 values rounded to bf16 once
         torch.testing.assert_close(got_args[i].float(), exact_args[i].bfloat16().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows, hidden", [(1, 768), (5, 384), (64, 100)])
+def test_rms_norm_in_bf16_rounds_as_transformers_does(rows, hidden):
+    """Normalised in float32, rounded to bf16, times the bf16 weight, rounded again: bit for bit transformers'."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    gen = torch.Generator().manual_seed(rows)
+    norm = DeepseekV3RMSNorm(hidden, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    x = (torch.randn(rows, hidden, generator=gen) * 3).bfloat16()
+    with torch.inference_mode():
+        got = kernels.rms_norm(x, norm.weight, 1e-6)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, norm(x))
+        assert torch.equal(small_m_kernels().rms_norm_bf16(x, norm.weight, 1e-6), got)  # the kernel itself

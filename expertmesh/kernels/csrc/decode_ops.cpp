@@ -107,6 +107,31 @@ torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// rms_norm_ref's bf16 semantics (transformers'): normalised in float32, rounded to bf16, then the bf16 weight's
+// product, rounded again. x and weight bf16, contiguous.
+torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_bf16(x, "x");
+  check_bf16(weight, "weight");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(-1),
+              "rms_norm_bf16: contiguous x [..., H] and weight [H]");
+  const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
+  auto out = torch::empty_like(x);
+  const expertmesh::Bf16 *xp = bf16(x), *wp = bf16(weight);
+  auto* op = reinterpret_cast<expertmesh::Bf16*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(h);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = 0; j < h; ++j) row[j] = expertmesh::widen(xp[r * h + j]);
+      const float inv = 1.f / std::sqrt(dot(row.data(), row.data(), h) / h + static_cast<float>(eps));
+      for (int64_t j = 0; j < h; ++j) {
+        const float y = expertmesh::widen(expertmesh::to_bf16(row[j] * inv));
+        op[r * h + j] = expertmesh::to_bf16(expertmesh::widen(wp[j]) * y);
+      }
+    }
+  });
+  return out;
+}
+
 // Same contract as kernels.topk_gating (see gating.py): scores, optional bias and group limit for the
 // choice, weights from the unbiased scores, optional renormalisation, scaling.
 std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,

@@ -278,6 +278,7 @@ torch::Tensor lora_expand_f32(torch::Tensor y, torch::Tensor h, torch::Tensor b,
 
 // decode_ops.cpp
 torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,
                                                          c10::optional<torch::Tensor> bias, int64_t n_group,
                                                          int64_t topk_group, bool top2_sum, bool renormalize,
@@ -293,6 +294,7 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_step_f32", &mla_decode_step_f32, "MLA decode step after the projections: norm, RoPE, cache writes, attention");
   m.def("rms_norm_f32", &rms_norm_f32, "RMSNorm over the last dimension");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm in bf16 as transformers rounds it (twice)");
   m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");

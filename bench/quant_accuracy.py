@@ -1,0 +1,93 @@
+"""How far quantisation moves next-token predictions, ours next to llama.cpp's, the way llama.cpp measures it.
+
+llama.cpp: `llama-perplexity --kl-divergence-base` over the f32 GGUF of `small` stores its logits for a text,
+then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and prints the mean KL divergence
+from f32 and how often the top token agrees ("Same top p"). It scores the second half of each context of
+`--ctx` tokens. Ours: the same text through our tokenizer, cut into the same contexts, the same half scored,
+`quantization="int8"`, `"experts_int8"` and `dtype="bfloat16"` against our float32
+(`expertmesh.testing.agreement`). Each engine is measured against its own float32, so the figures compare
+how much each quantisation costs, not the engines' float32 outputs. The text is this repository's README.
+
+    python bench/quant_accuracy.py [--ctx 128] [--json bench/quant_accuracy_results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from actor_graph import ensure_checkpoint  # bench/ is on sys.path when run as a script
+from engine_vs_llamacpp import LLAMA_ARGS, gguf, llama_build, llama_source, run
+from machine_info import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "README.md"
+
+
+def llama_kl(tools: Path, base: Path, model: Path, text: Path, ctx: int, logits: Path, threads: int,
+             extra: list[str]) -> dict:
+    """`llama-perplexity --kl-divergence` of `model` against `base`'s stored logits over `text`."""
+    common = ["-f", str(text), "-c", str(ctx), "-b", str(ctx), "-t", str(threads), "--kl-divergence-base",
+              str(logits)]
+    if not logits.is_file():
+        run([str(tools / "llama-perplexity"), "-m", str(base), *common], capture_output=True)
+    out = run([str(tools / "llama-perplexity"), "-m", str(model), *common, "--kl-divergence", *extra],
+              capture_output=True)
+    text_out = out.stdout + out.stderr
+    mean_kl = re.search(r"Mean\s+KLD:\s+([0-9.eE+-]+)", text_out)
+    same_top = re.search(r"Same top p:\s+([0-9.]+)", text_out)
+    if mean_kl is None or same_top is None:
+        raise RuntimeError(f"llama-perplexity printed no KL statistics:\n{text_out[-3000:]}")
+    return {"mean_kl": float(mean_kl.group(1)), "top1_agreement": float(same_top.group(1)) / 100}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "quant_accuracy_results.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from expertmesh.engine.tokenizer import Tokenizer
+    from expertmesh.model import load_model
+    from expertmesh.model.quantize import quantize_model
+    from expertmesh.testing.agreement import next_token_agreement
+
+    checkpoint = ensure_checkpoint("small")
+    source = llama_source()
+    tools = llama_build(source, ("llama-perplexity",))
+    info = {"machine": machine(), "text": TEXT.name, "ctx": args.ctx, "llama_cpp": {}, "expertmesh": {}}
+    print(json.dumps(info["machine"]), flush=True)
+    base = gguf(source, checkpoint, "f32")
+    digest = hashlib.sha256(TEXT.read_bytes()).hexdigest()[:12]  # the stored logits are of this very text
+    logits = base.with_suffix(f".{TEXT.stem}-{digest}.ctx{args.ctx}.kld")
+    for outtype in ("bf16", "q8_0"):
+        info["llama_cpp"][outtype] = llama_kl(tools, base, gguf(source, checkpoint, outtype), TEXT, args.ctx,
+                                              logits, args.threads, LLAMA_ARGS.get(outtype, []))
+        print(f"llama.cpp {outtype} against f32: {info['llama_cpp'][outtype]}", flush=True)
+
+    ids = Tokenizer.from_pretrained(checkpoint).encode(TEXT.read_text(), add_special_tokens=False)
+    sequences = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
+    reference = load_model(checkpoint)
+    for name in ("experts_int8", "int8", "bfloat16"):
+        if name == "bfloat16":
+            model = load_model(checkpoint, torch.bfloat16)
+        else:
+            model = load_model(checkpoint)
+            quantize_model(model, name)
+        a = next_token_agreement(reference, model, sequences, skip=args.ctx // 2)
+        info["expertmesh"][name] = {"positions": a.positions, "mean_kl": a.mean_kl, "top1_agreement": a.top1,
+                                    "max_kl": a.max_kl}
+        print(f"expertmesh {name} against float32: {info['expertmesh'][name]}", flush=True)
+    args.json.write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
