@@ -52,6 +52,28 @@ std::vector<int64_t> top_indices(const float* v, int64_t n, int64_t k) {
   return idx;
 }
 
+#if defined(__AVX512F__)
+// One register block of small_gemm: MB rows of A against 64 columns of B, all 16 accumulators in registers.
+template <int64_t MB, typename W>
+void gemm_block(const float* a, int64_t a_stride, const W* b, int64_t b_stride, float* c, int64_t c_stride,
+                int64_t k_count) {
+  __m512 acc[MB][4];
+  for (int64_t i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_count; ++k) {
+    const W* brow = b + k * b_stride;
+    __m512 bv[4];
+    for (int64_t j = 0; j < 4; ++j) bv[j] = expertmesh::load16(brow + 16 * j);
+    for (int64_t i = 0; i < MB; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * a_stride + k]);
+      for (int64_t j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int64_t i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < 4; ++j) _mm512_storeu_ps(c + i * c_stride + 16 * j, acc[i][j]);
+}
+#endif
+
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N (row strides given): 4 rows of A by 64 columns of B
 // per register block, so each loaded 16-lane piece of B feeds four FMAs.
 template <typename W>
@@ -63,6 +85,16 @@ void small_gemm(const float* a, int64_t a_stride, const W* b, int64_t b_stride, 
     const int64_t mb = std::min(kM, m_count - m0);
     int64_t n0 = 0;
     for (; n0 + kN <= n_count; n0 += kN) {
+#if defined(__AVX512F__)
+      const float* ab = a + m0 * a_stride;
+      float* cb = c + m0 * c_stride + n0;
+      switch (mb) {
+        case 4: gemm_block<4>(ab, a_stride, b + n0, b_stride, cb, c_stride, k_count); break;
+        case 3: gemm_block<3>(ab, a_stride, b + n0, b_stride, cb, c_stride, k_count); break;
+        case 2: gemm_block<2>(ab, a_stride, b + n0, b_stride, cb, c_stride, k_count); break;
+        default: gemm_block<1>(ab, a_stride, b + n0, b_stride, cb, c_stride, k_count); break;
+      }
+#else
       float acc[kM][kN] = {};
       for (int64_t k = 0; k < k_count; ++k) {
         const W* brow = b + k * b_stride + n0;
@@ -76,6 +108,7 @@ void small_gemm(const float* a, int64_t a_stride, const W* b, int64_t b_stride, 
         }
       }
       for (int64_t i = 0; i < mb; ++i) std::copy(acc[i], acc[i] + kN, c + (m0 + i) * c_stride + n0);
+#endif
     }
     for (; n0 < n_count; ++n0) {  // columns past the last full block
       for (int64_t i = 0; i < mb; ++i) {
