@@ -131,6 +131,8 @@ class LocalExecutor:
         num_experts = model.config.routing.num_experts
         moe_layers = [b.layer_idx for b in blocks]
         self.load = ExpertLoad(moe_layers, num_experts)
+        self._load_row = {layer: i for i, layer in enumerate(self.load.moe_layers)}
+        self._routed: list[tuple[int, torch.Tensor]] = []  # (load row, expert ids [T, K]) of the step under way
         self.placement = PlacementTable.balanced(sorted(moe_layers), num_experts, 1)
         self.recoveries: list[str] = []  # nothing to recover in one process
         for block in blocks:
@@ -178,16 +180,29 @@ class LocalExecutor:
         token_slots = None  # no sequence has an adapter: the model runs as it would without any
         if max(slots) >= 0:  # [T] int64, each token its sequence's slot
             token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(query_lens)).to(self.device)
-        with self.adapters.serving(token_slots):
-            logits = self.model(ids, meta, self.kv_caches, logits_indices)
+        try:
+            with self.adapters.serving(token_slots):
+                logits = self.model(ids, meta, self.kv_caches, logits_indices)
+        finally:
+            routed, self._routed = self._routed, []
+        self.load.add_all(self._count(routed))
         self.load.finish_step()
         return logits
 
     def _counting_backend(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The local backend (gate and experts in this process), counting the routing decisions."""
+        """The local backend (gate and experts in this process), keeping the routing decisions to count."""
         topk_weights, topk_ids = block.gate(hidden_states)
-        self.load.add(layer_idx, count_routed(topk_ids, self.load.num_experts))
+        self._routed.append((self._load_row[layer_idx], topk_ids))
         return block.experts(hidden_states, topk_weights, topk_ids)
+
+    def _count(self, routed: list[tuple[int, torch.Tensor]]) -> np.ndarray:
+        """[MoE layers, experts] (token, expert) pairs of a step's routing decisions, in one bincount (a count per
+        layer as it ran cost ~30 us a layer at batch 1)."""
+        num_experts, rows = self.load.num_experts, len(self.load.moe_layers)
+        if not routed:
+            return np.zeros((rows, num_experts), dtype=np.int64)
+        ids = torch.cat([ids.reshape(-1) + row * num_experts for row, ids in routed])
+        return torch.bincount(ids.cpu(), minlength=rows * num_experts).view(rows, num_experts).numpy()
 
     def load_counts(self, window: bool = False) -> dict[int, list[int]]:
         return self.load.counts(window)

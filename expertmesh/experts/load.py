@@ -40,6 +40,15 @@ class ExpertLoad:
                              f"got shape {list(counts.shape)}")
         self._step[row] += counts
 
+    def add_all(self, counts: np.ndarray) -> None:
+        """Adds every MoE layer's routing decisions of the step under way at once: `counts` [layers, experts],
+        rows in `moe_layers` order."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != self._step.shape or (counts < 0).any():
+            raise ValueError(f"counts must be {list(self._step.shape)} non-negative integers (a row per MoE layer "
+                             f"{self.moe_layers}), got shape {list(counts.shape)}")
+        self._step += counts
+
     def finish_step(self) -> None:
         """Closes the step under way into the totals and the sliding window."""
         step, self._step = self._step, np.zeros_like(self._step)

@@ -43,3 +43,15 @@ def test_window_sum_equals_the_sum_of_its_steps_over_many_steps():
 def test_bad_counts_are_refused_naming_the_layer(layer, counts, needle):
     with pytest.raises(ValueError, match=needle):
         ExpertLoad([0], 2).add(layer, counts)
+
+
+def test_a_whole_steps_counts_at_once_add_as_each_layers_would():
+    by_layer, at_once = ExpertLoad([3, 1], 3), ExpertLoad([3, 1], 3)
+    by_layer.add(1, [1, 0, 2])
+    by_layer.add(3, [0, 4, 0])
+    at_once.add_all(np.array([[1, 0, 2], [0, 4, 0]]))  # rows in moe_layers order: 1, then 3
+    assert at_once.counts() == by_layer.counts() == {1: [1, 0, 2], 3: [0, 4, 0]}
+    with pytest.raises(ValueError, match=r"must be \[2, 3\] non-negative integers .*got shape \[3\]"):
+        at_once.add_all(np.array([1, 0, 2]))
+    with pytest.raises(ValueError, match="non-negative"):
+        at_once.add_all(np.array([[1, 0, 2], [0, -4, 0]]))

@@ -39,3 +39,27 @@ def test_bf16_greedy_decode_follows_transformers_up_to_a_near_tie(tmp_path, fami
                                        f"{gaps[first]:.3g} (not a near-tie)\n got  {got}\n want {want}")
         agreed += MAX_TOKENS if first is None else first
     assert agreed >= MAX_TOKENS  # a prompt's worth of decisive steps agree, at least
+
+
+def test_a_bf16_gate_scores_in_float32_and_follows_changes_to_its_weight():
+    """The gate's float32 copy is kept between calls; an in-place change to the weight (a reload, a rebalance
+    that rewrites it) is seen at the next call, as the live conversion would see it."""
+    from expertmesh.model.config import RoutingConfig
+    from expertmesh.model.moe import Router
+
+    gen = torch.Generator().manual_seed(0)
+    router = Router(32, RoutingConfig(num_experts=8, top_k=2)).bfloat16()
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 32, generator=gen))
+    router.requires_grad_(False)
+    x = torch.randn(5, 32, generator=gen).bfloat16()
+    with torch.inference_mode():
+        weights, ids = router(x)
+        logits = torch.nn.functional.linear(x.float(), router.weight.float())
+        assert torch.equal(ids.sort(-1).values, logits.topk(2).indices.sort(-1).values)
+        assert torch.equal(router(x)[1], ids)
+    with torch.no_grad():
+        router.weight.neg_()  # every choice flips to the other end
+    with torch.inference_mode():
+        flipped = router(x)[1]
+    assert torch.equal(flipped.sort(-1).values, (-logits).topk(2).indices.sort(-1).values)
