@@ -74,6 +74,7 @@ bench-serve: $(VENV)/.installed-test
 # builds llama.cpp from its PyPI source distribution (cached outside the repository) and races it on `small`
 bench-llamacpp: $(VENV)/.installed-test
 	$(PY) bench/engine_vs_llamacpp.py --json bench/engine_vs_llamacpp_results.json
+	$(PY) bench/quant_accuracy.py --json bench/quant_accuracy_results.json
 
 # The serving image (infra/docker/Dockerfile): VARIANT=cuda (default) or cpu. Needs Docker with BuildKit.
 IMAGE ?= expertmesh:0.1.0
