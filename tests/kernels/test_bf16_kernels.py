@@ -80,3 +80,14 @@ def test_rms_norm_in_bf16_rounds_as_transformers_does(rows, hidden):
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, norm(x))
         assert torch.equal(small_m_kernels().rms_norm_bf16(x, norm.weight, 1e-6), got)  # the kernel itself
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])  # 1-2 rows pair bf16 products (vdpbf16ps where the CPU has it)
+@pytest.mark.parametrize("k", [512, 200])  # 200: a tail past the 32-pair vectors
+def test_bf16_activations_against_bf16_weights_sum_exact_products_in_float32(rows, k):
+    gen = torch.Generator().manual_seed(rows + k)
+    x, w = torch.randn(rows, k, generator=gen).bfloat16(), torch.randn(96, k, generator=gen).bfloat16()
+    got = small_m_kernels().linear_small_m(x, w, None)
+    assert got.dtype == torch.float32
+    # every product of two bf16 values is exact in float32: only the order of the float32 sums differs
+    torch.testing.assert_close(got, F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-5)
