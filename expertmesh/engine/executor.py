@@ -131,7 +131,6 @@ class LocalExecutor:
         num_experts = model.config.routing.num_experts
         moe_layers = [b.layer_idx for b in blocks]
         self.load = ExpertLoad(moe_layers, num_experts)
-        self._load_row = {layer: i for i, layer in enumerate(self.load.moe_layers)}
         self._routed: list[tuple[int, torch.Tensor]] = []  # (load row, expert ids [T, K]) of the step under way
         self.placement = PlacementTable.balanced(sorted(moe_layers), num_experts, 1)
         self.recoveries: list[str] = []  # nothing to recover in one process
@@ -192,7 +191,7 @@ class LocalExecutor:
     def _counting_backend(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
         """The local backend (gate and experts in this process), keeping the routing decisions to count."""
         topk_weights, topk_ids = block.gate(hidden_states)
-        self._routed.append((self._load_row[layer_idx], topk_ids))
+        self._routed.append((self.load.row(layer_idx), topk_ids))
         return block.experts(hidden_states, topk_weights, topk_ids)
 
     def _count(self, routed: list[tuple[int, torch.Tensor]]) -> np.ndarray:

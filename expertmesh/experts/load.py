@@ -29,11 +29,16 @@ class ExpertLoad:
         self._window_sum = np.zeros(shape, dtype=np.int64)  # the finished steps still in the window
         self._window: deque[np.ndarray] = deque()
 
-    def add(self, layer: int, counts: Sequence[int] | np.ndarray) -> None:
-        """Adds one layer's routing decisions of the step under way: `counts[e]` (token, expert) pairs to e."""
+    def row(self, layer: int) -> int:
+        """`layer`'s row in `array()` and `add_all`: its place in `moe_layers`."""
         row = self._row.get(layer)
         if row is None:
             raise ValueError(f"layer {layer} is not a MoE layer here; MoE layers are {self.moe_layers}")
+        return row
+
+    def add(self, layer: int, counts: Sequence[int] | np.ndarray) -> None:
+        """Adds one layer's routing decisions of the step under way: `counts[e]` (token, expert) pairs to e."""
+        row = self.row(layer)
         counts = np.asarray(counts, dtype=np.int64)
         if counts.shape != (self.num_experts,) or (counts < 0).any():
             raise ValueError(f"counts of layer {layer} must be {self.num_experts} non-negative integers, "

@@ -77,14 +77,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)  # [N] float32
         self.register_buffer("bias", bias)
 
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
         q, scale = kernels.quantize_int8(linear.weight)
@@ -95,17 +87,21 @@ class Int8Linear(nn.Module):
         return kernels.linear_int8(x, self.qweight, self.scale, self.bias)
 
 
-KEPT_FLOAT = ("kv_b_proj",)  # read as float weights by the MLA decode kernel
+# Linears kept in the checkpoint's dtype: MLA's kv_b_proj (the decode kernel reads it as W_UK and W_UV) and
+# Qwen-MoE's shared-expert gate (a gate: it decides how much of the shared experts a token takes).
+KEPT_FLOAT = ("kv_b_proj", "shared_expert_gate")
 
 
 def _quantize_linears(module: nn.Module) -> int:
-    """Replaces every `Linear` under `module` (but the KEPT_FLOAT ones) with its `Int8Linear`; returns how many."""
+    """Replaces every `Linear` under `module` (but the KEPT_FLOAT ones) with its `Int8Linear`; returns how many.
+    The routers' gates are not `Linear`s, and routed experts are quantised as a whole (`Int8RoutedExperts`)."""
     changed = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, Linear) and name not in KEPT_FLOAT:
-            setattr(module, name, Int8Linear.from_float(child))
-            changed += 1
-        elif not isinstance(child, (MoEBlock, RoutedExperts)):
+        if isinstance(child, Linear):
+            if name not in KEPT_FLOAT:
+                setattr(module, name, Int8Linear.from_float(child))
+                changed += 1
+        else:
             changed += _quantize_linears(child)
     return changed
 
@@ -120,13 +116,8 @@ def quantize_model(model: MoECausalLM, quantization: str) -> dict[str, int]:
         if isinstance(block, MoEBlock) and isinstance(block.experts, RoutedExperts):
             block.experts = Int8RoutedExperts.from_float(block.experts)
             counts["routed_experts"] += 1
-        if quantization == "int8":
-            counts["linears"] += _quantize_linears(layer.self_attn)
-            if isinstance(block, MoEBlock):
-                shared = getattr(block, "shared_experts", None)
-                counts["linears"] += _quantize_linears(shared) if shared is not None else 0
-            else:
-                counts["linears"] += _quantize_linears(block)
+        if quantization == "int8":  # attention, shared experts, the dense layers' MLP
+            counts["linears"] += _quantize_linears(layer)
     if quantization == "int8":
         model.lm_head = Int8Linear.from_float(model.lm_head)
         counts["linears"] += 1

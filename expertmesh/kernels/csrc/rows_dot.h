@@ -34,6 +34,11 @@ inline float widen(Bf16 w) {  // bf16 is float32's upper half
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowBlock = 4;
 constexpr int64_t kPrefetchBytes = 8192;
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;  // bf16 x bf16 products pair up in vdpbf16ps (see the bf16 dot_block below)
+#else
+constexpr bool kBf16Dot = false;
+#endif
 
 // float32 -> bf16, rounding to nearest even (torch's `.to(torch.bfloat16)`); NaN stays NaN.
 inline Bf16 to_bf16(float f) {
@@ -153,7 +158,7 @@ inline void dot_block(const Bf16* w, const float* scale, int64_t k, const Bf16* 
       out[t * out_stride + b] = scale == nullptr ? s : s * scale[b];
     }
   }
-#else
+#else  // correct anywhere; linear_small_m sends bf16 activations here only where kBf16Dot holds
   for (int64_t b = 0; b < RB; ++b) {
     for (int64_t t = 0; t < TB; ++t) {
       float s = 0.f;

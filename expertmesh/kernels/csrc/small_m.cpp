@@ -59,13 +59,14 @@ void linear_rows(const X* xp, const W* wp, float* op, int64_t m, int64_t k, int6
 
 // x [M, K] @ w[N, K]^T (+ bias) -> [M, N] float32. w float32 or bfloat16 (read as bf16, summed in float32); x
 // float32 or bfloat16 (each product of two bf16 values is exact in float32). For one or two rows of bf16 against
-// bf16 weights the products pair up in `vdpbf16ps` (10-30% faster on the Intel reference machine); for more,
-// reading each activation twice costs more than widening the weights once, and x goes to float32.
+// bf16 weights the products pair up in `vdpbf16ps` where the CPU has it (10-30% faster on the Intel reference
+// machine); for more rows, reading each activation twice costs more than widening the weights once, and x goes
+// to float32.
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
-  if (x.scalar_type() == torch::kBFloat16 && (m > 2 || w.scalar_type() != torch::kBFloat16)) {
+  if (x.scalar_type() == torch::kBFloat16 && (!expertmesh::kBf16Dot || m > 2 || w.scalar_type() != torch::kBFloat16)) {
     x = x.to(torch::kFloat32);
   }
   if (x.scalar_type() == torch::kBFloat16) {
