@@ -135,7 +135,7 @@ class LocalExecutor:
         self.placement = PlacementTable.balanced(sorted(moe_layers), num_experts, 1)
         self.recoveries: list[str] = []  # nothing to recover in one process
         for block in blocks:
-            block.backend = self._counting_backend
+            block.routing_observer = self._observe_routing
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.device = model.model.embed_tokens.weight.device
@@ -188,11 +188,9 @@ class LocalExecutor:
         self.load.finish_step()
         return logits
 
-    def _counting_backend(self, layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The local backend (gate and experts in this process), keeping the routing decisions to count."""
-        topk_weights, topk_ids = block.gate(hidden_states)
+    def _observe_routing(self, layer_idx: int, topk_ids: torch.Tensor) -> None:
+        """Keeps a layer's routing decisions [T, K], counted once at the end of the step."""
         self._routed.append((self.load.row(layer_idx), topk_ids))
-        return block.experts(hidden_states, topk_weights, topk_ids)
 
     def _count(self, routed: list[tuple[int, torch.Tensor]]) -> np.ndarray:
         """[MoE layers, experts] (token, expert) pairs of a step's routing decisions, in one bincount (a count per

@@ -8,6 +8,7 @@ from torch import nn
 from expertmesh.kernels.backend import pinned_backend
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.fused_decode import fused_decoder
 from expertmesh.model.gqa import GQAttention
 from expertmesh.model.layers import Linear, MLP, RMSNorm
 from expertmesh.model.mla import MLAttention
@@ -48,6 +49,9 @@ class DecoderModel(nn.Module):
 class MoECausalLM(nn.Module):
     """Flat-batch forward: T tokens of S sequences described by AttentionMetadata."""
 
+    # Decode steps it fits run as one C++ call (model/fused_decode.py); False: always through the modules.
+    fused_decode = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -73,6 +77,10 @@ class MoECausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos_sin = self.model.rotary.cos_sin(meta.positions, x.dtype)
+        if kv_caches is not None and meta.is_decode_only and self.fused_decode:
+            fused = fused_decoder(self)
+            if fused.applies(x, kv_caches):
+                return fused(x, cos_sin, kv_caches, meta)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos_sin, kv_caches[i] if kv_caches is not None else None, meta)
         return self.model.norm(x)

@@ -8,6 +8,7 @@ router actor, which calls the same `route` and `fused_moe` functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -96,12 +97,18 @@ class RoutedExpertsBackend(Protocol):
 
 
 def local_backend(layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Gate and experts in this process."""
+    """Gate and experts in this process; the block's routing observer hears the decisions."""
     topk_weights, topk_ids = block.gate(hidden_states)
+    if block.routing_observer is not None:
+        block.routing_observer(layer_idx, topk_ids)
     return block.experts(hidden_states, topk_weights, topk_ids)
 
 
 class MoEBlock(nn.Module):
+    # Called with (layer_idx, topk_ids [T, K]) for each routing decision made in this process (the engine
+    # counts expert load with it).
+    routing_observer: Callable[[int, torch.Tensor], None] | None = None
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from expertmesh import kernels
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.int8_layers import Int8Linear, Int8RoutedExperts
 from expertmesh.model.layers import Linear
 from expertmesh.model.moe import MoEBlock, RoutedExperts
 
@@ -42,49 +41,6 @@ def check_checkpoint_quantizable(model_dir: str | Path, quantization: str) -> No
         method = existing.get("quant_method", "unknown") if isinstance(existing, dict) else existing
         raise ValueError(f"quantization={quantization!r}: the checkpoint at {model_dir} is already quantised "
                          f"(quantization_config: {method}); it needs float32, bfloat16 or float16 weights")
-
-
-class Int8RoutedExperts(nn.Module):
-    """A block's routed experts as int8 weights and per-row scales; called as `RoutedExperts` is."""
-
-    adapters = None  # LoRA adapters are served on float experts only
-
-    def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("w13", w13)  # [E, 2I, H] int8
-        self.register_buffer("w13_scale", w13_scale)  # [E, 2I] float32
-        self.register_buffer("w2", w2)  # [E, H, I] int8
-        self.register_buffer("w2_scale", w2_scale)  # [E, H] float32
-
-    @classmethod
-    def from_float(cls, experts: RoutedExperts) -> Int8RoutedExperts:
-        w13, s13 = kernels.quantize_int8(experts.w13)
-        w2, s2 = kernels.quantize_int8(experts.w2)
-        return cls(w13.contiguous(), s13, w2.contiguous(), s2)
-
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return kernels.fused_moe_int8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, topk_weights, topk_ids)
-
-
-class Int8Linear(nn.Module):
-    """A `Linear` as int8 weights and per-row scales; called as `Linear` is."""
-
-    adapters = None  # LoRA adapters are served on float weights only
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("qweight", qweight)  # [N, K] int8
-        self.register_buffer("scale", scale)  # [N] float32
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = kernels.quantize_int8(linear.weight)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q.contiguous(), scale, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear_int8(x, self.qweight, self.scale, self.bias)
 
 
 # Linears kept in the checkpoint's dtype: MLA's kv_b_proj (the decode kernel reads it as W_UK and W_UV) and

@@ -17,7 +17,7 @@ from expertmesh.cli import main
 from expertmesh.graph import ActorGraph
 from expertmesh.model import load_model
 from expertmesh.model.moe import MoEBlock
-from expertmesh.model.quantize import Int8Linear, Int8RoutedExperts
+from expertmesh.model.int8_layers import Int8Linear, Int8RoutedExperts
 from expertmesh.testing.agreement import next_token_agreement
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "lora_rows.h"
+#include "ops.h"
 #include "rows_dot.h"
 
 namespace {
@@ -286,25 +287,6 @@ torch::Tensor moe_lora_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor
   return moe_small_m_impl(x, f32_experts(w13, w2), topk_weights, topk_ids, &lora);
 }
 
-// lora.cpp
-torch::Tensor lora_shrink_f32(torch::Tensor x, torch::Tensor a, torch::Tensor rows);
-torch::Tensor lora_expand_f32(torch::Tensor y, torch::Tensor h, torch::Tensor b, torch::Tensor rows);
-
-// decode_ops.cpp
-torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
-std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,
-                                                         c10::optional<torch::Tensor> bias, int64_t n_group,
-                                                         int64_t topk_group, bool top2_sum, bool renormalize,
-                                                         double scaling);
-torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
-                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
-                                      torch::Tensor context_lens, double scale);
-torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
-                                  torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
-                                  torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
-                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_step_f32", &mla_decode_step_f32, "MLA decode step after the projections: norm, RoPE, cache writes, attention");
   m.def("rms_norm_f32", &rms_norm_f32, "RMSNorm over the last dimension");
@@ -318,4 +300,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
   m.def("lora_shrink_f32", &lora_shrink_f32, "h = A[rows[t]] x[t] per row (zeros where rows[t] = -1)");
   m.def("lora_expand_f32", &lora_expand_f32, "y[t] += B[rows[t]] h[t] in place where rows[t] >= 0");
+  bind_decode_stack(m);
 }

@@ -1,0 +1,37 @@
+// The CPU kernels each translation unit defines, for the others to call: small_m.cpp binds them all to Python,
+// decode_stack.cpp runs them layer after layer.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+// small_m.cpp
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                          torch::Tensor topk_ids);
+torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor w13_scale, torch::Tensor w2,
+                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids);
+
+// lora.cpp
+torch::Tensor lora_shrink_f32(torch::Tensor x, torch::Tensor a, torch::Tensor rows);
+torch::Tensor lora_expand_f32(torch::Tensor y, torch::Tensor h, torch::Tensor b, torch::Tensor rows);
+
+// decode_ops.cpp
+torch::Tensor rms_norm_f32(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, int64_t top_k, bool sigmoid,
+                                                         c10::optional<torch::Tensor> bias, int64_t n_group,
+                                                         int64_t topk_group, bool top2_sum, bool renormalize,
+                                                         double scaling);
+torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
+                                      torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
+                                      torch::Tensor context_lens, double scale);
+torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
+                                  torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
+                                  torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+
+// decode_stack.cpp
+void bind_decode_stack(pybind11::module& m);

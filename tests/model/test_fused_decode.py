@@ -1,0 +1,166 @@
+"""The fused decode step (model/fused_decode.py over kernels/csrc/decode_stack.cpp) against the modules it stands
+in for: the same logits and the same cache rows, bit for bit, step after step, in float32, bfloat16, int8 and
+int8 experts, on transformers-written DeepSeek-V2 and V3 checkpoints (q_proj and q_lora, softmax and sigmoid
+routing, group-limited selection, a correction bias, dense and MoE layers). Also: each MoE block's routing
+observer hears the same decisions, a model changed after the stack was built gets a new one, and what the stack
+does not run (GQA, LoRA adapters, experts elsewhere, too many tokens) runs on the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh import LLM, SamplingParams
+from expertmesh.kernels.cpu_ext import small_m_kernels
+from expertmesh.model import fused_decode
+from expertmesh.model.attention_metadata import AttentionMetadata
+from expertmesh.model.fused_decode import fused_decoder
+from expertmesh.model.loader import load_model
+from expertmesh.model.moe import MoEBlock, local_backend
+from expertmesh.model.quantize import quantize_model
+from tests.hf_models import build_hf_checkpoint, make_prompts
+
+pytestmark = [
+    pytest.mark.usefixtures("single_threaded_torch"),
+    pytest.mark.skipif(small_m_kernels() is None, reason="the C++ CPU kernels could not be built here"),
+]
+
+BLOCK, PROMPT_LENS, STEPS = 16, [5, 17, 30], 6
+# hidden 256 and q_lora 256: q_a_proj and the dense MLP reach the float32 streaming kernel's minimum size
+WIDE = dict(hidden_size=256, q_lora_rank=256, intermediate_size=256)
+
+CASES = [
+    ("deepseek_v2", {}, "float32", None),
+    ("deepseek_v3", {}, "float32", None),
+    ("deepseek_v3", WIDE, "float32", None),
+    ("deepseek_v3", {}, "bfloat16", None),
+    ("deepseek_v2", {}, "bfloat16", "int8"),
+    ("deepseek_v3", WIDE, "float32", "int8"),
+    ("deepseek_v3", {}, "bfloat16", "experts_int8"),
+]
+
+
+def _checkpoint(tmp_path, family, overrides, dtype):
+    torch_dtype = getattr(torch, dtype)
+    return build_hf_checkpoint(family, tmp_path / family, dtype=torch_dtype, seed=7, **overrides)
+
+
+def _model(ckpt, dtype, quantization):
+    model = load_model(ckpt, dtype)
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model
+
+
+@torch.inference_mode()
+def _decode(model, fused: bool, prompts: list[list[int]], steps: int = STEPS):
+    """Prefill of every prompt, then greedy decode steps of all of them together: (each decode step's logits,
+    the caches, each MoE layer's routing decisions in the order they were heard)."""
+    model.fused_decode = fused
+    heard: list[tuple[int, torch.Tensor]] = []
+    for block in model.modules():
+        if isinstance(block, MoEBlock):
+            block.routing_observer = lambda layer, ids: heard.append((layer, ids.clone()))
+    per_seq = -(-(max(map(len, prompts)) + steps) // BLOCK)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    caches = model.allocate_kv_cache(per_seq * len(prompts), BLOCK)
+    lens = [len(p) for p in prompts]
+    meta = AttentionMetadata.build(query_lens=lens, context_lens=lens, block_tables=tables, block_size=BLOCK)
+    ends = torch.tensor(lens).cumsum(0) - 1
+    logits = model(torch.tensor([t for p in prompts for t in p]), meta, caches, ends)
+    heard.clear()  # prefill never takes the stack
+    out = []
+    for _ in range(steps):
+        lens = [n + 1 for n in lens]
+        meta = AttentionMetadata.build(query_lens=[1] * len(lens), context_lens=lens, block_tables=tables,
+                                       block_size=BLOCK)
+        logits = model(logits.argmax(-1), meta, caches)
+        out.append(logits)
+    return out, caches, heard
+
+
+def _count_stack_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    original = fused_decode.FusedDecoder.__call__
+
+    def counted(self, *args):
+        calls[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "__call__", counted)
+    return calls
+
+
+def _assert_same_run(got, want):
+    (got_logits, got_caches, got_heard), (want_logits, want_caches, want_heard) = got, want
+    for step, (g, w) in enumerate(zip(got_logits, want_logits, strict=True)):
+        assert torch.equal(g, w), f"decode step {step}: max |diff| {(g - w).abs().max().item():.3g}"
+    for layer, (g, w) in enumerate(zip(got_caches, want_caches, strict=True)):
+        assert torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]), f"layer {layer}'s cache rows differ"
+    assert [layer for layer, _ in got_heard] == [layer for layer, _ in want_heard]
+    assert all(torch.equal(g, w) for (_, g), (_, w) in zip(got_heard, want_heard, strict=True))
+
+
+@pytest.mark.parametrize("family, overrides, dtype, quantization", CASES,
+                         ids=[f"{f}-{'wide-' if o else ''}{d}-{q or 'float'}" for f, o, d, q in CASES])
+def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, family, overrides, dtype,
+                                                         quantization):
+    model = _model(_checkpoint(tmp_path, family, overrides, dtype), dtype, quantization)
+    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1)
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts)
+    assert calls[0] == STEPS, fused_decoder(model).reason  # every decode step ran on the stack
+    modules = _decode(model, False, prompts)
+    assert calls[0] == STEPS
+    _assert_same_run(fused, modules)
+    moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
+    assert len(fused[2]) == STEPS * moe_layers
+
+
+def test_a_model_changed_after_the_stack_was_built_gets_a_new_one(tmp_path, monkeypatch):
+    model = _model(_checkpoint(tmp_path, "deepseek_v3", {}, "float32"), "float32", None)
+    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=2)
+    float_run = _decode(model, True, prompts)
+    first = fused_decoder(model)
+    quantize_model(model, "int8")  # every linear and the experts replaced by int8 modules
+    calls = _count_stack_calls(monkeypatch)
+    int8_run = _decode(model, True, prompts)
+    assert calls[0] == STEPS and fused_decoder(model) is not first
+    _assert_same_run(int8_run, _decode(model, False, prompts))
+    assert not torch.equal(int8_run[0][0], float_run[0][0])  # a stale stack would still compute in float
+
+
+def test_what_the_stack_does_not_run_runs_on_the_modules(tmp_path, monkeypatch):
+    model = _model(_checkpoint(tmp_path, "deepseek_v2", {}, "bfloat16"), "bfloat16", None)
+    calls = _count_stack_calls(monkeypatch)
+    # five sequences: past the 4 rows at which bf16 linears leave the streaming kernel
+    many = _decode(model, True, make_prompts(model.config.vocab_size, [3, 4, 5, 6, 7], seed=3), steps=2)
+    assert calls[0] == 0
+    _assert_same_run(many, _decode(model, False, make_prompts(model.config.vocab_size, [3, 4, 5, 6, 7], seed=3),
+                                   steps=2))
+    assert fused_decoder(model).stack is not None
+    block = next(m for m in model.modules() if isinstance(m, MoEBlock))
+    block.backend = lambda layer_idx, blk, hidden: blk.experts(hidden, *blk.gate(hidden))  # experts "elsewhere"
+    assert fused_decoder(model).stack is None and "elsewhere" in fused_decoder(model).reason
+    block.backend = local_backend
+    block.experts.adapters = object()  # what attaching a LoRA adapter does
+    assert fused_decoder(model).stack is None and "LoRA" in fused_decoder(model).reason
+    del block.experts.adapters
+    assert fused_decoder(model).stack is not None
+
+    gqa = _model(_checkpoint(tmp_path, "mixtral", {}, "float32"), "float32", None)
+    assert fused_decoder(gqa).stack is None and "MLA" in fused_decoder(gqa).reason
+
+
+def test_the_engine_counts_the_same_expert_load_with_the_stack(tmp_path):
+    ckpt = _checkpoint(tmp_path, "deepseek_v3", {}, "float32")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in make_prompts(223, PROMPT_LENS, seed=4)]
+    runs = []
+    for fused in (True, False):
+        llm = LLM(model=str(ckpt), max_num_seqs=4)
+        llm.llm_engine.executor.model.fused_decode = fused
+        tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        runs.append((tokens, llm.llm_engine.executor.load_counts()))
+    assert runs[0] == runs[1]
+    assert sum(sum(c) for c in runs[0][1].values()) > 0
