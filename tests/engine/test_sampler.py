@@ -119,3 +119,19 @@ def test_row_count_mismatch_is_rejected():
     logits = rand_logits(2)
     with pytest.raises(ValueError, match="2 logit rows"):
         sample(logits, [GREEDY], [None])
+
+
+def test_greedy_tokens_follow_torch_argmax_on_ties_infinities_and_nans():
+    from expertmesh.engine.sampler import greedy_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (6, 50), generator=gen).float()  # many equal maxima in every row
+    logits[1, :] = float("-inf")
+    logits[2, 7] = float("inf")
+    logits[3, 30] = float("nan")
+    logits[4, [3, 9]] = float("nan")  # the first NaN wins
+    with torch.inference_mode():  # the engine's logits are inference tensors
+        got = greedy_tokens(logits.clone())
+    want = logits.argmax(-1)
+    assert got.dtype == torch.int64 and torch.equal(got, want), (got, want)
+    assert greedy_tokens(logits.bfloat16()).tolist() == logits.bfloat16().argmax(-1).tolist()  # torch's own path
