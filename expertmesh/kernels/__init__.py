@@ -5,7 +5,7 @@
 from .fused_moe import fused_moe_ref, moe_align_block_size
 from .gating import topk_gating_ref
 from .int8_linear import linear_int8, linear_int8_ref
-from .int8_moe import dequantize_int8, fused_moe_int8_ref, quantize_int8
+from .int8_moe import Q8_BLOCK, dequantize_int8, fused_moe_int8_ref, quantize_activations_q8, quantize_int8
 from .lora import expert_lora_rows, fused_moe_lora_ref, lora_expand_ref, lora_shrink_ref
 from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
 from .mla_decode import mla_decode_attention_ref
@@ -43,6 +43,8 @@ __all__ = [
     "fused_moe_int8_ref",
     "dequantize_int8",
     "quantize_int8",
+    "quantize_activations_q8",
+    "Q8_BLOCK",
     "linear_int8",
     "linear_int8_ref",
     "fused_moe_lora",

@@ -1,10 +1,13 @@
-"""Int8 weight-only routed experts: symmetric quantisation with one float32 scale per output row of each expert
+"""Int8 routed experts: symmetric quantisation with one float32 scale per output row of each expert
 (w[e, n, :] ~ q[e, n, :] * scale[e, n], q in [-127, 127]), activations and accumulation in float32.
 
 `quantize_int8` makes them from float weights; `fused_moe_int8_ref` is the reference (dequantise the experts
 that received tokens, then `fused_moe_ref`); `fused_moe_int8_cpu` is the serving path on the CPU: at decode
 sizes the C++ kernel of `csrc/small_m.cpp` streams the int8 rows and widens them in registers (a quarter of
 float32's bytes), at prefill sizes each expert that received tokens is dequantised and runs as two linears.
+
+With `quantize_activations` (w8a8) the kernel also quantises each activation row in blocks of 32, as llama.cpp's
+Q8_0 does (`quantize_activations_q8`), and sums integer products (`csrc/q8_rows.h`), at every batch size.
 """
 
 from __future__ import annotations
@@ -28,13 +31,34 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+Q8_BLOCK = 32  # activations per scale when they are quantised too
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (K a multiple of 32) as int8 activations stand for it, in float32: each block of 32 as
+    q * d with d = amax / 127 and q = round(x / d), ties to even (zero blocks stay zero)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / QMAX
+    q = torch.where(d > 0, torch.round(blocks / d), torch.zeros_like(blocks))
+    return (q * d).reshape(x.shape)
+
+
+def check_activation_quantizable(size: int, what: str) -> None:
+    if size % Q8_BLOCK:
+        raise ValueError(f"quantised activations need {what} to be a multiple of {Q8_BLOCK}, got {size}")
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
 
 
-def check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> None:
+def check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                    quantize_activations: bool = False) -> None:
     """ValueError naming the argument that does not fit (shapes as `check_fused_moe_args`, int8 weights,
-    float32 scales of one per output row)."""
+    float32 scales of one per output row; sizes that quantise in blocks of 32)."""
+    if quantize_activations:
+        check_activation_quantizable(w13.shape[2], "the hidden size")
+        check_activation_quantizable(w2.shape[2], "the expert intermediate size")
     for name, t in (("w13", w13), ("w2", w2)):
         if t.dtype != torch.int8:
             raise ValueError(f"{name} must be int8, got {t.dtype}")
@@ -66,23 +90,46 @@ def dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, dtype: torch.dtype):
             inverse.view_as(topk_ids))
 
 
-def fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
-    """Routed output [T, H] in hidden_states.dtype: `fused_moe_ref` over the dequantised experts."""
-    check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+def fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                       quantize_activations: bool = False) -> torch.Tensor:
+    """Routed output [T, H] in hidden_states.dtype: `fused_moe_ref` over the dequantised experts; with
+    `quantize_activations`, each expert's input and its down projection's input as int8 activations stand for
+    them (float32 math throughout)."""
+    check_int8_args(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, quantize_activations)
+    if quantize_activations:
+        return _w8a8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
     return fused_moe_ref(hidden_states, w13_f, w2_f, topk_weights, ids)
 
 
+def _w8a8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
+    x = quantize_activations_q8(hidden_states)
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for weight, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
+            gate_up = dequantize_int8(w13[e], w13_scale[e]) @ x[t]
+            act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
+            out[t] += weight * (dequantize_int8(w2[e], w2_scale[e]) @ quantize_activations_q8(act))
+    return out.to(hidden_states.dtype)
+
+
 @torch.no_grad()
-def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
+def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                       quantize_activations: bool = False) -> torch.Tensor:
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0 or top_k == 0:
         return hidden_states.new_zeros(num_tokens, hidden_states.shape[1])
-    if hidden_states.dtype in (torch.float32, torch.bfloat16) and num_tokens * top_k <= SMALL_M_MAX_PAIRS:
+    # quantised activations run the kernel at every size: the dequantised path below has no place to quantise
+    # the down projection's input
+    if hidden_states.dtype in (torch.float32, torch.bfloat16) and (
+            quantize_activations or num_tokens * top_k <= SMALL_M_MAX_PAIRS):
         kernels = small_m_kernels()
         if kernels is not None and w13.is_contiguous() and w2.is_contiguous():
             out = kernels.moe_small_m_int8(hidden_states.float().contiguous(), w13, w13_scale.contiguous(), w2,
-                                           w2_scale.contiguous(), topk_weights, topk_ids)
+                                           w2_scale.contiguous(), topk_weights, topk_ids, quantize_activations)
             return out.to(hidden_states.dtype)  # bf16: float32 sums, rounded once
+    if quantize_activations:
+        return fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, True)
     w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
     return fused_moe_cpu(hidden_states, w13_f, w2_f, topk_weights, ids)

@@ -211,18 +211,19 @@ def fused_moe_int8(
     w2_scale: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    quantize_activations: bool = False,
 ) -> torch.Tensor:
-    """Weighted routed-expert output ``[T, H]`` of int8 weight-only experts; see ``fused_moe_int8_ref``. Off
-    the CPU, the experts that received tokens are dequantised and run by ``fused_moe``."""
+    """Weighted routed-expert output ``[T, H]`` of int8 experts; see ``fused_moe_int8_ref``. Off the CPU, the
+    experts that received tokens are dequantised and run by ``fused_moe`` on float activations."""
     inputs = (hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     if _cpu_inference(*inputs):
-        check_int8_args(*inputs)
-        return fused_moe_int8_cpu(*inputs)
+        check_int8_args(*inputs, quantize_activations)
+        return fused_moe_int8_cpu(*inputs, quantize_activations)
     if use_triton(hidden_states, topk_weights):
         check_int8_args(*inputs)
         w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
         return fused_moe(hidden_states, w13_f, w2_f, topk_weights, ids)
-    return fused_moe_int8_ref(*inputs)
+    return fused_moe_int8_ref(*inputs, quantize_activations)
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,7 @@ class FusedDecoder:
         if isinstance(experts, Int8RoutedExperts):
             for name in ("w13", "w13_scale", "w2", "w2_scale"):
                 spec[name] = self._contiguous(w.tensor(experts, name))
+            spec["quantize_activations"] = w.attribute(experts, "quantize_activations")
         elif isinstance(experts, RoutedExperts):
             spec["w13"], spec["w2"] = (self._contiguous(self._float(w.tensor(experts, n))) for n in ("w13", "w2"))
         else:
@@ -203,7 +204,8 @@ class FusedDecoder:
             raise _Unfusable("LoRA adapters on a linear layer")
         if isinstance(linear, Int8Linear):
             return {"weight": self._contiguous(w.tensor(linear, "qweight")), "scale": w.tensor(linear, "scale"),
-                    "bias": w.tensor(linear, "bias"), "stream": False}
+                    "bias": w.tensor(linear, "bias"), "stream": False,
+                    "quantize_activations": w.attribute(linear, "quantize_activations")}
         if not isinstance(linear, Linear):
             raise _Unfusable(f"a linear layer of type {type(linear).__name__}")
         weight, bias = self._float(w.tensor(linear, "weight")), w.tensor(linear, "bias")

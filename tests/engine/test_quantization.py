@@ -27,7 +27,8 @@ def int8_linears(model) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
 
 
-@pytest.mark.parametrize("quantization, top1, max_mean_kl", [("experts_int8", 0.97, 1e-4), ("int8", 0.93, 1e-4)])
+@pytest.mark.parametrize("quantization, top1, max_mean_kl",
+                         [("experts_int8", 0.97, 1e-4), ("int8", 0.93, 1e-4), ("w8a8", 0.92, 1e-4)])
 def test_int8_predicts_as_the_float_model_does(tiny_model_dir, quantization, top1, max_mean_kl):
     llm = LLM(str(tiny_model_dir), quantization=quantization)
     quantized = llm.llm_engine.executor.model
@@ -40,6 +41,9 @@ def test_int8_predicts_as_the_float_model_does(tiny_model_dir, quantization, top
     assert experts.w13.nbytes * 4 == ref_experts.w13.nbytes
 
     linears = int8_linears(quantized)
+    # w8a8: every int8 layer of the tiny preset quantises its activations (its sizes are multiples of 32)
+    int8_modules = [m for m in quantized.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts))]
+    assert all(m.quantize_activations == (quantization == "w8a8") for m in int8_modules)
     if quantization == "experts_int8":
         assert not linears
     else:  # attention (but kv_b_proj), shared experts, the dense layer and the LM head; never a gate
@@ -62,7 +66,8 @@ def test_int8_predicts_as_the_float_model_does(tiny_model_dir, quantization, top
 
 
 def test_unsupported_quantization_settings_are_refused(tiny_model_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"quantization must be one of \['int8', 'experts_int8'\] or None, got 'fp8'"):
+    with pytest.raises(ValueError,
+                       match=r"quantization must be one of \['int8', 'w8a8', 'experts_int8'\] or None, got 'fp8'"):
         LLM(str(tiny_model_dir), quantization="fp8")
     with pytest.raises(ValueError, match="enable_lora with quantization='int8' is not served"):
         LLM(str(tiny_model_dir), quantization="int8", enable_lora=True)

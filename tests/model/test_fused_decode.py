@@ -28,6 +28,8 @@ pytestmark = [
 BLOCK, PROMPT_LENS, STEPS = 16, [5, 17, 30], 6
 # hidden 256 and q_lora 256: q_a_proj and the dense MLP reach the float32 streaming kernel's minimum size
 WIDE = dict(hidden_size=256, q_lora_rank=256, intermediate_size=256)
+# every input size a multiple of 32, so w8a8 quantises the activations of every int8 layer
+BLOCKS_OF_32 = dict(WIDE, moe_intermediate_size=32, v_head_dim=16)
 
 CASES = [
     ("deepseek_v2", {}, "float32", None),
@@ -37,6 +39,8 @@ CASES = [
     ("deepseek_v2", {}, "bfloat16", "int8"),
     ("deepseek_v3", WIDE, "float32", "int8"),
     ("deepseek_v3", {}, "bfloat16", "experts_int8"),
+    ("deepseek_v3", BLOCKS_OF_32, "float32", "w8a8"),
+    ("deepseek_v2", {}, "bfloat16", "w8a8"),  # sizes of 40: its int8 layers keep float32 activations
 ]
 
 
@@ -106,6 +110,8 @@ def _assert_same_run(got, want):
 def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, family, overrides, dtype,
                                                          quantization):
     model = _model(_checkpoint(tmp_path, family, overrides, dtype), dtype, quantization)
+    if overrides is BLOCKS_OF_32:
+        assert all(m.quantize_activations for m in model.modules() if hasattr(m, "quantize_activations"))
     prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1)
     calls = _count_stack_calls(monkeypatch)
     fused = _decode(model, True, prompts)

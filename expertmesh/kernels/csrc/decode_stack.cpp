@@ -29,10 +29,14 @@ struct Linear {
   torch::Tensor weight, scale;  // scale undefined for float weights
   c10::optional<torch::Tensor> bias;
   bool stream = false;  // cpu_linear.linear would stream these float weights at decode sizes
+  bool quantize_activations = false;  // int8 weights against int8-quantised activations (w8a8)
 
   Linear() = default;
   explicit Linear(const py::dict& d)
-      : weight(tensor(d, "weight")), bias(optional_tensor(d, "bias")), stream(d["stream"].cast<bool>()) {
+      : weight(tensor(d, "weight")),
+        bias(optional_tensor(d, "bias")),
+        stream(d["stream"].cast<bool>()),
+        quantize_activations(d.contains("quantize_activations") && d["quantize_activations"].cast<bool>()) {
     if (auto s = optional_tensor(d, "scale")) scale = *s;
   }
 };
@@ -86,6 +90,7 @@ struct Moe {
   bool sigmoid, top2_sum, renormalize;
   double scaling;
   torch::Tensor w13, w2, w13_scale, w2_scale;  // scales defined for int8 experts
+  bool quantize_activations = false;
   c10::optional<Mlp> shared;
   // A bf16 router's float32 copy, kept while the weight is unchanged (Router._float_weight's rule).
   torch::Tensor router_f32;
@@ -105,6 +110,7 @@ struct Moe {
         w2(tensor(d, "w2")) {
     if (auto s = optional_tensor(d, "w13_scale")) w13_scale = *s;
     if (auto s = optional_tensor(d, "w2_scale")) w2_scale = *s;
+    quantize_activations = d.contains("quantize_activations") && d["quantize_activations"].cast<bool>();
     if (!d["shared"].is_none()) shared = Mlp(d["shared"].cast<py::dict>());
   }
 
@@ -174,7 +180,10 @@ class DecodeStack {
   }
 
   torch::Tensor linear(const Linear& l, const torch::Tensor& x) const {
-    if (l.scale.defined()) return as_model_dtype(linear_int8(x.to(torch::kFloat32).contiguous(), l.weight, l.scale, l.bias));
+    if (l.scale.defined()) {
+      return as_model_dtype(
+          linear_int8(x.to(torch::kFloat32).contiguous(), l.weight, l.scale, l.bias, l.quantize_activations));
+    }
     if (!l.stream) return at::linear(x, l.weight, l.bias);
     return as_model_dtype(linear_small_m(x.contiguous(), l.weight, l.bias));
   }
@@ -208,7 +217,7 @@ class DecodeStack {
     routed.push_back(ids);
     const torch::Tensor x_c = x_f.contiguous();
     torch::Tensor out = m.w13_scale.defined()
-                            ? moe_small_m_int8(x_c, m.w13, m.w13_scale, m.w2, m.w2_scale, weights, ids)
+                            ? moe_small_m_int8(x_c, m.w13, m.w13_scale, m.w2, m.w2_scale, weights, ids, m.quantize_activations)
                             : moe_small_m(x_c, m.w13, m.w2, weights.to(torch::kFloat32), ids);
     out = as_model_dtype(out);
     return m.shared ? out + mlp(*m.shared, x) : out;

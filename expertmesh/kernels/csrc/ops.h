@@ -8,11 +8,13 @@
 
 // small_m.cpp
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                          bool quantize_activations);
 torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
                           torch::Tensor topk_ids);
 torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor w13_scale, torch::Tensor w2,
-                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids);
+                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids,
+                               bool quantize_activations);
 
 // lora.cpp
 torch::Tensor lora_shrink_f32(torch::Tensor x, torch::Tensor a, torch::Tensor rows);

@@ -11,10 +11,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "lora_rows.h"
 #include "ops.h"
+#include "q8_rows.h"
 #include "rows_dot.h"
 
 namespace {
@@ -90,8 +93,10 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
 }
 
 // x [M, K] @ (w [N, K] int8 * scale [N, 1])^T (+ bias) -> [M, N] float32: int8 weight-only linear, each row
-// widened in registers and its sum scaled once.
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+// widened in registers and its sum scaled once. With `quantize_activations` (K a multiple of 32), x is
+// quantised in blocks of 32 first and the products summed as integers (q8_rows.h).
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                          bool quantize_activations) {
   check_f32_contiguous(x, "x");
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2,
               "weight must be a contiguous CPU int8 tensor [N, K]");
@@ -100,7 +105,22 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == w.size(0), "scale must be [N]: one per weight row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto out = torch::empty({m, n}, x.options());
-  linear_rows(x.data_ptr<float>(), w.data_ptr<int8_t>(), out.data_ptr<float>(), m, k, n, scale.data_ptr<float>());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (quantize_activations) {
+    TORCH_CHECK(k % expertmesh::kQ8Block == 0, "quantised activations need K a multiple of 32, got ", k);
+    const expertmesh::Q8Rows qx(x.data_ptr<float>(), m, k, k);
+    const int64_t rows = chunk_rows(k), chunks = (n + rows - 1) / rows;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
+        expertmesh::rows_dot(wp + r0 * k, r1 - r0, qx, 0, m, op + r0, n, sp + r0);
+      }
+    });
+  } else {
+    linear_rows(x.data_ptr<float>(), wp, op, m, k, n, sp);
+  }
   if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
   return out;
 }
@@ -130,7 +150,7 @@ struct Experts {
 // output, each right after the parallel region that streams the experts' weights.
 template <typename W>
 torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Tensor topk_weights,
-                               torch::Tensor topk_ids, const MoeLora* lora) {
+                               torch::Tensor topk_ids, const MoeLora* lora, bool quantize_activations = false) {
   check_f32_contiguous(x, "hidden_states");
   const int64_t t_count = x.size(0), h = x.size(1), e_count = ex.count, inter = ex.inter;
   const int64_t k_count = topk_ids.size(1);
@@ -163,6 +183,15 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
   float* xsp = xs.data_ptr<float>();
   for (int64_t i = 0; i < pairs; ++i) std::memcpy(xsp + i * h, xp + (pair_order[i] / k_count) * h, h * sizeof(float));
 
+  // int8 experts with quantised activations (q8_rows.h): each gathered row quantised once
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+  if constexpr (kInt8) {
+    TORCH_CHECK(!quantize_activations || (h % expertmesh::kQ8Block == 0 && inter % expertmesh::kQ8Block == 0),
+                "quantised activations need the hidden and expert sizes to be multiples of 32");
+  }
+  const std::optional<expertmesh::Q8Rows> qxs =
+      kInt8 && quantize_activations ? std::optional<expertmesh::Q8Rows>(std::in_place, xsp, pairs, h, h) : std::nullopt;
+
   auto gate_up = torch::empty({pairs, 2 * inter}, x.options());
   float* gup = gate_up.data_ptr<float>();
   const int64_t rows1 = chunk_rows(h), chunks1 = (2 * inter + rows1 - 1) / rows1;
@@ -171,6 +200,13 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
       const int64_t g = item / chunks1, r0 = (item % chunks1) * rows1, r1 = std::min(2 * inter, r0 + rows1);
       const int64_t o = offsets[g];
       const int64_t row = experts[g] * 2 * inter + r0;
+      if constexpr (kInt8) {
+        if (qxs) {
+          expertmesh::rows_dot(ex.w13 + row * h, r1 - r0, *qxs, o, offsets[g + 1] - o, gup + o * 2 * inter + r0,
+                               2 * inter, ex.s13 + row);
+          continue;
+        }
+      }
       rows_dot(ex.w13 + row * h, r1 - r0, h, xsp + o * h, h, offsets[g + 1] - o, gup + o * 2 * inter + r0, 2 * inter,
                ex.s13 == nullptr ? nullptr : ex.s13 + row);
     }
@@ -194,6 +230,8 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
     }
   });
 
+  const std::optional<expertmesh::Q8Rows> qact =
+      qxs ? std::optional<expertmesh::Q8Rows>(std::in_place, ap, pairs, inter, inter) : std::nullopt;
   auto ys = torch::empty({pairs, h}, x.options());
   float* ysp = ys.data_ptr<float>();
   const int64_t rows2 = chunk_rows(inter), chunks2 = (h + rows2 - 1) / rows2;
@@ -202,6 +240,13 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
       const int64_t g = item / chunks2, r0 = (item % chunks2) * rows2, r1 = std::min(h, r0 + rows2);
       const int64_t o = offsets[g];
       const int64_t row = experts[g] * h + r0;
+      if constexpr (kInt8) {
+        if (qact) {
+          expertmesh::rows_dot(ex.w2 + row * inter, r1 - r0, *qact, o, offsets[g + 1] - o, ysp + o * h + r0, h,
+                               ex.s2 + row);
+          continue;
+        }
+      }
       rows_dot(ex.w2 + row * inter, r1 - r0, inter, ap + o * inter, inter, offsets[g + 1] - o, ysp + o * h + r0, h,
                ex.s2 == nullptr ? nullptr : ex.s2 + row);
     }
@@ -254,7 +299,8 @@ torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, 
 // moe_small_m over int8 weight-only experts: w13 [E, 2I, H] int8 with w13_scale [E, 2I] float32, w2 [E, H, I]
 // int8 with w2_scale [E, H]; weight (e, n, k) stands for w[e, n, k] * scale[e, n].
 torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor w13_scale, torch::Tensor w2,
-                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids) {
+                               torch::Tensor w2_scale, torch::Tensor topk_weights, torch::Tensor topk_ids,
+                               bool quantize_activations) {
   for (const auto& [t, name] : {std::pair{w13, "w13"}, std::pair{w2, "w2"}}) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt8 && t.is_contiguous() && t.dim() == 3, name,
                 " must be a contiguous CPU int8 tensor [E, N, K]");
@@ -268,7 +314,7 @@ torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor
               "the scales must be [E, 2I] and [E, H]: one per output row of each expert");
   const Experts<int8_t> ex{w13.data_ptr<int8_t>(), w13_scale.data_ptr<float>(), w2.data_ptr<int8_t>(),
                            w2_scale.data_ptr<float>(), w13.size(0), w2.size(2)};
-  return moe_small_m_impl(x, ex, topk_weights, topk_ids, nullptr);
+  return moe_small_m_impl(x, ex, topk_weights, topk_ids, nullptr, quantize_activations);
 }
 
 // moe_small_m plus LoRA on the pairs whose lora_rows [T, K] entry is >= 0: the contract of
@@ -294,9 +340,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
   m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
-  m.def("linear_int8", &linear_int8, "x @ (w * scale)^T (+ bias) over int8 weight rows with a scale per row");
+  m.def("linear_int8", &linear_int8, "x @ (w * scale)^T (+ bias) over int8 weight rows with a scale per row",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("quantize_activations") = false);
   m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
-  m.def("moe_small_m_int8", &moe_small_m_int8, "moe_small_m over int8 weight-only experts (a scale per output row)");
+  m.def("moe_small_m_int8", &moe_small_m_int8, "moe_small_m over int8 weight-only experts (a scale per output row)",
+        py::arg("x"), py::arg("w13"), py::arg("w13_scale"), py::arg("w2"), py::arg("w2_scale"),
+        py::arg("topk_weights"), py::arg("topk_ids"), py::arg("quantize_activations") = false);
   m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
   m.def("lora_shrink_f32", &lora_shrink_f32, "h = A[rows[t]] x[t] per row (zeros where rows[t] = -1)");
   m.def("lora_expand_f32", &lora_expand_f32, "y[t] += B[rows[t]] h[t] in place where rows[t] >= 0");
