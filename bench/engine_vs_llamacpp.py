@@ -11,8 +11,9 @@ prompt of 32 and 64 new tokens, batch 32 with prompts of 256 and 32 new tokens, 
 llama.cpp's S_TG (batch x new tokens / the generation's time); ours, batch / decode step time, the step
 being (last token's time - first's) / (N - 1) inside one generation. Rounds interleave the engines; the
 figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, Q8_0 - `quantization="int8"` (int8
-weights with a scale per row in every linear layer but the gates and MLA's kv_b_proj; llama.cpp's Q8_0 quantises
-every weight matrix in blocks of 32, and its activations too).
+weights with a scale per row in every linear layer but the gates and MLA's kv_b_proj, float32 activations) and
+Q8_0 - `quantization="w8a8"` (the same weights, activations quantised in blocks of 32). llama.cpp's Q8_0
+quantises every weight matrix in blocks of 32, and its activations too.
 
     python bench/engine_vs_llamacpp.py [--rounds 3] [--json bench/engine_vs_llamacpp_results.json]
     make bench-llamacpp
@@ -38,7 +39,9 @@ CACHE = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expert
 PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-batched-bench",)
 CASES = ((1, 32, 64), (32, 256, 32))  # (batch, prompt, new tokens)
-PAIRS = {"f32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "q8_0": {"quantization": "int8"}}
+# pair -> (llama.cpp's GGUF type, our LLM settings)
+PAIRS = {"f32": ("f32", {"dtype": "float32"}), "bf16": ("bf16", {"dtype": "bfloat16"}),
+         "q8_0": ("q8_0", {"quantization": "int8"}), "q8_0-w8a8": ("q8_0", {"quantization": "w8a8"})}
 # llama.cpp 0.3.36's CPU weight repacking of Q8_0 aborts on this model's first step
 # (`GGML_ASSERT(*cur_backend_id != -1)` in ggml-backend.cpp), with the converter's Q8_0 and with
 # llama-quantize's alike; without repacking it runs.
@@ -136,14 +139,15 @@ def main() -> int:
             "rounds": args.rounds, "results": {}}
     print(json.dumps(info["machine"]), flush=True)
     for pair in args.pairs:
-        model = gguf(source, checkpoint, pair)
-        llm = LLM(str(checkpoint), **PAIRS[pair])
+        outtype, settings = PAIRS[pair]
+        model = gguf(source, checkpoint, outtype)
+        llm = LLM(str(checkpoint), **settings)
         vocab = llm.llm_engine.model_config.vocab_size
         for batch, prompt, new in CASES:
             stamps(llm, prompts(batch, prompt, vocab), 2)  # warm-up
             theirs, ours = [], []
             for _ in range(args.rounds):
-                theirs.append(llama_decode(tools, model, batch, prompt, new, args.threads, LLAMA_ARGS.get(pair, [])))
+                theirs.append(llama_decode(tools, model, batch, prompt, new, args.threads, LLAMA_ARGS.get(outtype, [])))
                 ours.append(ours_decode(llm, batch, prompt, new, vocab))
             med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
             row = {"llama_cpp": {k: med(theirs, k) for k in theirs[0]}, "expertmesh": {k: med(ours, k) for k in ours[0]},
@@ -151,7 +155,7 @@ def main() -> int:
             row["decode_ratio"] = row["expertmesh"]["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
             row["prefill_ratio"] = row["expertmesh"]["prefill_tok_s"] / row["llama_cpp"]["prefill_tok_s"]
             info["results"][f"{pair}/b{batch}"] = row
-            print(f"{pair:5s} batch {batch:2d} (prompt {prompt}, {new} new): decode llama.cpp "
+            print(f"{pair:9s} batch {batch:2d} (prompt {prompt}, {new} new): decode llama.cpp "
                   f"{row['llama_cpp']['decode_tok_s']:7.1f} tok/s, expertmesh {row['expertmesh']['decode_tok_s']:7.1f}"
                   f" -> {row['decode_ratio']:.2f}x; prefill {row['llama_cpp']['prefill_tok_s']:.0f} against "
                   f"{row['expertmesh']['prefill_tok_s']:.0f} tok/s -> {row['prefill_ratio']:.2f}x", flush=True)

@@ -4,7 +4,7 @@ llama.cpp: `llama-perplexity --kl-divergence-base` over the f32 GGUF of `small` 
 then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and prints the mean KL divergence
 from f32 and how often the top token agrees ("Same top p"). It scores the second half of each context of
 `--ctx` tokens. Ours: the same text through our tokenizer, cut into the same contexts, the same half scored,
-`quantization="int8"`, `"experts_int8"` and `dtype="bfloat16"` against our float32
+`quantization="int8"`, `"w8a8"`, `"experts_int8"` and `dtype="bfloat16"` against our float32
 (`expertmesh.testing.agreement`). Each engine is measured against its own float32, so the figures compare
 how much each quantisation costs, not the engines' float32 outputs. The text is this repository's README.
 
@@ -75,7 +75,7 @@ def main() -> int:
     ids = Tokenizer.from_pretrained(checkpoint).encode(TEXT.read_text(), add_special_tokens=False)
     sequences = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
     reference = load_model(checkpoint)
-    for name in ("experts_int8", "int8", "bfloat16"):
+    for name in ("experts_int8", "int8", "w8a8", "bfloat16"):
         if name == "bfloat16":
             model = load_model(checkpoint, torch.bfloat16)
         else:

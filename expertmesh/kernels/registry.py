@@ -20,7 +20,7 @@ from .cpu_fused_moe import fused_moe_cpu
 from .cpu_lora import fused_moe_lora_cpu, lora_expand_cpu, lora_shrink_cpu
 from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
-from .int8_moe import check_int8_args, dequantize_used, fused_moe_int8_cpu, fused_moe_int8_ref
+from .int8_moe import check_int8_args, dequantize_int8, dequantize_used, fused_moe_int8_cpu, fused_moe_int8_ref
 from .gating import check_gating_args, topk_gating_ref
 from .lora import (check_expand_args, check_fused_moe_lora_args, check_lora_args, fused_moe_lora_ref,
                    lora_expand_ref, lora_shrink_ref)
@@ -278,17 +278,21 @@ def mla_decode_absorbed(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    kv_b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MLA decode from per-head queries to per-head values ``[B, H, v]``; see ``mla_decode_absorbed_ref``."""
+    """MLA decode from per-head queries to per-head values ``[B, H, v]``; see ``mla_decode_absorbed_ref``. An int8
+    `kv_b_weight` comes with its row scales `kv_b_scale` [H * (nope + v)]."""
     args = (q_nope, q_pe, kv_b_weight, ckv_cache, kpe_cache, block_tables, context_lens)
-    ext = _fp32_cpu_kernels(*args)
+    ext = _fp32_cpu_kernels(*args, kv_b_scale)
     if ext is not None:
         return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
-                                           ckv_cache, kpe_cache, block_tables, context_lens, scale)
-    ext = _bf16_cpu_kernels((kv_b_weight, ckv_cache, kpe_cache), (q_nope, q_pe))
+                                           ckv_cache, kpe_cache, block_tables, context_lens, scale, kv_b_scale)
+    ext = _bf16_cpu_kernels(_stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache), (q_nope, q_pe))
     if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
         return ext.mla_decode_absorbed_f32(q_nope.float().contiguous(), q_pe.float().contiguous(), kv_b_weight,
-                                           ckv_cache, kpe_cache, block_tables, context_lens, scale).to(q_nope.dtype)
+                                           ckv_cache, kpe_cache, block_tables, context_lens, scale,
+                                           kv_b_scale).to(q_nope.dtype)
+    args = (q_nope, q_pe, _float_kv_b(kv_b_weight, kv_b_scale, q_nope.dtype), *args[3:])
     return mla_decode_absorbed_ref(*args, scale)
 
 
@@ -307,23 +311,37 @@ def mla_decode_step(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    kv_b_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One MLA decode step after the projections, ``[B, H, v]``; see ``mla_decode_step_ref``."""
-    args = (q, kv_a, kv_norm_weight, eps, cos, sin, interleave, kv_b_weight, ckv_cache, kpe_cache, slot_mapping,
-            block_tables, context_lens, scale)
-    ext = _fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, ckv_cache, kpe_cache)
+    """One MLA decode step after the projections, ``[B, H, v]``; see ``mla_decode_step_ref``. `kv_b_scale`: an
+    int8 `kv_b_weight`'s row scales, else None."""
+    ext = _fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale, ckv_cache, kpe_cache)
     if ext is not None and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
         return ext.mla_decode_step_f32(q.contiguous(), kv_a.contiguous(), kv_norm_weight.contiguous(), eps,
                                        cos.contiguous(), sin.contiguous(), interleave, kv_b_weight.contiguous(),
-                                       ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens, scale)
-    ext = _bf16_cpu_kernels((kv_b_weight, ckv_cache, kpe_cache), (q, kv_a, kv_norm_weight, cos, sin))
+                                       ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens, scale,
+                                       kv_b_scale)
+    ext = _bf16_cpu_kernels(_stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache),
+                            (q, kv_a, kv_norm_weight, cos, sin))
     if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
         # bf16 weights and caches stay as they are; this step's few activations go to float32 and back
         f32 = lambda t: t.float().contiguous()  # noqa: E731
         return ext.mla_decode_step_f32(f32(q), f32(kv_a), f32(kv_norm_weight), eps, f32(cos), f32(sin), interleave,
                                        kv_b_weight, ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens,
-                                       scale).to(q.dtype)
-    return mla_decode_step_ref(*args)
+                                       scale, kv_b_scale).to(q.dtype)
+    return mla_decode_step_ref(q, kv_a, kv_norm_weight, eps, cos, sin, interleave,
+                               _float_kv_b(kv_b_weight, kv_b_scale, q.dtype), ckv_cache, kpe_cache, slot_mapping,
+                               block_tables, context_lens, scale)
+
+
+def _stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache) -> tuple[torch.Tensor, ...]:
+    """What the bf16 kernels read as stored: the caches, and a float kv_b (an int8 one is read as int8)."""
+    return (ckv_cache, kpe_cache) if kv_b_scale is not None else (kv_b_weight, ckv_cache, kpe_cache)
+
+
+def _float_kv_b(kv_b_weight: torch.Tensor, kv_b_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """kv_b as the references take it: an int8 one dequantised to the activations' dtype."""
+    return kv_b_weight if kv_b_scale is None else dequantize_int8(kv_b_weight, kv_b_scale, dtype)
 
 
 def _fp32_cpu_kernels(*tensors: torch.Tensor | None):

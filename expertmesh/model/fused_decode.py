@@ -152,9 +152,10 @@ class FusedDecoder:
             raise _Unfusable(f"an attention of type {type(attn).__name__}")
         if w.attribute(attn, "kv_b_adapters") is not None:
             raise _Unfusable("LoRA adapters on kv_b_proj")
-        kv_b = self._float(w.tensor(w.module(attn, "kv_b_proj"), "weight"))
+        kv_b = self._linear(w.module(attn, "kv_b_proj"))  # read whole by the MLA kernel: float, or int8 and scales
         spec = {"kv_a": self._linear(w.module(attn, "kv_a_proj_with_mqa")), "o": self._linear(w.module(attn, "o_proj")),
-                **self._norm(w.module(attn, "kv_a_layernorm"), "kv_a_norm"), "kv_b": kv_b,
+                **self._norm(w.module(attn, "kv_a_layernorm"), "kv_a_norm"), "kv_b": self._contiguous(kv_b["weight"]),
+                "kv_b_scale": kv_b.get("scale"),
                 "heads": attn.num_heads, "scale": attn.scale, "interleave": attn.rotary.interleave}
         if "q_proj" in attn._modules:
             spec["q"] = self._linear(w.module(attn, "q_proj"))

@@ -17,6 +17,7 @@ from torch import nn
 from expertmesh import kernels
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.int8_layers import Int8Linear
 from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.paged import (
     attend_by_sequence,
@@ -75,10 +76,11 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         kv_b = self.kv_b_adapters if self.kv_b_adapters is not None and self.kv_b_adapters.in_use else None
         if kv_cache is not None and meta.is_decode_only and kv_b is None:  # the common serving step, fused
+            kv_b_weight, kv_b_scale = self._kv_b_weight()
             out = kernels.mla_decode_step(
                 q, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, self.rotary.interleave,
-                self.kv_b_proj.weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
-                meta.context_lens_t, self.scale,
+                kv_b_weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables, meta.context_lens_t,
+                self.scale, kv_b_scale,
             )  # [T, H, v]
             return self.o_proj(out.flatten(1))
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
@@ -91,12 +93,12 @@ class MLAttention(nn.Module):
             write_cache(kv_cache[1], meta.slot_mapping, k_pe)
 
         def decode(rows, seqs):
-            def absorbed(sel, kv_b_weight):
+            def absorbed(sel, kv_b_weight, kv_b_scale=None):
                 return self._decode(q_nope[rows[sel]], q_pe[rows[sel]], kv_cache, meta.block_tables[seqs[sel]],
-                                    meta.context_lens_t[seqs[sel]], kv_b_weight)
+                                    meta.context_lens_t[seqs[sel]], kv_b_weight, kv_b_scale)
 
             if kv_b is None:
-                return absorbed(slice(None), self.kv_b_proj.weight)
+                return absorbed(slice(None), *self._kv_b_weight())
             return kv_b.by_slot(rows, self.kv_b_proj.weight, absorbed)
 
         def chunk(s, rows):
@@ -126,8 +128,13 @@ class MLAttention(nn.Module):
         o = masked_softmax_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, self.scale)
         return o.transpose(0, 1)  # [Tq, H, v]
 
-    def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens, kv_b_weight) -> torch.Tensor:
+    def _decode(self, q_nope, q_pe, kv_cache, block_tables, context_lens, kv_b_weight, kv_b_scale) -> torch.Tensor:
         """Absorbed form for B single-token queries, kv_b_weight [H * (nope + v), R] -> [B, H, v]."""
         return kernels.mla_decode_absorbed(
-            q_nope, q_pe, kv_b_weight, kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale
+            q_nope, q_pe, kv_b_weight, kv_cache[0], kv_cache[1], block_tables, context_lens, self.scale, kv_b_scale
         )
+
+    def _kv_b_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """kv_b_proj as the absorbed kernels read it: (weight, None), or int8 weights and their row scales."""
+        proj = self.kv_b_proj
+        return (proj.qweight, proj.scale) if isinstance(proj, Int8Linear) else (proj.weight, None)

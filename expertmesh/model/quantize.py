@@ -1,15 +1,15 @@
-"""Weight-only quantisation of a loaded model, chosen by name (`quantization=...`).
+"""Quantisation of a loaded model, chosen by name (`quantization=...`).
 
 Weights become int8 with one float32 scale per output row (see `kernels/int8_moe.py`): a quarter of float32's
-bytes and half of bf16's, which is what a memory-bound decode step reads. Activations stay in the model's dtype
-and products sum in float32.
+bytes and half of bf16's, which is what a memory-bound decode step reads.
 - "int8": every linear layer's weights, as llama.cpp's Q8_0 does: the routed experts (`Int8RoutedExperts`),
-  and attention, shared experts, dense layers and the LM head (`Int8Linear`). Kept as they are: the embedding
-  (one row a token), the norms, the routers' gates (routing decides which weights run at all) and MLA's
-  `kv_b_proj` (the absorbed decode kernel reads it as W_UK and W_UV).
-- "w8a8": what "int8" quantises, and at decode sizes the activations too, in blocks of 32 as llama.cpp's Q8_0
-  does; products sum as integers (`vpdpbusd` on AVX512-VNNI): faster, a little less exact. A layer whose input
-  size is not a multiple of 32 keeps float32 activations.
+  and attention (MLA's `kv_b_proj` too), shared experts, dense layers and the LM head (`Int8Linear`). Kept as
+  they are: the embedding (one row a token), the norms and the routers' gates (routing decides which weights run
+  at all). Activations stay in the model's dtype and products sum in float32.
+- "w8a8": what "int8" quantises, and on the CPU the activations too, in blocks of 32 as llama.cpp's Q8_0 does;
+  products sum as integers (`vpdpbusd` on AVX512-VNNI): faster, a little less exact. A layer whose input size
+  is not a multiple of 32, and MLA's `kv_b_proj` (read whole by the absorbed decode kernel), keep float
+  activations.
 - "experts_int8": only the routed experts (vLLM's name for the same choice): most of a MoE's bytes, and the
   weights a token touches least often.
 """
@@ -46,9 +46,12 @@ def check_checkpoint_quantizable(model_dir: str | Path, quantization: str) -> No
                          f"(quantization_config: {method}); it needs float32, bfloat16 or float16 weights")
 
 
-# Linears kept in the checkpoint's dtype: MLA's kv_b_proj (the decode kernel reads it as W_UK and W_UV) and
-# Qwen-MoE's shared-expert gate (a gate: it decides how much of the shared experts a token takes).
-KEPT_FLOAT = ("kv_b_proj", "shared_expert_gate")
+# Linears kept in the checkpoint's dtype: Qwen-MoE's shared-expert gate (a gate: it decides how much of the shared
+# experts a token takes).
+KEPT_FLOAT = ("shared_expert_gate",)
+# MLA's kv_b_proj is read whole by the absorbed decode kernel (as W_UK and W_UV, against float32 queries and
+# latents): int8 weights, never quantised activations.
+FLOAT_ACTIVATIONS = ("kv_b_proj",)
 
 
 def _quantize_linears(module: nn.Module, quantize_activations: bool) -> int:
@@ -58,7 +61,8 @@ def _quantize_linears(module: nn.Module, quantize_activations: bool) -> int:
     for name, child in list(module.named_children()):
         if isinstance(child, Linear):
             if name not in KEPT_FLOAT:
-                setattr(module, name, Int8Linear.from_float(child, quantize_activations))
+                activations = quantize_activations and name not in FLOAT_ACTIVATIONS
+                setattr(module, name, Int8Linear.from_float(child, activations))
                 changed += 1
         else:
             changed += _quantize_linears(child, quantize_activations)

@@ -1,5 +1,6 @@
-"""`LLM(..., quantization="int8")`: every linear layer but the gates and MLA's kv_b_proj is held as int8 with a scale
-per output row (a quarter of its float32 bytes); with "experts_int8" only the routed experts are. Next-token
+"""`LLM(..., quantization="int8")`: every linear layer but the gates is held as int8 with a scale per output row
+(a quarter of its float32 bytes); "w8a8" quantises the activations too; with "experts_int8" only the routed
+experts are. Next-token
 predictions stay close to the float model's (top-1 agreement and mean KL over every position of random
 sequences, teacher-forced), and unsupported settings are refused naming the field."""
 
@@ -41,15 +42,16 @@ def test_int8_predicts_as_the_float_model_does(tiny_model_dir, quantization, top
     assert experts.w13.nbytes * 4 == ref_experts.w13.nbytes
 
     linears = int8_linears(quantized)
-    # w8a8: every int8 layer of the tiny preset quantises its activations (its sizes are multiples of 32)
-    int8_modules = [m for m in quantized.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts))]
-    assert all(m.quantize_activations == (quantization == "w8a8") for m in int8_modules)
+    # w8a8: every int8 layer of the tiny preset but kv_b_proj quantises its activations (sizes multiples of 32)
+    int8_modules = [(n, m) for n, m in quantized.named_modules() if isinstance(m, (Int8Linear, Int8RoutedExperts))]
+    assert all(m.quantize_activations == (quantization == "w8a8" and "kv_b_proj" not in n) for n, m in int8_modules)
     if quantization == "experts_int8":
         assert not linears
-    else:  # attention (but kv_b_proj), shared experts, the dense layer and the LM head; never a gate
+    else:  # attention (MLA's kv_b_proj too), shared experts, the dense layer and the LM head; never a gate
         assert {"lm_head", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
-                "model.layers.1.mlp.shared_experts.up_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa"} <= linears
-        assert not any("kv_b_proj" in name or "gate." in name or name.endswith(".gate") for name in linears)
+                "model.layers.1.mlp.shared_experts.up_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa",
+                "model.layers.1.self_attn.kv_b_proj"} <= linears
+        assert not any("gate." in name or name.endswith(".gate") for name in linears)
         assert quantized.lm_head.qweight.nbytes * 4 == reference.lm_head.weight.nbytes
 
     gen = torch.Generator().manual_seed(0)

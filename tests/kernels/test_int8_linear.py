@@ -52,3 +52,35 @@ def test_bad_arguments_are_named():
         kernels.linear_int8(x[:, :63], q, scale)
     with pytest.raises(ValueError, match=r"bias must be \(32,\)"):
         kernels.linear_int8(x, q, scale, torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_reads_an_int8_kv_b_with_its_row_scales(dtype):
+    """MLA's kv_b_proj as int8 (quantization="int8"): the absorbed kernels fold the row scales into the queries
+    (W_UK) and the outputs (W_UV); against the reference on the dequantised kv_b, with float32 and bf16 caches."""
+    from expertmesh.kernels.cpu_ext import small_m_kernels
+    from expertmesh.kernels.mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
+
+    if small_m_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be built here")
+    gen = torch.Generator().manual_seed(3)
+    b, h, nope, dr, rank, v, block = 3, 4, 32, 16, 64, 32, 4
+    q, kv_a = torch.randn(b, h, nope + dr, generator=gen), torch.randn(b, rank + dr, generator=gen)
+    norm, angles = torch.rand(rank, generator=gen) + 0.5, torch.rand(b, dr // 2, generator=gen)
+    kv_b_q, kv_b_scale = kernels.quantize_int8(torch.randn(h * (nope + v), rank, generator=gen) * 0.1)
+    caches = [torch.randn(16, block, rank, generator=gen), torch.randn(16, block, dr, generator=gen)]
+    slots, tables, lens = torch.tensor([4, 24, 35]), torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]]), torch.tensor([5, 9, 12])
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    got_caches, ref_caches = [cast(c.clone()) for c in caches], [cast(c.clone()) for c in caches]
+    kv_b = kernels.dequantize_int8(kv_b_q, kv_b_scale, dtype)
+    act = [cast(t) for t in (q, kv_a, norm, angles.cos(), angles.sin())]
+    got = kernels.mla_decode_step(*act[:3], 1e-6, *act[3:], False, kv_b_q, *got_caches, slots, tables, lens, 0.1,
+                                  kv_b_scale)
+    want = mla_decode_step_ref(*act[:3], 1e-6, *act[3:], False, kv_b, *ref_caches, slots, tables, lens, 0.1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **tol)
+    q_nope, q_pe = cast(q[..., :nope]), cast(q[..., nope:])
+    torch.testing.assert_close(
+        kernels.mla_decode_absorbed(q_nope, q_pe, kv_b_q, *got_caches, tables, lens, 0.1, kv_b_scale),
+        mla_decode_absorbed_ref(q_nope, q_pe, kv_b, *ref_caches, tables, lens, 0.1), **tol)

@@ -231,13 +231,18 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
 namespace {
 
-// The absorbed attention over kv_b and caches stored as T (float32 or bf16); queries and output float32.
-template <typename T>
-torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const T* w, const T* ckv, const T* kpe,
-                           int64_t rank, int64_t block, int64_t v_dim, torch::Tensor block_tables,
+// The absorbed attention over kv_b stored as W (float32, bf16, or int8 with `w_scale`: one float32 scale per
+// row) and caches stored as T (float32 or bf16); queries and output float32.
+template <typename W, typename T>
+torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w, const float* w_scale, const T* ckv,
+                           const T* kpe, int64_t rank, int64_t block, int64_t v_dim, torch::Tensor block_tables,
                            torch::Tensor context_lens, double scale) {
   using expertmesh::widen;
   const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
+  if (w_scale != nullptr) {  // W_UK's row n scaled by s[n]: fold the scales into the queries, q_nope[., h, n] * s[n]
+    auto scales = torch::from_blob(const_cast<float*>(w_scale), {heads, nope + v_dim}, q_nope.options());
+    q_nope = (q_nope * scales.narrow(1, 0, nope)).contiguous();
+  }
   auto tables = block_tables.to(torch::kInt64).contiguous();
   auto lens = context_lens.to(torch::kInt64).contiguous();
   auto out = torch::zeros({b_count, heads, v_dim}, q_nope.options());
@@ -310,7 +315,8 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const T* w,
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
       expertmesh::rows_dot(w + (h * (nope + v_dim) + nope) * rank, v_dim, rank, olp + h * rank, heads * rank, b_count,
-                           op + h * v_dim, heads * v_dim);
+                           op + h * v_dim, heads * v_dim,
+                           w_scale == nullptr ? nullptr : w_scale + h * (nope + v_dim) + nope);
   });
   return out;
 }
@@ -324,25 +330,41 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const T* w,
 // Queries float32; kv_b and both caches all float32 or all bf16 (read as bf16, every sum in float32).
 torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
                                       torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
-                                      torch::Tensor context_lens, double scale) {
+                                      torch::Tensor context_lens, double scale, c10::optional<torch::Tensor> kv_b_scale) {
   check_f32(q_nope, "q_nope");
   check_f32(q_pe, "q_pe");
   const int64_t heads = q_nope.size(1), nope = q_nope.size(2);
   const int64_t rank = ckv_cache.size(2), block = ckv_cache.size(1), v_dim = kv_b.size(0) / heads - nope;
-  if (kv_b.scalar_type() == torch::kBFloat16) {
-    check_bf16(kv_b, "kv_b");
+  const bool bf16_cache = ckv_cache.scalar_type() == torch::kBFloat16;
+  if (bf16_cache) {
     check_bf16(ckv_cache, "ckv_cache");
     check_bf16(kpe_cache, "kpe_cache");
-    return mla_absorbed(q_nope, q_pe, bf16(kv_b), bf16(ckv_cache), bf16(kpe_cache), rank, block, v_dim, block_tables,
+  } else {
+    check_f32(ckv_cache, "ckv_cache");
+    check_f32(kpe_cache, "kpe_cache");
+  }
+  auto run = [&](auto* w, const float* w_scale) {
+    if (bf16_cache) {
+      return mla_absorbed(q_nope, q_pe, w, w_scale, bf16(ckv_cache), bf16(kpe_cache), rank, block, v_dim,
+                          block_tables, context_lens, scale);
+    }
+    return mla_absorbed(q_nope, q_pe, w, w_scale, static_cast<const float*>(ckv_cache.data_ptr<float>()),
+                        static_cast<const float*>(kpe_cache.data_ptr<float>()), rank, block, v_dim, block_tables,
                         context_lens, scale);
+  };
+  if (kv_b.scalar_type() == torch::kInt8) {  // int8 rows, a float32 scale each
+    TORCH_CHECK(kv_b.is_contiguous() && kv_b_scale.has_value(), "an int8 kv_b must be contiguous and come with its scales");
+    check_f32(*kv_b_scale, "kv_b_scale");
+    TORCH_CHECK(kv_b_scale->dim() == 1 && kv_b_scale->size(0) == kv_b.size(0), "kv_b_scale must be [H * (nope + v)]");
+    return run(static_cast<const int8_t*>(kv_b.data_ptr<int8_t>()), kv_b_scale->data_ptr<float>());
+  }
+  TORCH_CHECK(!kv_b_scale.has_value(), "kv_b_scale goes with an int8 kv_b only");
+  if (bf16_cache) {  // float kv_b is stored as the caches are
+    check_bf16(kv_b, "kv_b");
+    return run(bf16(kv_b), nullptr);
   }
   check_f32(kv_b, "kv_b");
-  check_f32(ckv_cache, "ckv_cache");
-  check_f32(kpe_cache, "kpe_cache");
-  return mla_absorbed(q_nope, q_pe, static_cast<const float*>(kv_b.data_ptr<float>()),
-                      static_cast<const float*>(ckv_cache.data_ptr<float>()),
-                      static_cast<const float*>(kpe_cache.data_ptr<float>()), rank, block, v_dim, block_tables,
-                      context_lens, scale);
+  return run(static_cast<const float*>(kv_b.data_ptr<float>()), nullptr);
 }
 
 // One MLA decode step after the projections, for B single-token sequences: kv_a_layernorm on the latent,
@@ -351,7 +373,8 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
 torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
                                   torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
                                   torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
-                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                  c10::optional<torch::Tensor> kv_b_scale) {
   check_f32(q, "q");
   check_f32(kv_a, "kv_a");
   check_f32(kv_norm_weight, "kv_norm_weight");
@@ -404,5 +427,6 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
   } else {
     step(ckv_cache.data_ptr<float>(), kpe_cache.data_ptr<float>());
   }
-  return mla_decode_absorbed_f32(q_nope, q_pe, kv_b, ckv_cache, kpe_cache, block_tables, context_lens, scale);
+  return mla_decode_absorbed_f32(q_nope, q_pe, kv_b, ckv_cache, kpe_cache, block_tables, context_lens, scale,
+                                 kv_b_scale);
 }

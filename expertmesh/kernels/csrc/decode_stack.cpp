@@ -61,6 +61,7 @@ struct Attention {
   Linear q_a, q_b, kv_a, o;
   Norm q_a_norm, kv_a_norm;
   torch::Tensor kv_b;
+  c10::optional<torch::Tensor> kv_b_scale;  // an int8 kv_b's row scales
   int64_t heads;
   double scale;
   bool interleave;
@@ -70,6 +71,7 @@ struct Attention {
         o(d["o"].cast<py::dict>()),
         kv_a_norm(d, "kv_a_norm"),
         kv_b(tensor(d, "kv_b")),
+        kv_b_scale(optional_tensor(d, "kv_b_scale")),
         heads(d["heads"].cast<int64_t>()),
         scale(d["scale"].cast<double>()),
         interleave(d["interleave"].cast<bool>()) {
@@ -203,7 +205,7 @@ class DecodeStack {
     const torch::Tensor out =
         mla_decode_step_f32(q, kv_a, a.kv_a_norm.weight.to(torch::kFloat32).contiguous(), a.kv_a_norm.eps, cos, sin,
                             a.interleave, a.kv_b, cache.first, cache.second, slot_mapping, block_tables,
-                            context_lens, a.scale);
+                            context_lens, a.scale, a.kv_b_scale);
     return linear(a.o, as_model_dtype(out).flatten(1));
   }
 

@@ -29,11 +29,13 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
                                                          double scaling);
 torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
                                       torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
-                                      torch::Tensor context_lens, double scale);
+                                      torch::Tensor context_lens, double scale,
+                                      c10::optional<torch::Tensor> kv_b_scale);
 torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Tensor kv_norm_weight, double eps,
                                   torch::Tensor cos, torch::Tensor sin, bool interleave, torch::Tensor kv_b,
                                   torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
-                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                  c10::optional<torch::Tensor> kv_b_scale);
 
 // decode_stack.cpp
 void bind_decode_stack(pybind11::module& m);

@@ -334,11 +334,16 @@ torch::Tensor moe_lora_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mla_decode_step_f32", &mla_decode_step_f32, "MLA decode step after the projections: norm, RoPE, cache writes, attention");
+  m.def("mla_decode_step_f32", &mla_decode_step_f32, "MLA decode step after the projections: norm, RoPE, cache writes, attention",
+        py::arg("q"), py::arg("kv_a"), py::arg("kv_norm_weight"), py::arg("eps"), py::arg("cos"), py::arg("sin"),
+        py::arg("interleave"), py::arg("kv_b"), py::arg("ckv_cache"), py::arg("kpe_cache"), py::arg("slot_mapping"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("kv_b_scale") = py::none());
   m.def("rms_norm_f32", &rms_norm_f32, "RMSNorm over the last dimension");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm in bf16 as transformers rounds it (twice)");
   m.def("topk_gating_f32", &topk_gating_f32, "top-k routing, the contract of kernels.topk_gating");
-  m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV");
+  m.def("mla_decode_absorbed_f32", &mla_decode_absorbed_f32, "MLA decode with absorbed W_UK / W_UV",
+        py::arg("q_nope"), py::arg("q_pe"), py::arg("kv_b"), py::arg("ckv_cache"), py::arg("kpe_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("kv_b_scale") = py::none());
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
   m.def("linear_int8", &linear_int8, "x @ (w * scale)^T (+ bias) over int8 weight rows with a scale per row",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("quantize_activations") = false);
