@@ -59,7 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           "graph runs on the GPU Ray gives it")
     srv.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                      help="int8: every linear layer's weights as int8 with a scale per output row (as llama.cpp's "
-                          "Q8_0); experts_int8: the routed experts only. Quantised at load; local mode only")
+                          "Q8_0); w8a8: the same, and on the CPU the activations too (blocks of 32); experts_int8: "
+                          "the routed experts only. Quantised at load; local mode only")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)

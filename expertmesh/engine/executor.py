@@ -40,7 +40,7 @@ class ExecutorSpec:
     block_size: int
     max_loras: int = 0
     max_lora_rank: int = 16
-    quantization: str | None = None  # int8 weight-only quantisation ("int8", "experts_int8"), model/quantize.py
+    quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py)
 
 
 class ExecutorUnavailable(RuntimeError):

@@ -35,7 +35,7 @@ class EngineConfig:
     enable_lora: bool = False  # serve LoRA adapters named per request (vLLM's defaults below)
     max_loras: int = 1  # adapters resident at once: those of unfinished requests must fit
     max_lora_rank: int = 16
-    quantization: str | None = None  # "int8" or "experts_int8": int8 weight-only, quantised at load
+    quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py), at load
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
