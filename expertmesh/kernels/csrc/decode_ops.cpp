@@ -11,23 +11,14 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
 #include "rows_dot.h"
 
 namespace {
 
-void check_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
-              " must be a contiguous CPU float32 tensor");
-}
-
-void check_bf16(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.is_contiguous(), name,
-              " must be a contiguous CPU bfloat16 tensor (as kv_b is)");
-}
-
-const expertmesh::Bf16* bf16(const torch::Tensor& t) {
-  return reinterpret_cast<const expertmesh::Bf16*>(t.data_ptr<at::BFloat16>());
-}
+using expertmesh::bf16_ptr;
+using expertmesh::check_bf16;
+using expertmesh::check_f32;
 
 float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {};
@@ -148,7 +139,7 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(weight.numel() == x.size(-1), "rms_norm_bf16: weight must be [H] for x [..., H]");
   const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(h, 1);
   auto out = torch::empty_like(x);
-  const expertmesh::Bf16 *xp = bf16(x), *wp = bf16(weight);
+  const expertmesh::Bf16 *xp = bf16_ptr(x), *wp = bf16_ptr(weight);
   auto* op = reinterpret_cast<expertmesh::Bf16*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(h);
@@ -345,7 +336,7 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   }
   auto run = [&](auto* w, const float* w_scale) {
     if (bf16_cache) {
-      return mla_absorbed(q_nope, q_pe, w, w_scale, bf16(ckv_cache), bf16(kpe_cache), rank, block, v_dim,
+      return mla_absorbed(q_nope, q_pe, w, w_scale, bf16_ptr(ckv_cache), bf16_ptr(kpe_cache), rank, block, v_dim,
                           block_tables, context_lens, scale);
     }
     return mla_absorbed(q_nope, q_pe, w, w_scale, static_cast<const float*>(ckv_cache.data_ptr<float>()),
@@ -361,7 +352,7 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   TORCH_CHECK(!kv_b_scale.has_value(), "kv_b_scale goes with an int8 kv_b only");
   if (bf16_cache) {  // float kv_b is stored as the caches are
     check_bf16(kv_b, "kv_b");
-    return run(bf16(kv_b), nullptr);
+    return run(bf16_ptr(kv_b), nullptr);
   }
   check_f32(kv_b, "kv_b");
   return run(static_cast<const float*>(kv_b.data_ptr<float>()), nullptr);

@@ -6,6 +6,22 @@
 
 #include <tuple>
 
+#include "rows_dot.h"
+
+namespace expertmesh {
+
+inline void check_contiguous(const torch::Tensor& t, torch::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), name,
+              " must be a contiguous CPU ", c10::toString(dtype), " tensor, got ", t.scalar_type(),
+              t.is_contiguous() ? "" : " (not contiguous)", " on ", t.device());
+}
+inline void check_f32(const torch::Tensor& t, const char* name) { check_contiguous(t, torch::kFloat32, name); }
+inline void check_bf16(const torch::Tensor& t, const char* name) { check_contiguous(t, torch::kBFloat16, name); }
+
+inline const Bf16* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const Bf16*>(t.data_ptr<at::BFloat16>()); }
+
+}  // namespace expertmesh
+
 // small_m.cpp
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,

@@ -31,19 +31,9 @@ int64_t chunk_rows(int64_t k) {
   return rows / kRowBlock * kRowBlock;
 }
 
-void check_f32_contiguous(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a CPU float32 tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-const expertmesh::Bf16* bf16_ptr(const torch::Tensor& t) {
-  return reinterpret_cast<const expertmesh::Bf16*>(t.data_ptr<at::BFloat16>());
-}
-
-void check_bf16_contiguous(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, name, " must be a CPU bfloat16 tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
+using expertmesh::bf16_ptr;
+using expertmesh::check_bf16;
+using expertmesh::check_f32;
 
 // `scale`: one per weight row (int8 weights), or nullptr.
 template <typename W, typename X>
@@ -74,18 +64,18 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
     x = x.to(torch::kFloat32);
   }
   if (x.scalar_type() == torch::kBFloat16) {
-    check_bf16_contiguous(x, "x");
-    check_bf16_contiguous(w, "weight");
+    check_bf16(x, "x");
+    check_bf16(w, "weight");
     linear_rows(bf16_ptr(x), bf16_ptr(w), out.data_ptr<float>(), m, k, n);
     if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
     return out;
   }
-  check_f32_contiguous(x, "x");
+  check_f32(x, "x");
   if (w.scalar_type() == torch::kBFloat16) {
-    check_bf16_contiguous(w, "weight");
+    check_bf16(w, "weight");
     linear_rows(x.data_ptr<float>(), bf16_ptr(w), out.data_ptr<float>(), m, k, n);
   } else {
-    check_f32_contiguous(w, "weight");
+    check_f32(w, "weight");
     linear_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), m, k, n);
   }
   if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
@@ -97,10 +87,10 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
 // quantised in blocks of 32 first and the products summed as integers (q8_rows.h).
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                           bool quantize_activations) {
-  check_f32_contiguous(x, "x");
+  check_f32(x, "x");
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2,
               "weight must be a contiguous CPU int8 tensor [N, K]");
-  check_f32_contiguous(scale, "scale");
+  check_f32(scale, "scale");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "linear_int8: x [M, K] does not fit weight [N, K]");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == w.size(0), "scale must be [N]: one per weight row");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
@@ -151,7 +141,7 @@ struct Experts {
 template <typename W>
 torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Tensor topk_weights,
                                torch::Tensor topk_ids, const MoeLora* lora, bool quantize_activations = false) {
-  check_f32_contiguous(x, "hidden_states");
+  check_f32(x, "hidden_states");
   const int64_t t_count = x.size(0), h = x.size(1), e_count = ex.count, inter = ex.inter;
   const int64_t k_count = topk_ids.size(1);
   auto ids = topk_ids.to(torch::kInt64).contiguous();
@@ -275,8 +265,8 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
 }  // namespace
 
 Experts<float> f32_experts(const torch::Tensor& w13, const torch::Tensor& w2) {
-  check_f32_contiguous(w13, "w13");
-  check_f32_contiguous(w2, "w2");
+  check_f32(w13, "w13");
+  check_f32(w2, "w2");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2),
               "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
   return {w13.data_ptr<float>(), nullptr, w2.data_ptr<float>(), nullptr, w13.size(0), w2.size(2)};
@@ -286,8 +276,8 @@ Experts<float> f32_experts(const torch::Tensor& w13, const torch::Tensor& w2) {
 torch::Tensor moe_small_m(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
                           torch::Tensor topk_ids) {
   if (w13.scalar_type() == torch::kBFloat16) {
-    check_bf16_contiguous(w13, "w13");
-    check_bf16_contiguous(w2, "w2");
+    check_bf16(w13, "w13");
+    check_bf16(w2, "w2");
     TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2),
                 "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
     const Experts<expertmesh::Bf16> ex{bf16_ptr(w13), nullptr, bf16_ptr(w2), nullptr, w13.size(0), w2.size(2)};
@@ -306,7 +296,7 @@ torch::Tensor moe_small_m_int8(torch::Tensor x, torch::Tensor w13, torch::Tensor
                 " must be a contiguous CPU int8 tensor [E, N, K]");
   }
   for (const auto& [t, name] : {std::pair{w13_scale, "w13_scale"}, std::pair{w2_scale, "w2_scale"}}) {
-    check_f32_contiguous(t, name);
+    check_f32(t, name);
   }
   TORCH_CHECK(w13.size(0) == w2.size(0) && w13.size(1) == 2 * w2.size(2) && w13.size(2) == w2.size(1),
               "w13 [E, 2I, H] and w2 [E, H, I] do not fit each other");
