@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from expertmesh.engine.llm_engine import KV_CACHE_DTYPES
 from expertmesh.model.quantize import QUANTIZATIONS
 from expertmesh.platform.server.settings import DOWNSCALE_DELAY_S, UPSCALE_DELAY_S
 
@@ -61,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="int8: every linear layer's weights as int8 with a scale per output row (as llama.cpp's "
                           "Q8_0); w8a8: the same, and on the CPU the activations too (blocks of 32); experts_int8: "
                           "the routed experts only. Quantised at load; local mode only")
+    srv.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                     help="auto (default): the KV cache in the model's dtype; bfloat16: a float32 model's cache at "
+                          "half the bytes. Local mode only")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)

@@ -21,7 +21,7 @@ from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.experts.rebalance_policy import RebalancePolicy
 from expertmesh.experts.shard_autoscale import ShardAutoscalePolicy
 from expertmesh.kernels.cpu_ext import small_m_kernels
-from expertmesh.model import AttentionMetadata, MoECausalLM, load_model
+from expertmesh.model import AttentionMetadata, MoECausalLM, load_model, resolve_dtype
 from expertmesh.model.adapters import ModelAdapters
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.quantize import check_checkpoint_quantizable, quantize_model
@@ -41,6 +41,7 @@ class ExecutorSpec:
     max_loras: int = 0
     max_lora_rank: int = 16
     quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; or a dtype name ("bfloat16")
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -124,7 +125,7 @@ class LocalExecutor:
     mode = "local"
 
     def __init__(self, model: MoECausalLM, *, num_blocks: int, block_size: int, max_loras: int = 0,
-                 max_lora_rank: int = 16):
+                 max_lora_rank: int = 16, kv_cache_dtype: str = "auto"):
         self.model = model
         self.adapters = ModelAdapters(model, max_loras, max_lora_rank)
         blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
@@ -137,7 +138,8 @@ class LocalExecutor:
         for block in blocks:
             block.routing_observer = self._observe_routing
         self.block_size = block_size
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        cache_dtype = None if kv_cache_dtype == "auto" else resolve_dtype(kv_cache_dtype)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, cache_dtype)
         self.device = model.model.embed_tokens.weight.device
         if self.device.type == "cpu":
             small_m_kernels()  # build the C++ decode kernels now rather than during the first request
@@ -151,7 +153,7 @@ class LocalExecutor:
         if spec.quantization is not None:
             quantize_model(model, spec.quantization)
         return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size, max_loras=spec.max_loras,
-                   max_lora_rank=spec.max_lora_rank)
+                   max_lora_rank=spec.max_lora_rank, kv_cache_dtype=spec.kv_cache_dtype)
 
     def load_adapter(self, slot: int, path: str) -> None:
         self.adapters.load(slot, path)

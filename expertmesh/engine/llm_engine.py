@@ -21,6 +21,9 @@ from expertmesh.model import ModelConfig, MoECausalLM, resolve_dtype
 from expertmesh.model.quantize import check_quantization
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineConfig:
     model: str
@@ -36,9 +39,13 @@ class EngineConfig:
     max_loras: int = 1  # adapters resident at once: those of unfinished requests must fit
     max_lora_rank: int = 16
     quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py), at load
+    # "auto": the KV cache in the model's dtype; "bfloat16": a float32 model's cache at half the bytes (vLLM's name)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization is not None and self.enable_lora:
             raise ValueError(f"enable_lora with quantization={self.quantization!r} is not served: LoRA adapters "
                              "apply to float weights; leave one of them out")
@@ -86,7 +93,8 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         spec = ExecutorSpec(model=config.model, dtype=config.dtype, device=config.device, num_blocks=num_blocks,
                             block_size=config.block_size, max_loras=config.max_loras if config.enable_lora else 0,
-                            max_lora_rank=config.max_lora_rank, quantization=config.quantization)
+                            max_lora_rank=config.max_lora_rank, quantization=config.quantization,
+                            kv_cache_dtype=config.kv_cache_dtype)
         self.executor: Executor = (executor or LocalExecutor.build)(spec)
         self.adapters: AdapterRegistry | None = None  # which adapter each slot of the executor holds
         self._adapter_executor: AdapterExecutor | None = None  # the executor again, when it serves adapters
@@ -104,7 +112,8 @@ class LLMEngine:
 
     def _default_num_blocks(self) -> int:
         bs = self.config.block_size
-        itemsize = resolve_dtype(self.config.dtype).itemsize
+        cache_dtype = self.config.dtype if self.config.kv_cache_dtype == "auto" else self.config.kv_cache_dtype
+        itemsize = resolve_dtype(cache_dtype).itemsize
         with torch.device("meta"):  # the cache's shapes, without any weights
             shapes = MoECausalLM(self.model_config).cache_shapes(1, bs)
         per_block = sum(itemsize * int(torch.Size(shape).numel()) for layer in shapes for shape in layer)

@@ -62,6 +62,9 @@ class ActorGraph:
         if spec.quantization is not None:
             raise ValueError(f"quantization={spec.quantization!r} is served in local mode only: the actor graph's "
                              "expert shards hold float weights")
+        if spec.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={spec.kv_cache_dtype!r} is served in local mode only: the attention "
+                             "actors keep their caches in the model's dtype")
         return ActorGraphExecutor(spec, self.deployment, shard_class=self.shard_class)
 
 

@@ -283,7 +283,8 @@ def mla_decode_absorbed(
     """MLA decode from per-head queries to per-head values ``[B, H, v]``; see ``mla_decode_absorbed_ref``. An int8
     `kv_b_weight` comes with its row scales `kv_b_scale` [H * (nope + v)]."""
     args = (q_nope, q_pe, kv_b_weight, ckv_cache, kpe_cache, block_tables, context_lens)
-    ext = _fp32_cpu_kernels(*args, kv_b_scale)
+    ext = _fp32_cpu_kernels(*args, kv_b_scale) or _bf16_cache_kernels(ckv_cache, kpe_cache, q_nope, q_pe,
+                                                                       kv_b_weight, kv_b_scale)
     if ext is not None:
         return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
                                            ckv_cache, kpe_cache, block_tables, context_lens, scale, kv_b_scale)
@@ -315,7 +316,8 @@ def mla_decode_step(
 ) -> torch.Tensor:
     """One MLA decode step after the projections, ``[B, H, v]``; see ``mla_decode_step_ref``. `kv_b_scale`: an
     int8 `kv_b_weight`'s row scales, else None."""
-    ext = _fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale, ckv_cache, kpe_cache)
+    ext = (_fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale, ckv_cache, kpe_cache)
+           or _bf16_cache_kernels(ckv_cache, kpe_cache, q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale))
     if ext is not None and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
         return ext.mla_decode_step_f32(q.contiguous(), kv_a.contiguous(), kv_norm_weight.contiguous(), eps,
                                        cos.contiguous(), sin.contiguous(), interleave, kv_b_weight.contiguous(),
@@ -332,6 +334,15 @@ def mla_decode_step(
     return mla_decode_step_ref(q, kv_a, kv_norm_weight, eps, cos, sin, interleave,
                                _float_kv_b(kv_b_weight, kv_b_scale, q.dtype), ckv_cache, kpe_cache, slot_mapping,
                                block_tables, context_lens, scale)
+
+
+def _bf16_cache_kernels(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, *float32: torch.Tensor | None):
+    """The compiled CPU kernels for a float32 model over a bf16 latent cache (kv_cache_dtype="bfloat16"): the
+    `float32` tensors (activations, weights; an int8 kv_b passes) with bf16 caches."""
+    if ckv_cache.dtype != torch.bfloat16 or kpe_cache.dtype != torch.bfloat16:
+        return None
+    ext = _fp32_cpu_kernels(*float32)
+    return ext if ext is not None and _cpu_inference(ckv_cache, kpe_cache) else None
 
 
 def _stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache) -> tuple[torch.Tensor, ...]:

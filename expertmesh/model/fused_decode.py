@@ -92,7 +92,7 @@ class FusedDecoder:
             and x.dtype == self.dtype
             and x.shape[0] <= self.max_rows
             and x.shape[0] * self.top_k <= SMALL_M_MAX_PAIRS
-            and cache.dtype == self.dtype
+            and (cache.dtype == self.dtype or cache.dtype == torch.bfloat16)  # a float32 model's bf16 cache too
             and cache.is_contiguous()
             and not torch.is_grad_enabled()
             and kernel_backend() == "auto"

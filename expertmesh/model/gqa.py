@@ -79,8 +79,9 @@ class GQAttention(nn.Module):
             if kv_cache is None:
                 ctx_k, ctx_v = k[rows], v[rows]
             else:
-                ctx_k = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
-                ctx_v = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
+                # a cache kept in another dtype (kv_cache_dtype) is read back in the activations'
+                ctx_k = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s]).to(q.dtype)
+                ctx_v = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s]).to(q.dtype)
             return self._attend(q[rows], ctx_k, ctx_v, meta.positions[rows])
 
         out = attend_by_sequence(meta, x.new_empty(T, self.num_heads, self.head_dim), cached=kv_cache is not None,
@@ -101,8 +102,8 @@ class GQAttention(nn.Module):
         """B single-token queries [B, H, D], batched over the padded cache -> [B, H, D]."""
         B, rep = q.shape[0], self.num_heads // self.num_kv_heads
         max_len = int(ctx_lens.max())
-        k = gather_batch(kv_cache[0], block_tables, max_len).permute(0, 2, 1, 3)  # [B, KVH, L, D]
-        v = gather_batch(kv_cache[1], block_tables, max_len).permute(0, 2, 1, 3)
+        k = gather_batch(kv_cache[0], block_tables, max_len).to(q.dtype).permute(0, 2, 1, 3)  # [B, KVH, L, D]
+        v = gather_batch(kv_cache[1], block_tables, max_len).to(q.dtype).permute(0, 2, 1, 3)
         qg = q.view(B, self.num_kv_heads, rep, self.head_dim)  # [B, KVH, rep, D]
         query_pos = (ctx_lens.long() - 1)[:, None]  # [B, 1]
         mask = attention_mask(query_pos, max_len, ctx_lens, self.window)[:, None]  # [B, 1, 1, L]

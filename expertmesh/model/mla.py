@@ -105,8 +105,9 @@ class MLAttention(nn.Module):
             if kv_cache is None:
                 ctx_ckv, ctx_kpe = c_kv[rows], k_pe[rows]
             else:
-                ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s])
-                ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s])
+                # a cache kept in another dtype (kv_cache_dtype) is read back in the activations'
+                ctx_ckv = gather_context(kv_cache[0], meta.block_tables[s], meta.context_lens[s]).to(x.dtype)
+                ctx_kpe = gather_context(kv_cache[1], meta.block_tables[s], meta.context_lens[s]).to(x.dtype)
             kv = self.kv_b_proj(ctx_ckv)  # [L, H * (nope + v)]
             if kv_b is not None and (slot := kv_b.slot_of(rows.start)) >= 0:
                 kv = kv + kv_b.delta(ctx_ckv, slot)

@@ -91,3 +91,14 @@ def test_bf16_activations_against_bf16_weights_sum_exact_products_in_float32(row
     assert got.dtype == torch.float32
     # every product of two bf16 values is exact in float32: only the order of the float32 sums differs
     torch.testing.assert_close(got, F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_slots_and_block_tables_outside_the_cache_are_refused_not_written():
+    args = mla_inputs(torch.float32)
+    args[10] = torch.tensor([4, 24, 16 * 4])  # one past the cache's 16 blocks of 4 rows
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = 64 is outside the cache's 64 rows"):
+        kernels.mla_decode_step(*args)
+    args = mla_inputs(torch.float32)
+    args[11] = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 16]])  # block 16 of 16
+    with pytest.raises(RuntimeError, match=r"block_tables\[2, 2\] = 16 is outside the cache's 16 blocks"):
+        kernels.mla_decode_step(*args)

@@ -57,7 +57,7 @@ def _model(ckpt, dtype, quantization):
 
 
 @torch.inference_mode()
-def _decode(model, fused: bool, prompts: list[list[int]], steps: int = STEPS):
+def _decode(model, fused: bool, prompts: list[list[int]], steps: int = STEPS, cache_dtype=None):
     """Prefill of every prompt, then greedy decode steps of all of them together: (each decode step's logits,
     the caches, each MoE layer's routing decisions in the order they were heard)."""
     model.fused_decode = fused
@@ -67,7 +67,7 @@ def _decode(model, fused: bool, prompts: list[list[int]], steps: int = STEPS):
             block.routing_observer = lambda layer, ids: heard.append((layer, ids.clone()))
     per_seq = -(-(max(map(len, prompts)) + steps) // BLOCK)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    caches = model.allocate_kv_cache(per_seq * len(prompts), BLOCK)
+    caches = model.allocate_kv_cache(per_seq * len(prompts), BLOCK, cache_dtype)
     lens = [len(p) for p in prompts]
     meta = AttentionMetadata.build(query_lens=lens, context_lens=lens, block_tables=tables, block_size=BLOCK)
     ends = torch.tensor(lens).cumsum(0) - 1
@@ -122,6 +122,17 @@ def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, fa
     _assert_same_run(fused, modules)
     moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
     assert len(fused[2]) == STEPS * moe_layers
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_float32_model_over_a_bf16_latent_cache(tmp_path, monkeypatch, quantization):
+    """kv_cache_dtype="bfloat16": the stack reads and writes the bf16 cache as the modules do."""
+    model = _model(_checkpoint(tmp_path, "deepseek_v3", {}, "float32"), "float32", quantization)
+    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=5)
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts, cache_dtype=torch.bfloat16)
+    assert calls[0] == STEPS and fused[1][0][0].dtype == torch.bfloat16
+    _assert_same_run(fused, _decode(model, False, prompts, cache_dtype=torch.bfloat16))
 
 
 def test_a_model_changed_after_the_stack_was_built_gets_a_new_one(tmp_path, monkeypatch):

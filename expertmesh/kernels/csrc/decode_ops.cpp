@@ -226,8 +226,8 @@ namespace {
 // row) and caches stored as T (float32 or bf16); queries and output float32.
 template <typename W, typename T>
 torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w, const float* w_scale, const T* ckv,
-                           const T* kpe, int64_t rank, int64_t block, int64_t v_dim, torch::Tensor block_tables,
-                           torch::Tensor context_lens, double scale) {
+                           const T* kpe, int64_t ckv_cache_blocks, int64_t rank, int64_t block, int64_t v_dim,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   using expertmesh::widen;
   const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
   if (w_scale != nullptr) {  // W_UK's row n scaled by s[n]: fold the scales into the queries, q_nope[., h, n] * s[n]
@@ -239,7 +239,14 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
   auto out = torch::zeros({b_count, heads, v_dim}, q_nope.options());
   const float *qn = q_nope.data_ptr<float>(), *qp = q_pe.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
-  const int64_t width = tables.size(1);
+  const int64_t width = tables.size(1), num_blocks = ckv_cache_blocks;
+  for (int64_t b = 0; b < b_count; ++b) {  // every block a sequence's context reads must be in the cache
+    TORCH_CHECK(lp[b] <= width * block, "context_lens[", b, "] = ", lp[b], " exceeds its block table");
+    for (int64_t i = 0; i * block < lp[b]; ++i) {
+      TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < num_blocks, "block_tables[", b, ", ", i, "] = ",
+                  tp[b * width + i], " is outside the cache's ", num_blocks, " blocks");
+    }
+  }
   float* op = out.data_ptr<float>();
   // Absorb W_UK into every query first, per head across all sequences: q_lat [B, H, R].
   auto q_latent = torch::empty({b_count, heads, rank}, q_nope.options());
@@ -321,7 +328,8 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
 // Queries float32; kv_b and both caches all float32 or all bf16 (read as bf16, every sum in float32).
 torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv_b,
                                       torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor block_tables,
-                                      torch::Tensor context_lens, double scale, c10::optional<torch::Tensor> kv_b_scale) {
+                                      torch::Tensor context_lens, double scale,
+                                      c10::optional<torch::Tensor> kv_b_scale) {
   check_f32(q_nope, "q_nope");
   check_f32(q_pe, "q_pe");
   const int64_t heads = q_nope.size(1), nope = q_nope.size(2);
@@ -336,25 +344,26 @@ torch::Tensor mla_decode_absorbed_f32(torch::Tensor q_nope, torch::Tensor q_pe, 
   }
   auto run = [&](auto* w, const float* w_scale) {
     if (bf16_cache) {
-      return mla_absorbed(q_nope, q_pe, w, w_scale, bf16_ptr(ckv_cache), bf16_ptr(kpe_cache), rank, block, v_dim,
-                          block_tables, context_lens, scale);
+      return mla_absorbed(q_nope, q_pe, w, w_scale, bf16_ptr(ckv_cache), bf16_ptr(kpe_cache), ckv_cache.size(0), rank,
+                          block, v_dim, block_tables, context_lens, scale);
     }
     return mla_absorbed(q_nope, q_pe, w, w_scale, static_cast<const float*>(ckv_cache.data_ptr<float>()),
-                        static_cast<const float*>(kpe_cache.data_ptr<float>()), rank, block, v_dim, block_tables,
-                        context_lens, scale);
+                        static_cast<const float*>(kpe_cache.data_ptr<float>()), ckv_cache.size(0), rank, block, v_dim,
+                        block_tables, context_lens, scale);
   };
   if (kv_b.scalar_type() == torch::kInt8) {  // int8 rows, a float32 scale each
-    TORCH_CHECK(kv_b.is_contiguous() && kv_b_scale.has_value(), "an int8 kv_b must be contiguous and come with its scales");
+    TORCH_CHECK(kv_b.is_contiguous() && kv_b_scale.has_value(),
+                "an int8 kv_b must be contiguous and come with its scales");
     check_f32(*kv_b_scale, "kv_b_scale");
     TORCH_CHECK(kv_b_scale->dim() == 1 && kv_b_scale->size(0) == kv_b.size(0), "kv_b_scale must be [H * (nope + v)]");
     return run(static_cast<const int8_t*>(kv_b.data_ptr<int8_t>()), kv_b_scale->data_ptr<float>());
   }
   TORCH_CHECK(!kv_b_scale.has_value(), "kv_b_scale goes with an int8 kv_b only");
-  if (bf16_cache) {  // float kv_b is stored as the caches are
+  if (kv_b.scalar_type() == torch::kBFloat16) {
     check_bf16(kv_b, "kv_b");
     return run(bf16_ptr(kv_b), nullptr);
   }
-  check_f32(kv_b, "kv_b");
+  check_f32(kv_b, "kv_b");  // float32 weights, over float32 caches or bf16 ones (kv_cache_dtype="bfloat16")
   return run(static_cast<const float*>(kv_b.data_ptr<float>()), nullptr);
 }
 
@@ -383,6 +392,12 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
   const int64_t nope = q.size(2) - dr, half = dr / 2;
   TORCH_CHECK(kv_a.size(1) == rank + dr, "kv_a must be [B, R + Dr]");
   auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  const int64_t cache_rows = ckv_cache.size(0) * ckv_cache.size(1);
+  for (int64_t b = 0; b < slots.numel(); ++b) {
+    const int64_t at = slots.data_ptr<int64_t>()[b];
+    TORCH_CHECK(at >= 0 && at < cache_rows, "slot_mapping[", b, "] = ", at, " is outside the cache's ", cache_rows,
+                " rows");
+  }
   auto q_nope = torch::empty({b_count, heads, nope}, q.options());
   auto q_pe = torch::empty({b_count, heads, dr}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = kv_a.data_ptr<float>(), *nw = kv_norm_weight.data_ptr<float>();
