@@ -150,7 +150,8 @@ def main() -> int:
                 theirs.append(llama_decode(tools, model, batch, prompt, new, args.threads, LLAMA_ARGS.get(outtype, [])))
                 ours.append(ours_decode(llm, batch, prompt, new, vocab))
             med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-            row = {"llama_cpp": {k: med(theirs, k) for k in theirs[0]}, "expertmesh": {k: med(ours, k) for k in ours[0]},
+            row = {"llama_cpp": {k: med(theirs, k) for k in theirs[0]},
+                   "expertmesh": {k: med(ours, k) for k in ours[0]},
                    "rounds": {"llama_cpp": theirs, "expertmesh": ours}}
             row["decode_ratio"] = row["expertmesh"]["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
             row["prefill_ratio"] = row["expertmesh"]["prefill_tok_s"] / row["llama_cpp"]["prefill_tok_s"]

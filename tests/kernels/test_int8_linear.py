@@ -69,7 +69,8 @@ def test_mla_decode_reads_an_int8_kv_b_with_its_row_scales(dtype):
     norm, angles = torch.rand(rank, generator=gen) + 0.5, torch.rand(b, dr // 2, generator=gen)
     kv_b_q, kv_b_scale = kernels.quantize_int8(torch.randn(h * (nope + v), rank, generator=gen) * 0.1)
     caches = [torch.randn(16, block, rank, generator=gen), torch.randn(16, block, dr, generator=gen)]
-    slots, tables, lens = torch.tensor([4, 24, 35]), torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]]), torch.tensor([5, 9, 12])
+    slots, lens = torch.tensor([4, 24, 35]), torch.tensor([5, 9, 12])
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
     cast = lambda t: t.to(dtype)  # noqa: E731
     got_caches, ref_caches = [cast(c.clone()) for c in caches], [cast(c.clone()) for c in caches]
     kv_b = kernels.dequantize_int8(kv_b_q, kv_b_scale, dtype)

@@ -46,7 +46,8 @@ struct Norm {
   double eps = 0;
 
   Norm() = default;
-  Norm(const py::dict& d, const char* key) : weight(tensor(d, key)), eps(d[(std::string(key) + "_eps").c_str()].cast<double>()) {}
+  Norm(const py::dict& d, const char* key)
+      : weight(tensor(d, key)), eps(d[(std::string(key) + "_eps").c_str()].cast<double>()) {}
 };
 
 struct Mlp {
@@ -218,9 +219,10 @@ class DecodeStack {
                                           m.top2_sum, m.renormalize, m.scaling);
     routed.push_back(ids);
     const torch::Tensor x_c = x_f.contiguous();
-    torch::Tensor out = m.w13_scale.defined()
-                            ? moe_small_m_int8(x_c, m.w13, m.w13_scale, m.w2, m.w2_scale, weights, ids, m.quantize_activations)
-                            : moe_small_m(x_c, m.w13, m.w2, weights.to(torch::kFloat32), ids);
+    torch::Tensor out =
+        m.w13_scale.defined()
+            ? moe_small_m_int8(x_c, m.w13, m.w13_scale, m.w2, m.w2_scale, weights, ids, m.quantize_activations)
+            : moe_small_m(x_c, m.w13, m.w2, weights.to(torch::kFloat32), ids);
     out = as_model_dtype(out);
     return m.shared ? out + mlp(*m.shared, x) : out;
   }

@@ -18,7 +18,9 @@ inline void check_contiguous(const torch::Tensor& t, torch::ScalarType dtype, co
 inline void check_f32(const torch::Tensor& t, const char* name) { check_contiguous(t, torch::kFloat32, name); }
 inline void check_bf16(const torch::Tensor& t, const char* name) { check_contiguous(t, torch::kBFloat16, name); }
 
-inline const Bf16* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const Bf16*>(t.data_ptr<at::BFloat16>()); }
+inline const Bf16* bf16_ptr(const torch::Tensor& t) {
+  return reinterpret_cast<const Bf16*>(t.data_ptr<at::BFloat16>());
+}
 
 }  // namespace expertmesh
 

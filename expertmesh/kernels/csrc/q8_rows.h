@@ -32,7 +32,9 @@ struct Q8Rows {
     neg.assign(m * steps, 0);
     scales.assign(m * steps * 16, 0.f);
     for (int64_t t = 0; t < m; ++t) {
-      for (int64_t b = 0; b < k / kQ8Block; ++b) quantize_block(x + t * x_stride + b * kQ8Block, t * steps + b / 2, b % 2);
+      for (int64_t b = 0; b < k / kQ8Block; ++b) {
+        quantize_block(x + t * x_stride + b * kQ8Block, t * steps + b / 2, b % 2);
+      }
     }
   }
 
