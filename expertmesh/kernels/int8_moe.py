@@ -129,7 +129,7 @@ def fused_moe_int8_cpu(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights
             out = kernels.moe_small_m_int8(hidden_states.float().contiguous(), w13, w13_scale.contiguous(), w2,
                                            w2_scale.contiguous(), topk_weights, topk_ids, quantize_activations)
             return out.to(hidden_states.dtype)  # bf16: float32 sums, rounded once
-    if quantize_activations:
-        return fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, True)
+    if quantize_activations:  # the arguments were checked by the caller, as for the paths above
+        return _w8a8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     w13_f, w2_f, ids = dequantize_used(w13, w13_scale, w2, w2_scale, topk_ids, hidden_states.dtype)
     return fused_moe_cpu(hidden_states, w13_f, w2_f, topk_weights, ids)

@@ -126,27 +126,13 @@ inline void q8_dot_block(const int8_t* w, const float* scale, const Q8Rows& x, i
 #endif
 }
 
-template <int64_t RB>
-inline void q8_dot_all_tokens(const int8_t* w, const float* scale, const Q8Rows& x, int64_t t0, int64_t m,
-                              float* out, int64_t out_stride) {
-  int64_t t = 0;
-  for (; t + 4 <= m; t += 4) q8_dot_block<RB, 4>(w, scale, x, t0 + t, out + t * out_stride, out_stride);
-  switch (m - t) {
-    case 3: q8_dot_block<RB, 3>(w, scale, x, t0 + t, out + t * out_stride, out_stride); break;
-    case 2: q8_dot_block<RB, 2>(w, scale, x, t0 + t, out + t * out_stride, out_stride); break;
-    case 1: q8_dot_block<RB, 1>(w, scale, x, t0 + t, out + t * out_stride, out_stride); break;
-    default: break;
-  }
-}
-
 // rows_dot's contract for int8 weight rows [rows, x.k] against tokens t0 .. t0 + m - 1 of `x`.
 inline void rows_dot(const int8_t* w, int64_t rows, const Q8Rows& x, int64_t t0, int64_t m, float* out,
                      int64_t out_stride, const float* scale) {
-  const int64_t k = x.k;
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock)
-    q8_dot_all_tokens<kRowBlock>(w + r * k, scale + r, x, t0, m, out + r, out_stride);
-  for (; r < rows; ++r) q8_dot_all_tokens<1>(w + r * k, scale + r, x, t0, m, out + r, out_stride);
+  for_blocks(rows, m, [&](auto rb, auto tb, int64_t r, int64_t t) {
+    q8_dot_block<decltype(rb)::value, decltype(tb)::value>(w + r * x.k, scale + r, x, t0 + t,
+                                                           out + t * out_stride + r, out_stride);
+  });
 }
 
 }  // namespace expertmesh

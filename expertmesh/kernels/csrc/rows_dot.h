@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -169,18 +170,27 @@ inline void dot_block(const Bf16* w, const float* scale, int64_t k, const Bf16* 
 #endif
 }
 
-template <int64_t RB, typename W, typename X>
-inline void dot_rows_all_tokens(const W* w, const float* scale, int64_t k, const X* x, int64_t x_stride,
-                                int64_t m, float* out, int64_t out_stride) {
-  int64_t t = 0;
-  for (; t + 4 <= m; t += 4)
-    dot_block<RB, 4>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride);
-  switch (m - t) {
-    case 3: dot_block<RB, 3>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
-    case 2: dot_block<RB, 2>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
-    case 1: dot_block<RB, 1>(w, scale, k, x + t * x_stride, x_stride, out + t * out_stride, out_stride); break;
-    default: break;
-  }
+template <int64_t N>
+using Block = std::integral_constant<int64_t, N>;
+
+// The register blocks a (rows x tokens) dot product is walked in: `block(Block<RB>{}, Block<TB>{}, r, t)` for
+// rows r .. r + RB - 1 and tokens t .. t + TB - 1; rows kRowBlock at a time then one by one, tokens four at a
+// time then the 3, 2 or 1 left.
+template <typename F>
+inline void for_blocks(int64_t rows, int64_t m, F&& block) {
+  auto tokens = [&](auto rb, int64_t r) {
+    int64_t t = 0;
+    for (; t + 4 <= m; t += 4) block(rb, Block<4>{}, r, t);
+    switch (m - t) {
+      case 3: block(rb, Block<3>{}, r, t); break;
+      case 2: block(rb, Block<2>{}, r, t); break;
+      case 1: block(rb, Block<1>{}, r, t); break;
+      default: break;
+    }
+  };
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) tokens(Block<kRowBlock>{}, r);
+  for (; r < rows; ++r) tokens(Block<1>{}, r);
 }
 
 // `scale`: one per weight row (int8 weights), or nullptr (float32 weights). Activations `x` are float32, or bf16
@@ -188,12 +198,11 @@ inline void dot_rows_all_tokens(const W* w, const float* scale, int64_t k, const
 template <typename W, typename X>
 inline void rows_dot(const W* w, int64_t rows, int64_t k, const X* x, int64_t x_stride, int64_t m, float* out,
                      int64_t out_stride, const float* scale = nullptr) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock)
-    dot_rows_all_tokens<kRowBlock>(w + r * k, scale == nullptr ? nullptr : scale + r, k, x, x_stride, m, out + r,
-                                   out_stride);
-  for (; r < rows; ++r)
-    dot_rows_all_tokens<1>(w + r * k, scale == nullptr ? nullptr : scale + r, k, x, x_stride, m, out + r, out_stride);
+  for_blocks(rows, m, [&](auto rb, auto tb, int64_t r, int64_t t) {
+    dot_block<decltype(rb)::value, decltype(tb)::value>(w + r * k, scale == nullptr ? nullptr : scale + r, k,
+                                                        x + t * x_stride, x_stride, out + t * out_stride + r,
+                                                        out_stride);
+  });
 }
 
 }  // namespace expertmesh

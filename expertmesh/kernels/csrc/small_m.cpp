@@ -35,18 +35,34 @@ using expertmesh::bf16_ptr;
 using expertmesh::check_bf16;
 using expertmesh::check_f32;
 
+// `dot(r0, r1)` for row ranges of an [n, k] weight matrix: chunks of about 256 KB, in one parallel region.
+template <typename F>
+void for_row_chunks(int64_t n, int64_t k, F&& dot) {
+  const int64_t rows = chunk_rows(k);
+  const int64_t chunks = (n + rows - 1) / rows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) dot(c * rows, std::min(n, (c + 1) * rows));
+  });
+}
+
 // `scale`: one per weight row (int8 weights), or nullptr.
 template <typename W, typename X>
 void linear_rows(const X* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n,
                  const float* scale = nullptr) {
-  const int64_t rows = chunk_rows(k);
-  const int64_t chunks = (n + rows - 1) / rows;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
-      rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n, scale == nullptr ? nullptr : scale + r0);
-    }
+  for_row_chunks(n, k, [&](int64_t r0, int64_t r1) {
+    rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n, scale == nullptr ? nullptr : scale + r0);
   });
+}
+
+// Rows t0 .. t0 + m - 1 of [*, k] activations against int8 or float weight rows: through their quantised copy
+// `q` where there is one (int8 weights, w8a8), else as float32.
+template <typename W>
+void rows_dot_acts(const W* w, int64_t rows, int64_t k, const float* x, const std::optional<expertmesh::Q8Rows>& q,
+                   int64_t t0, int64_t m, float* out, int64_t out_stride, const float* scale) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (q) return expertmesh::rows_dot(w, rows, *q, t0, m, out, out_stride, scale);
+  }
+  rows_dot(w, rows, k, x + t0 * k, k, m, out, out_stride, scale);
 }
 
 }  // namespace
@@ -101,12 +117,8 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   if (quantize_activations) {
     TORCH_CHECK(k % expertmesh::kQ8Block == 0, "quantised activations need K a multiple of 32, got ", k);
     const expertmesh::Q8Rows qx(x.data_ptr<float>(), m, k, k);
-    const int64_t rows = chunk_rows(k), chunks = (n + rows - 1) / rows;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
-        expertmesh::rows_dot(wp + r0 * k, r1 - r0, qx, 0, m, op + r0, n, sp + r0);
-      }
+    for_row_chunks(n, k, [&](int64_t r0, int64_t r1) {
+      expertmesh::rows_dot(wp + r0 * k, r1 - r0, qx, 0, m, op + r0, n, sp + r0);
     });
   } else {
     linear_rows(x.data_ptr<float>(), wp, op, m, k, n, sp);
@@ -190,15 +202,8 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
       const int64_t g = item / chunks1, r0 = (item % chunks1) * rows1, r1 = std::min(2 * inter, r0 + rows1);
       const int64_t o = offsets[g];
       const int64_t row = experts[g] * 2 * inter + r0;
-      if constexpr (kInt8) {
-        if (qxs) {
-          expertmesh::rows_dot(ex.w13 + row * h, r1 - r0, *qxs, o, offsets[g + 1] - o, gup + o * 2 * inter + r0,
-                               2 * inter, ex.s13 + row);
-          continue;
-        }
-      }
-      rows_dot(ex.w13 + row * h, r1 - r0, h, xsp + o * h, h, offsets[g + 1] - o, gup + o * 2 * inter + r0, 2 * inter,
-               ex.s13 == nullptr ? nullptr : ex.s13 + row);
+      rows_dot_acts(ex.w13 + row * h, r1 - r0, h, xsp, qxs, o, offsets[g + 1] - o, gup + o * 2 * inter + r0,
+                    2 * inter, ex.s13 == nullptr ? nullptr : ex.s13 + row);
     }
   });
 
@@ -230,15 +235,8 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
       const int64_t g = item / chunks2, r0 = (item % chunks2) * rows2, r1 = std::min(h, r0 + rows2);
       const int64_t o = offsets[g];
       const int64_t row = experts[g] * h + r0;
-      if constexpr (kInt8) {
-        if (qact) {
-          expertmesh::rows_dot(ex.w2 + row * inter, r1 - r0, *qact, o, offsets[g + 1] - o, ysp + o * h + r0, h,
-                               ex.s2 + row);
-          continue;
-        }
-      }
-      rows_dot(ex.w2 + row * inter, r1 - r0, inter, ap + o * inter, inter, offsets[g + 1] - o, ysp + o * h + r0, h,
-               ex.s2 == nullptr ? nullptr : ex.s2 + row);
+      rows_dot_acts(ex.w2 + row * inter, r1 - r0, inter, ap, qact, o, offsets[g + 1] - o, ysp + o * h + r0, h,
+                    ex.s2 == nullptr ? nullptr : ex.s2 + row);
     }
   });
 
