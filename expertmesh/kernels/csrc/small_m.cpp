@@ -3,8 +3,8 @@
 // At decode sizes a matmul is a pass over the weights: each weight row is read from DRAM once and dotted
 // with every activation row while it sits in L1. BLAS libraries pay a fixed cost per call and ramp their
 // prefetchers per matrix, so many small expert matrices stream at a third of the machine's bandwidth.
-// Here one parallel region covers every selected expert of a layer, split into row chunks of a few
-// hundred KB, so both cores stream long contiguous runs for the whole call.
+// Here one parallel region covers every selected expert of a layer, its rows split evenly into one contiguous
+// run per core, so both cores stream for the whole call and finish together.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,24 +24,40 @@ namespace {
 
 using expertmesh::kRowBlock;
 using expertmesh::rows_dot;
-
-// Rows per work item: about 256 KB of weights, a multiple of the row block.
-int64_t chunk_rows(int64_t k) {
-  int64_t rows = std::max<int64_t>(kRowBlock, (256 * 1024 / 4) / std::max<int64_t>(k, 1));
-  return rows / kRowBlock * kRowBlock;
-}
-
 using expertmesh::bf16_ptr;
 using expertmesh::check_bf16;
 using expertmesh::check_f32;
 
-// `dot(r0, r1)` for row ranges of an [n, k] weight matrix: chunks of about 256 KB, in one parallel region.
+// Weights below this many bytes a thread are read by fewer threads: waking one and joining it costs more than
+// the reading it would share.
+constexpr int64_t kMinBytesPerThread = 32 * 1024;
+
+// `dot(r0, r1)` over the rows of an [n, k] weight matrix whose rows are `row_bytes` long: the row blocks split
+// evenly into one contiguous run per thread, so every core streams one run and all finish together. (Chunks of
+// a fixed size left one core idle for a chunk's time whenever their count was odd: q_a_proj's 5 chunks of int8
+// rows took the time of 3.)
 template <typename F>
-void for_row_chunks(int64_t n, int64_t k, F&& dot) {
-  const int64_t rows = chunk_rows(k);
-  const int64_t chunks = (n + rows - 1) / rows;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) dot(c * rows, std::min(n, (c + 1) * rows));
+void for_row_chunks(int64_t n, int64_t row_bytes, F&& dot) {
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (kRowBlock * row_bytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    dot(b0 * kRowBlock, std::min(n, b1 * kRowBlock));
+  });
+}
+
+// `dot(g, r0, r1)` over rows [0, rows) of `groups` matrices (the selected experts' weights) as one range of row
+// blocks, split as for_row_chunks splits one matrix: a thread's run may end inside one expert and go on into the
+// next.
+template <typename F>
+void for_group_rows(int64_t groups, int64_t rows, int64_t row_bytes, F&& dot) {
+  const int64_t per = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (kRowBlock * row_bytes));
+  at::parallel_for(0, groups * per, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1;) {
+      const int64_t g = u / per, end = std::min(u1, (g + 1) * per);
+      dot(g, (u - g * per) * kRowBlock, std::min(rows, (end - g * per) * kRowBlock));
+      u = end;
+    }
   });
 }
 
@@ -49,7 +65,7 @@ void for_row_chunks(int64_t n, int64_t k, F&& dot) {
 template <typename W, typename X>
 void linear_rows(const X* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n,
                  const float* scale = nullptr) {
-  for_row_chunks(n, k, [&](int64_t r0, int64_t r1) {
+  for_row_chunks(n, k * static_cast<int64_t>(sizeof(W)), [&](int64_t r0, int64_t r1) {
     rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n, scale == nullptr ? nullptr : scale + r0);
   });
 }
@@ -117,7 +133,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   if (quantize_activations) {
     TORCH_CHECK(k % expertmesh::kQ8Block == 0, "quantised activations need K a multiple of 32, got ", k);
     const expertmesh::Q8Rows qx(x.data_ptr<float>(), m, k, k);
-    for_row_chunks(n, k, [&](int64_t r0, int64_t r1) {
+    for_row_chunks(n, k, [&](int64_t r0, int64_t r1) {  // int8 rows: k bytes
       expertmesh::rows_dot(wp + r0 * k, r1 - r0, qx, 0, m, op + r0, n, sp + r0);
     });
   } else {
@@ -196,15 +212,10 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
 
   auto gate_up = torch::empty({pairs, 2 * inter}, x.options());
   float* gup = gate_up.data_ptr<float>();
-  const int64_t rows1 = chunk_rows(h), chunks1 = (2 * inter + rows1 - 1) / rows1;
-  at::parallel_for(0, groups * chunks1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / chunks1, r0 = (item % chunks1) * rows1, r1 = std::min(2 * inter, r0 + rows1);
-      const int64_t o = offsets[g];
-      const int64_t row = experts[g] * 2 * inter + r0;
-      rows_dot_acts(ex.w13 + row * h, r1 - r0, h, xsp, qxs, o, offsets[g + 1] - o, gup + o * 2 * inter + r0,
-                    2 * inter, ex.s13 == nullptr ? nullptr : ex.s13 + row);
-    }
+  for_group_rows(groups, 2 * inter, h * static_cast<int64_t>(sizeof(W)), [&](int64_t g, int64_t r0, int64_t r1) {
+    const int64_t o = offsets[g], row = experts[g] * 2 * inter + r0;
+    rows_dot_acts(ex.w13 + row * h, r1 - r0, h, xsp, qxs, o, offsets[g + 1] - o, gup + o * 2 * inter + r0, 2 * inter,
+                  ex.s13 == nullptr ? nullptr : ex.s13 + row);
   });
 
   std::vector<int64_t> sorted_rows;  // lora->rows in sorted order
@@ -229,15 +240,10 @@ torch::Tensor moe_small_m_impl(torch::Tensor x, const Experts<W>& ex, torch::Ten
       qxs ? std::optional<expertmesh::Q8Rows>(std::in_place, ap, pairs, inter, inter) : std::nullopt;
   auto ys = torch::empty({pairs, h}, x.options());
   float* ysp = ys.data_ptr<float>();
-  const int64_t rows2 = chunk_rows(inter), chunks2 = (h + rows2 - 1) / rows2;
-  at::parallel_for(0, groups * chunks2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / chunks2, r0 = (item % chunks2) * rows2, r1 = std::min(h, r0 + rows2);
-      const int64_t o = offsets[g];
-      const int64_t row = experts[g] * h + r0;
-      rows_dot_acts(ex.w2 + row * inter, r1 - r0, inter, ap, qact, o, offsets[g + 1] - o, ysp + o * h + r0, h,
-                    ex.s2 == nullptr ? nullptr : ex.s2 + row);
-    }
+  for_group_rows(groups, h, inter * static_cast<int64_t>(sizeof(W)), [&](int64_t g, int64_t r0, int64_t r1) {
+    const int64_t o = offsets[g], row = experts[g] * h + r0;
+    rows_dot_acts(ex.w2 + row * inter, r1 - r0, inter, ap, qact, o, offsets[g + 1] - o, ysp + o * h + r0, h,
+                  ex.s2 == nullptr ? nullptr : ex.s2 + row);
   });
 
   if (lora != nullptr) expertmesh::lora_rows(lora->a2, lora->b2, sorted_rows.data(), pairs, ap, inter, ysp, h);
