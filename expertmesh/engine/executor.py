@@ -195,13 +195,14 @@ class LocalExecutor:
         self._routed.append((self.load.row(layer_idx), topk_ids))
 
     def _count(self, routed: list[tuple[int, torch.Tensor]]) -> np.ndarray:
-        """[MoE layers, experts] (token, expert) pairs of a step's routing decisions, in one bincount (a count per
-        layer as it ran cost ~30 us a layer at batch 1)."""
+        """[MoE layers, experts] (token, expert) pairs of a step's routing decisions, in one numpy bincount (a
+        torch count per layer as it ran cost ~30 us a layer at batch 1; one torch bincount over them all, 24 us a
+        step of `small`; this, 13)."""
         num_experts, rows = self.load.num_experts, len(self.load.moe_layers)
         if not routed:
             return np.zeros((rows, num_experts), dtype=np.int64)
-        ids = torch.cat([ids.reshape(-1) + row * num_experts for row, ids in routed])
-        return torch.bincount(ids.cpu(), minlength=rows * num_experts).view(rows, num_experts).numpy()
+        flat = np.concatenate([ids.cpu().numpy().reshape(-1) + row * num_experts for row, ids in routed])
+        return np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
 
     def load_counts(self, window: bool = False) -> dict[int, list[int]]:
         return self.load.counts(window)
