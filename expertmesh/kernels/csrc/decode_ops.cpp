@@ -222,6 +222,17 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
 namespace {
 
+// An index tensor as contiguous int32: as it is where it is one (AttentionMetadata's block tables and lengths,
+// every layer of every step), else narrowed once its values are known to fit.
+torch::Tensor int32_index(const torch::Tensor& t, const char* name) {
+  if (t.scalar_type() == torch::kInt32) return t.contiguous();
+  const auto wide = t.to(torch::kInt64);
+  TORCH_CHECK(wide.numel() == 0 || (wide.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+                                    wide.max().item<int64_t>() <= std::numeric_limits<int32_t>::max()),
+              name, " holds values outside int32");
+  return wide.to(torch::kInt32).contiguous();
+}
+
 // The absorbed attention over kv_b stored as W (float32, bf16, or int8 with `w_scale`: one float32 scale per
 // row) and caches stored as T (float32 or bf16); queries and output float32.
 template <typename W, typename T>
@@ -230,15 +241,19 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   using expertmesh::widen;
   const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
+  const float* qn = q_nope.data_ptr<float>();
+  std::vector<float> q_scaled;
   if (w_scale != nullptr) {  // W_UK's row n scaled by s[n]: fold the scales into the queries, q_nope[., h, n] * s[n]
-    auto scales = torch::from_blob(const_cast<float*>(w_scale), {heads, nope + v_dim}, q_nope.options());
-    q_nope = (q_nope * scales.narrow(1, 0, nope)).contiguous();
+    q_scaled.resize(b_count * heads * nope);
+    for (int64_t i = 0; i < b_count * heads; ++i)
+      for (int64_t n = 0; n < nope; ++n)
+        q_scaled[i * nope + n] = qn[i * nope + n] * w_scale[(i % heads) * (nope + v_dim) + n];
+    qn = q_scaled.data();
   }
-  auto tables = block_tables.to(torch::kInt64).contiguous();
-  auto lens = context_lens.to(torch::kInt64).contiguous();
-  auto out = torch::zeros({b_count, heads, v_dim}, q_nope.options());
-  const float *qn = q_nope.data_ptr<float>(), *qp = q_pe.data_ptr<float>();
-  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  auto tables = int32_index(block_tables, "block_tables"), lens = int32_index(context_lens, "context_lens");
+  auto out = torch::empty({b_count, heads, v_dim}, q_nope.options());  // W_UV below writes every entry
+  const float* qp = q_pe.data_ptr<float>();
+  const int32_t *tp = tables.data_ptr<int32_t>(), *lp = lens.data_ptr<int32_t>();
   const int64_t width = tables.size(1), num_blocks = ckv_cache_blocks;
   for (int64_t b = 0; b < b_count; ++b) {  // every block a sequence's context reads must be in the cache
     TORCH_CHECK(lp[b] <= width * block, "context_lens[", b, "] = ", lp[b], " exceeds its block table");
@@ -276,7 +291,7 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
       scores.assign(hn * len, 0.f);
       rope_scores.assign(hn * len, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const int64_t base = tp[b * width + t0 / block] * block, n = std::min(block, len - t0);
+        const int64_t base = static_cast<int64_t>(tp[b * width + t0 / block]) * block, n = std::min(block, len - t0);
         expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat, rank, hn, scores.data() + t0, len);
         expertmesh::rows_dot(kpe + base * dr, n, dr, qp + (b * heads + h0) * dr, dr, hn, rope_scores.data() + t0, len);
       }
@@ -297,7 +312,7 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
       // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
       std::vector<float> row(rank);
       for (int64_t t = 0; t < len; ++t) {
-        const T* c = ckv + (tp[b * width + t / block] * block + t % block) * rank;
+        const T* c = ckv + (static_cast<int64_t>(tp[b * width + t / block]) * block + t % block) * rank;
 #pragma omp simd
         for (int64_t r = 0; r < rank; ++r) row[r] = widen(c[r]);
         for (int64_t i = 0; i < hn; ++i) {
