@@ -110,3 +110,30 @@ def test_a_failed_compile_is_summarised_by_its_error_lines():
               "compilation terminated.\nninja: build stopped: subcommand failed.\n")
     reason = build_tools.build_failure_reason(RuntimeError(output))
     assert reason == "RuntimeError: small_m.cpp:3:10: fatal error: nope.h: No such file or directory"
+
+
+def test_a_lock_left_by_a_dead_build_is_removed_with_a_warning(tmp_path):
+    """torch's waiters wait for its lock file with no limit: one older than any build is a dead builder's."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 2 * cpu_ext.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="removing the CPU kernels' build lock"):
+        cpu_ext.wait_for_build_lock(tmp_path)
+    assert not lock.exists()
+
+
+def test_a_live_build_is_waited_for(tmp_path):
+    """A fresh lock is a build under way: wait until its builder removes it, and leave it to that builder."""
+    import threading
+    import warnings
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(0.3, lock.unlink).start()
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpu_ext.wait_for_build_lock(tmp_path, poll_s=0.05)
+    assert time.monotonic() - start >= 0.25
+    cpu_ext.wait_for_build_lock(tmp_path)  # no lock: returns at once
