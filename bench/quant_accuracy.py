@@ -1,14 +1,20 @@
 """How far quantisation moves next-token predictions, ours next to llama.cpp's, the way llama.cpp measures it.
 
-llama.cpp: `llama-perplexity --kl-divergence-base` over the f32 GGUF of `small` stores its logits for a text,
-then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and prints the mean KL divergence
-from f32 and how often the top token agrees ("Same top p"). It scores the second half of each context of
-`--ctx` tokens. Ours: the same text through our tokenizer, cut into the same contexts, the same half scored,
-`quantization="int8"`, `"w8a8"`, `"experts_int8"` and `dtype="bfloat16"` against our float32
-(`expertmesh.testing.agreement`). Each engine is measured against its own float32, so the figures compare
-how much each quantisation costs, not the engines' float32 outputs. The text is this repository's README.
+llama.cpp: `llama-perplexity --kl-divergence-base` over the f32 GGUF of the checkpoint stores its logits for a
+text, then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and prints the mean KL divergence
+from f32 and how often the top token agrees ("Same top p"); and the Q8_0 GGUF again against the bf16 GGUF's
+stored logits. It scores the second half of each context of `--ctx` tokens. Ours: the same text through our
+tokenizer, cut into the same contexts, the same half scored, `quantization="int8"`, `"w8a8"`,
+`"experts_int8"` and `dtype="bfloat16"` against our float32, and `int8` and `w8a8` against our bfloat16
+(`expertmesh.testing.agreement`). Each engine is measured against its own float32 (or bf16), so the figures
+compare how much each quantisation costs, not the engines' outputs. The text is this repository's README.
 
-    python bench/quant_accuracy.py [--ctx 128] [--json bench/quant_accuracy_results.json]
+The checkpoint (`--checkpoint`): `trained` (default), the `small` preset trained briefly as a language model
+on text other than the README (`bench/trained_checkpoint.py`, trained on first use, ~20 minutes), or `random`,
+the `small` preset's random weights, whose nearly flat next-token distributions let even bf16 flip many top-1
+choices. The GGUFs are cached per checkpoint directory name (`small-*.gguf`, `small-trained-<steps>-*.gguf`).
+
+    python bench/quant_accuracy.py [--checkpoint trained|random] [--ctx 128] [--json bench/quant_accuracy_results.json]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from actor_graph import ensure_checkpoint  # bench/ is on sys.path when run as a script
 from engine_vs_llamacpp import LLAMA_ARGS, gguf, llama_build, llama_source, run
 from machine_info import machine
+from trained_checkpoint import ensure_trained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "README.md"
@@ -47,6 +54,7 @@ def llama_kl(tools: Path, base: Path, model: Path, text: Path, ctx: int, logits:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", choices=("trained", "random"), default="trained")
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "quant_accuracy_results.json")
@@ -59,32 +67,39 @@ def main() -> int:
     from expertmesh.model.quantize import quantize_model
     from expertmesh.testing.agreement import next_token_agreement
 
-    checkpoint = ensure_checkpoint("small")
+    checkpoint = ensure_trained_checkpoint() if args.checkpoint == "trained" else ensure_checkpoint("small")
+    training = checkpoint / "training.json"
     source = llama_source()
     tools = llama_build(source, ("llama-perplexity",))
-    info = {"machine": machine(), "text": TEXT.name, "ctx": args.ctx, "llama_cpp": {}, "expertmesh": {}}
-    print(json.dumps(info["machine"]), flush=True)
-    base = gguf(source, checkpoint, "f32")
+    info = {"machine": machine(), "checkpoint": checkpoint.name, "text": TEXT.name, "ctx": args.ctx,
+            "training": json.loads(training.read_text()) if training.is_file() else None,
+            "llama_cpp": {}, "expertmesh": {}}
+    print(json.dumps(info["machine"]), f"checkpoint {checkpoint.name}", flush=True)
     digest = hashlib.sha256(TEXT.read_bytes()).hexdigest()[:12]  # the stored logits are of this very text
-    logits = base.with_suffix(f".{TEXT.stem}-{digest}.ctx{args.ctx}.kld")
-    for outtype in ("bf16", "q8_0"):
-        info["llama_cpp"][outtype] = llama_kl(tools, base, gguf(source, checkpoint, outtype), TEXT, args.ctx,
-                                              logits, args.threads, LLAMA_ARGS.get(outtype, []))
-        print(f"llama.cpp {outtype} against f32: {info['llama_cpp'][outtype]}", flush=True)
+    ggufs = {outtype: gguf(source, checkpoint, outtype) for outtype in ("f32", "bf16", "q8_0")}
+    for base_type, outtype in (("f32", "bf16"), ("f32", "q8_0"), ("bf16", "q8_0")):
+        base = ggufs[base_type]
+        logits = base.with_suffix(f".{TEXT.stem}-{digest}.ctx{args.ctx}.kld")  # per base GGUF, text and ctx
+        key = outtype if base_type == "f32" else f"{outtype}_vs_{base_type}"
+        info["llama_cpp"][key] = llama_kl(tools, base, ggufs[outtype], TEXT, args.ctx, logits, args.threads,
+                                          LLAMA_ARGS.get(outtype, []))
+        print(f"llama.cpp {outtype} against {base_type}: {info['llama_cpp'][key]}", flush=True)
 
     ids = Tokenizer.from_pretrained(checkpoint).encode(TEXT.read_text(), add_special_tokens=False)
     sequences = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
-    reference = load_model(checkpoint)
+    references = {"float32": load_model(checkpoint), "bfloat16": load_model(checkpoint, torch.bfloat16)}
     for name in ("experts_int8", "int8", "w8a8", "bfloat16"):
         if name == "bfloat16":
-            model = load_model(checkpoint, torch.bfloat16)
+            model = references["bfloat16"]
         else:
             model = load_model(checkpoint)
             quantize_model(model, name)
-        a = next_token_agreement(reference, model, sequences, skip=args.ctx // 2)
-        info["expertmesh"][name] = {"positions": a.positions, "mean_kl": a.mean_kl, "top1_agreement": a.top1,
-                                    "max_kl": a.max_kl}
-        print(f"expertmesh {name} against float32: {info['expertmesh'][name]}", flush=True)
+        for base in ("float32",) if name in ("experts_int8", "bfloat16") else ("float32", "bfloat16"):
+            a = next_token_agreement(references[base], model, sequences, skip=args.ctx // 2)
+            key = name if base == "float32" else f"{name}_vs_{base}"
+            info["expertmesh"][key] = {"positions": a.positions, "mean_kl": a.mean_kl, "top1_agreement": a.top1,
+                                       "max_kl": a.max_kl}
+            print(f"expertmesh {name} against {base}: {info['expertmesh'][key]}", flush=True)
     args.json.write_text(json.dumps(info, indent=1))
     return 0
 
