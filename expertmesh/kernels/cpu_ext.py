@@ -1,8 +1,9 @@
 """Builds and loads the C++ CPU kernels of `csrc/` on first use.
 
 The kernels are compiled for this machine (`-march=native`) the first time they are needed and cached
-under `$EXPERTMESH_CACHE` (default `~/.cache/expertmesh`), keyed by the source, torch version and CPU
-flags (not by the shell's PATH: the build always prefers this environment's own ninja, see `build_tools`).
+under `$EXPERTMESH_CACHE` (default `~/.cache/expertmesh`), keyed by the source (its text and its directory),
+torch version and CPU flags (not by the shell's PATH: the build always prefers this environment's own ninja,
+see `build_tools`).
 Where they cannot be built (no compiler, no ninja, `EXPERTMESH_CPU_EXT=0`) the torch paths run instead, with
 one warning saying why.
 
@@ -53,6 +54,7 @@ def _build_dir() -> Path:
         + " ".join(_CFLAGS).encode()
         + torch.__version__.encode()
         + _cpu_flags().encode()
+        + str(_CSRC.resolve()).encode()  # build.ninja names the sources by path: two checkouts would rebuild in turn
     ).hexdigest()[:16]
     root = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
     path = root / "cpu_ext" / key

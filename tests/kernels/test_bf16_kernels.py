@@ -102,3 +102,6 @@ def test_slots_and_block_tables_outside_the_cache_are_refused_not_written():
     args[11] = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 16]])  # block 16 of 16
     with pytest.raises(RuntimeError, match=r"block_tables\[2, 2\] = 16 is outside the cache's 16 blocks"):
         kernels.mla_decode_step(*args)
+    args[11] = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 2**32 + 1]])  # block 1 if narrowed to int32 unchecked
+    with pytest.raises(RuntimeError, match="block_tables holds values outside int32"):
+        kernels.mla_decode_step(*args)

@@ -137,3 +137,18 @@ def test_a_live_build_is_waited_for(tmp_path):
         cpu_ext.wait_for_build_lock(tmp_path, poll_s=0.05)
     assert time.monotonic() - start >= 0.25
     cpu_ext.wait_for_build_lock(tmp_path)  # no lock: returns at once
+
+
+def test_two_checkouts_of_the_same_sources_build_apart(tmp_path, monkeypatch):
+    """torch's build.ninja names the sources by absolute path: two checkouts sharing one build directory
+    rebuilt over each other (and a build killed midway left its lock to every later process)."""
+    import shutil
+
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path / "cache"))
+    here = cpu_ext._build_dir()
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_ext._CSRC, copy)
+    monkeypatch.setattr(cpu_ext, "_CSRC", copy)
+    monkeypatch.setattr(cpu_ext, "_SOURCES", [copy / p.name for p in cpu_ext._SOURCES])
+    monkeypatch.setattr(cpu_ext, "_HEADERS", [copy / p.name for p in cpu_ext._HEADERS])
+    assert cpu_ext._build_dir() != here
