@@ -85,7 +85,7 @@ async def generate(state: ServerState, request: Request, body, prompts: list, pr
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(state, body, choices, rid, response_id, model, started, chat, include_usage)
-        return _EventStream(events, choices, engine)
+        return _EventStream(state, events, choices)
     try:
         await _drain(state, choices, started)
     except EngineDead as e:
@@ -111,19 +111,25 @@ async def _close(choices: list[_Choice], engine: AsyncEngine | None = None) -> N
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events that abort their requests however the response ends: a client that leaves before
-    the first event cancels the response before its generator ever runs, and so before its `finally`."""
+    """Server-sent events that end their requests however the response ends: a client that leaves before
+    the first event cancels the response before its generator ever runs, and so before its `finally`; one that
+    leaves while a chunk is being sent leaves the generator suspended at its `yield`, where its `finally` waits
+    for the garbage collector (a reference cycle can hold it for as long as the process idles). So the response
+    closes the generator itself, then counts a request that did not finish as cancelled and aborts it."""
 
-    def __init__(self, events, choices: list[_Choice], engine: AsyncEngine):
+    def __init__(self, state: ServerState, events: AsyncIterator[str], choices: list[_Choice]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._choices, self._engine = choices, engine
+        self._events, self._state, self._choices = events, state, choices
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await _close(self._choices, self._engine)
+            await self._events.aclose()
+            if not all(c.finished for c in self._choices):
+                self._state.metrics.cancelled.inc()
+            await _close(self._choices, self._state.engine)
 
 
 def _observe(state: ServerState, choice: _Choice, out: RequestOutput, started: float) -> None:
@@ -258,7 +264,6 @@ async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, re
 
     tasks = [asyncio.create_task(pump(c)) for c in choices]
     done = 0
-    completed = False
     try:
         if chat:
             for c in choices:
@@ -292,10 +297,7 @@ async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, re
             yield "data: " + json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
                                          "choices": [], "usage": _usage(choices, body.n)}) + "\n\n"
         yield "data: [DONE]\n\n"
-        completed = True
-    finally:
-        if not completed:
-            state.metrics.cancelled.inc()
+    finally:  # the client may have gone: _EventStream counts that, once this has run
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
