@@ -32,22 +32,11 @@ using expertmesh::check_f32;
 // the reading it would share.
 constexpr int64_t kMinBytesPerThread = 32 * 1024;
 
-// `dot(r0, r1)` over the rows of an [n, k] weight matrix whose rows are `row_bytes` long: the row blocks split
-// evenly into one contiguous run per thread, so every core streams one run and all finish together. (Chunks of
+// `dot(g, r0, r1)` over rows [0, rows) of `groups` matrices (the selected experts' weights) whose rows are
+// `row_bytes` long, as one range of row blocks split evenly into one contiguous run per thread: every core
+// streams one run and all finish together, a run may end inside one matrix and go on into the next. (Chunks of
 // a fixed size left one core idle for a chunk's time whenever their count was odd: q_a_proj's 5 chunks of int8
 // rows took the time of 3.)
-template <typename F>
-void for_row_chunks(int64_t n, int64_t row_bytes, F&& dot) {
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (kRowBlock * row_bytes));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    dot(b0 * kRowBlock, std::min(n, b1 * kRowBlock));
-  });
-}
-
-// `dot(g, r0, r1)` over rows [0, rows) of `groups` matrices (the selected experts' weights) as one range of row
-// blocks, split as for_row_chunks splits one matrix: a thread's run may end inside one expert and go on into the
-// next.
 template <typename F>
 void for_group_rows(int64_t groups, int64_t rows, int64_t row_bytes, F&& dot) {
   const int64_t per = (rows + kRowBlock - 1) / kRowBlock;
@@ -59,6 +48,12 @@ void for_group_rows(int64_t groups, int64_t rows, int64_t row_bytes, F&& dot) {
       u = end;
     }
   });
+}
+
+// `dot(r0, r1)` over the rows of one [n, k] weight matrix, split as for_group_rows splits many.
+template <typename F>
+void for_row_chunks(int64_t n, int64_t row_bytes, F&& dot) {
+  for_group_rows(1, n, row_bytes, [&](int64_t, int64_t r0, int64_t r1) { dot(r0, r1); });
 }
 
 // `scale`: one per weight row (int8 weights), or nullptr.
