@@ -52,8 +52,30 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = rope.interleave
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (dtype, inv_freq's storage): cos, sin
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, dim/2] of `positions` [T] (int64), times the attention factor, in `dtype`: rows of a
+        table of positions 0 .. n - 1 (n doubled past the largest position asked so far). Each row is what
+        `_cos_sin` gives for its position alone (elementwise ops), and a decode step reads 2 rows instead of
+        running 8 ops. On the CPU only: an index past a CUDA table's end is a device-side assert, not an error."""
+        if not positions.is_cpu:
+            return self._cos_sin(positions, dtype)
+        key = (dtype, self.inv_freq.data_ptr())
+        table = self._tables.get(key)
+        if table is not None:
+            try:
+                return table[0].index_select(0, positions), table[1].index_select(0, positions)
+            except IndexError:  # past the table's end (or negative, which the formula below takes as it is)
+                pass
+        if positions.numel() == 0 or int(positions.min()) < 0:
+            return self._cos_sin(positions, dtype)
+        rows = 1 << max(10, int(positions.max()).bit_length())
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
+            table = self._tables[key] = self._cos_sin(torch.arange(rows), dtype)
+        return table[0].index_select(0, positions), table[1].index_select(0, positions)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq  # [T, dim/2]
         cos = (freqs.cos() * self.attention_factor).to(dtype)
         sin = (freqs.sin() * self.attention_factor).to(dtype)
