@@ -21,9 +21,15 @@ import torch
 from expertmesh import kernels
 from expertmesh.model import LayerExperts, load_experts, resolve_dtype
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.quantize import check_checkpoint_quantizable
 from expertmesh.model.expert_adapters import HeldExpertLora
 
 Expert = tuple[int, int]  # (layer, expert)
+Replica = tuple[torch.Tensor, ...]  # one expert's rows of its layer's `LayerExperts.tensors`
+
+# What a shard can hold its experts as: the graph's attention, routers and LM head live in other actors, so only
+# the routed experts' quantisation ("experts_int8", as in local mode) is a shard's to apply.
+SHARD_QUANTIZATIONS = ("experts_int8",)
 
 
 class ShardRequestError(ValueError):
@@ -43,7 +49,17 @@ class ExpertShard:
         max_loras: int = 0,
         max_lora_rank: int = 16,
         adapters: dict[int, str] | None = None,
+        quantization: str | None = None,
     ):
+        if quantization is not None:
+            if quantization not in SHARD_QUANTIZATIONS:
+                raise ValueError(f"quantization must be one of {list(SHARD_QUANTIZATIONS)} or None for an expert "
+                                 f"shard, got {quantization!r}")
+            if max_loras:
+                raise ValueError(f"max_loras with quantization={quantization!r} is not served: LoRA adapters "
+                                 "apply to float expert weights")
+            check_checkpoint_quantizable(model_dir, quantization)
+        self.quantization = quantization
         config = ModelConfig.from_pretrained(model_dir)
         self.model_dir = model_dir
         self.device = torch.device(device)
@@ -53,7 +69,7 @@ class ExpertShard:
         self.hidden_size = config.hidden_size
         self.num_experts = config.routing.num_experts
         self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
-        self._staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, not yet in use
+        self._staged: dict[Expert, Replica] = {}  # loaded, not yet in use
         self._prepared: tuple | None = None  # a holding, stacked: (experts, layers, adapters, adapter generation)
         self._lora_generation = 0  # counts adapter loads and clears: a holding prepared before one is stale
         self.pairs_served = 0  # (token, expert) pairs computed since start: where the router sends work
@@ -70,10 +86,16 @@ class ExpertShard:
                 self.load_adapter(slot, path)
 
     def _load(self, experts: Iterable[Expert]) -> dict[int, LayerExperts]:
-        """Reads the experts' weights from the checkpoint onto this shard's device; on a GPU the registry
-        runs them with the Triton fused-MoE kernel."""
-        return {layer: LayerExperts(held.expert_ids, held.w13.to(self.device), held.w2.to(self.device))
-                for layer, held in load_experts(self.model_dir, experts, self.dtype).items()}
+        """Reads the experts' weights from the checkpoint onto this shard's device, quantised to int8 (a scale
+        per output row, as local mode's `Int8RoutedExperts`) with "experts_int8"; on a GPU the registry runs
+        them with the Triton fused-MoE kernel."""
+        out = {}
+        for layer, held in load_experts(self.model_dir, experts, self.dtype).items():
+            if self.quantization is not None:
+                (w13, s13), (w2, s2) = kernels.quantize_int8(held.w13), kernels.quantize_int8(held.w2)
+                held = LayerExperts(held.expert_ids, w13, w2, s13, s2)
+            out[layer] = LayerExperts(held.expert_ids, *(t.to(self.device) for t in held.tensors))
+        return out
 
     def _install(self, layers: dict[int, LayerExperts]) -> None:
         # logical expert id -> row of the stacked weights, or -1 where this shard does not hold it
@@ -99,7 +121,7 @@ class ExpertShard:
         with self._lock:
             for layer, held in loaded.items():
                 for row, e in enumerate(held.expert_ids):
-                    self._staged[layer, e] = (held.w13[row], held.w2[row])
+                    self._staged[layer, e] = tuple(t[row] for t in held.tensors)
             if holding is None:
                 return new
             wanted = _sorted(holding)
@@ -146,7 +168,7 @@ class ExpertShard:
         row = -1 if index is None else int(index[expert])
         return None if row < 0 else row
 
-    def _weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, layer: int, expert: int) -> Replica:
         return _weights(self.layers, self._local, self._staged, layer, expert)
 
     # -- LoRA adapters -------------------------------------------------------------------------------
@@ -243,7 +265,9 @@ class ExpertShard:
         dev = self.device
         x, w = hidden[tokens].to(dev), weights[tokens, cols].unsqueeze(1).to(dev)
         lora = self._adapters_in(layer, slots)
-        if lora is None:
+        if held.w13_scale is not None:  # int8 experts (no adapters: refused at construction)
+            pair_out = kernels.fused_moe_int8(x, held.w13, held.w13_scale, held.w2, held.w2_scale, w, local.to(dev))
+        elif lora is None:
             pair_out = kernels.fused_moe(x, held.w13, held.w2, w, local.to(dev))
         else:
             rows = kernels.expert_lora_rows(lora.index, slots[tokens].to(dev), logical.to(dev))  # [P, 1]
@@ -276,16 +300,14 @@ def _sorted(experts: Iterable[Expert]) -> list[Expert]:
     return sorted({(int(layer), int(e)) for layer, e in experts})
 
 
-def _weights(layers: dict[int, LayerExperts], local: dict[int, torch.Tensor],
-             staged: dict[Expert, tuple[torch.Tensor, torch.Tensor]], layer: int,
-             expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One replica's (w13, w2): a row of a held layer, or a staged one."""
+def _weights(layers: dict[int, LayerExperts], local: dict[int, torch.Tensor], staged: dict[Expert, Replica],
+             layer: int, expert: int) -> Replica:
+    """One replica's tensors: a row of a held layer, or a staged one."""
     index = local.get(layer)
     row = -1 if index is None else int(index[expert])
     if row < 0:
         return staged[layer, expert]
-    held = layers[layer]
-    return held.w13[row], held.w2[row]
+    return tuple(t[row] for t in layers[layer].tensors)
 
 
 def _stack(wanted: list[Expert], current: dict[int, LayerExperts], weights) -> dict[int, LayerExperts]:
@@ -299,6 +321,5 @@ def _stack(wanted: list[Expert], current: dict[int, LayerExperts], weights) -> d
             out[layer] = current[layer]
             continue
         rows = [weights(layer, e) for e in ids]
-        out[layer] = LayerExperts(tuple(ids), torch.stack([w13 for w13, _ in rows]),
-                                  torch.stack([w2 for _, w2 in rows]))
+        out[layer] = LayerExperts(tuple(ids), *(torch.stack(column) for column in zip(*rows)))
     return out

@@ -50,8 +50,10 @@ class Member:
 
 class GraphBuilder:
     def __init__(self, model_dir: str, deployment: DeploymentConfig, *, dtype: str, num_blocks: int, block_size: int,
-                 secret: str, shard_class: type = ExpertShardActor, max_loras: int = 0, max_lora_rank: int = 16):
+                 secret: str, shard_class: type = ExpertShardActor, max_loras: int = 0, max_lora_rank: int = 16,
+                 quantization: str | None = None):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
+        self.quantization = quantization  # the shards' experts (ExpertShard's SHARD_QUANTIZATIONS)
         # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
         # replacement, a new shard) loads them as it starts
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
@@ -83,7 +85,7 @@ class GraphBuilder:
         return self._start("shard", index, others, self.shard_class, dict(
             experts=placement.shard_experts(index), shard_index=index, dtype=self.dtype,
             placement_version=placement.version, secret=self.secret, data_plane=self.deployment.data_plane("shard"),
-            num_threads=_threads(self.resources("shard")), lora=self.lora()))
+            num_threads=_threads(self.resources("shard")), lora=self.lora(), quantization=self.quantization))
 
     def lora(self) -> AdapterSpec | None:
         return AdapterSpec(self.max_loras, self.max_lora_rank, dict(self.adapters)) if self.max_loras else None

@@ -17,6 +17,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from expertmesh.actors import ExpertShardActor
+from expertmesh.actors.expert_shard import SHARD_QUANTIZATIONS
 from expertmesh.engine.executor import ExecutorSpec, ExecutorUnavailable
 from expertmesh.engine.scheduler import ScheduledBatch
 from expertmesh.experts import PlacementTable
@@ -59,9 +60,11 @@ class ActorGraph:
         if spec.device != "cpu":
             raise ValueError("with a deployment, each actor picks its own device (the GPU Ray gives it): leave "
                              "device='cpu'")
-        if spec.quantization is not None:
-            raise ValueError(f"quantization={spec.quantization!r} is served in local mode only: the actor graph's "
-                             "expert shards hold float weights")
+        if spec.quantization is not None and spec.quantization not in SHARD_QUANTIZATIONS:
+            raise ValueError(f"quantization={spec.quantization!r} is served in local mode only: it quantises attention "
+                             f"and the LM head too, which the actor graph's attention actors hold in the model's "
+                             f"dtype; the graph serves quantization in {list(SHARD_QUANTIZATIONS)} (its expert "
+                             f"shards hold the routed experts as int8)")
         if spec.kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={spec.kv_cache_dtype!r} is served in local mode only: the attention "
                              "actors keep their caches in the model's dtype")
@@ -88,7 +91,8 @@ class ActorGraphExecutor:
         self.shard_members: list[Member] = []
         self.builder = GraphBuilder(spec.model, deployment, dtype=spec.dtype, num_blocks=spec.num_blocks,
                                     block_size=spec.block_size, secret=new_secret(), shard_class=shard_class,
-                                    max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank)
+                                    max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
+                                    quantization=spec.quantization)
         if spec.max_loras and deployment.transport == "collective":
             raise ValueError("LoRA adapters in the actor graph need transport grpc or inprocess: the collective "
                              "transport's messages carry no adapter slots")

@@ -99,11 +99,20 @@ def load_gates(model_dir: str | Path, dtype: str | torch.dtype = "float32") -> t
 
 @dataclass(frozen=True, slots=True)
 class LayerExperts:
-    """Some routed experts of one MoE layer, stacked in the order of `expert_ids`."""
+    """Some routed experts of one MoE layer, stacked in the order of `expert_ids`: float weights, or int8 ones
+    with a float32 scale per output row (`kernels.quantize_int8`; weight = w * scale[..., None])."""
 
     expert_ids: tuple[int, ...]  # logical ids in the checkpoint
     w13: torch.Tensor  # [n, 2I, H], gate rows then up
     w2: torch.Tensor  # [n, H, I]
+    w13_scale: torch.Tensor | None = None  # [n, 2I] with int8 weights
+    w2_scale: torch.Tensor | None = None  # [n, H]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The stacks, in field order: (w13, w2), then (w13_scale, w2_scale) when int8. Row r of each is expert
+        `expert_ids[r]`'s."""
+        return (self.w13, self.w2) if self.w13_scale is None else (self.w13, self.w2, self.w13_scale, self.w2_scale)
 
 
 def load_experts(

@@ -1,0 +1,48 @@
+"""The actor graph serving int8 experts (`quantization="experts_int8"`): each shard quantises the experts it
+loads, as local mode does, so a two-node graph's greedy tokens and their log-probs equal local mode's with the
+same quantisation (itself measured against the float model in tests/engine/test_quantization.py), and differ
+from the float model's. What quantises more than the shards hold is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh import LLM, SamplingParams
+from expertmesh.graph import ActorGraph
+from tests.graph.fixtures import cluster_fixtures, token_ids
+
+pytestmark = pytest.mark.timeout(600)
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+PROMPTS = [{"prompt_token_ids": list(range(11 + i, 11 + i + n))} for i, n in enumerate([5, 17, 3, 9])]
+
+cluster, free_cluster = cluster_fixtures(2)
+
+
+def chosen_logprobs(outputs) -> torch.Tensor:
+    """The log-prob of every generated token, all requests end to end."""
+    values = []
+    for o in outputs:
+        c = o.outputs[0]
+        values += [float(getattr(lp[t], "logprob", lp[t])) for t, lp in zip(c.token_ids, c.logprobs)]
+    return torch.tensor(values)
+
+
+def test_a_graph_of_int8_shards_equals_local_int8(tiny_model_dir):
+    local_int8 = LLM(str(tiny_model_dir), quantization="experts_int8").generate(PROMPTS, PARAMS)
+    local_float = LLM(str(tiny_model_dir)).generate(PROMPTS, PARAMS)
+    with LLM(str(tiny_model_dir), quantization="experts_int8",
+             executor=ActorGraph({"expert_shards": 2, "transport": "grpc"})) as llm:
+        graph = llm.generate(PROMPTS, PARAMS)
+    assert token_ids(graph) == token_ids(local_int8)
+    torch.testing.assert_close(chosen_logprobs(graph), chosen_logprobs(local_int8), atol=1e-4, rtol=0)
+    # the comparison can tell: the float model's log-probs are elsewhere
+    assert (chosen_logprobs(local_float) - chosen_logprobs(local_int8)).abs().max() > 1e-3
+
+
+def test_quantizations_beyond_the_experts_are_refused_by_name(tiny_model_dir):
+    for name in ("int8", "w8a8"):
+        with pytest.raises(ValueError, match=rf"quantization='{name}' is served in local mode only: it quantises "
+                                             r"attention and the LM head too.*\['experts_int8'\]"):
+            LLM(str(tiny_model_dir), quantization=name, executor=ActorGraph({"expert_shards": 2}))
