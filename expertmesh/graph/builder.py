@@ -51,8 +51,9 @@ class Member:
 class GraphBuilder:
     def __init__(self, model_dir: str, deployment: DeploymentConfig, *, dtype: str, num_blocks: int, block_size: int,
                  secret: str, shard_class: type = ExpertShardActor, max_loras: int = 0, max_lora_rank: int = 16,
-                 quantization: str | None = None):
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
+        self.kv_cache_dtype = kv_cache_dtype  # the attention actors' caches
         self.quantization = quantization  # the shards' experts (ExpertShard's SHARD_QUANTIZATIONS)
         # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
         # replacement, a new shard) loads them as it starts
@@ -72,7 +73,8 @@ class GraphBuilder:
         r = self.resources("attention")
         return self._start("attention", rank, others, AttentionActor, dict(
             rank=rank, dtype=self.dtype, num_blocks=self.num_blocks, block_size=self.block_size, secret=self.secret,
-            data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r), lora=self.lora()))
+            data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r), lora=self.lora(),
+            kv_cache_dtype=self.kv_cache_dtype))
 
     def start_router(self, placement: PlacementTable, others: list[Member]) -> Member:
         d = self.deployment

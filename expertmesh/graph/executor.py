@@ -65,9 +65,6 @@ class ActorGraph:
                              f"and the LM head too, which the actor graph's attention actors hold in the model's "
                              f"dtype; the graph serves quantization in {list(SHARD_QUANTIZATIONS)} (its expert "
                              f"shards hold the routed experts as int8)")
-        if spec.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype={spec.kv_cache_dtype!r} is served in local mode only: the attention "
-                             "actors keep their caches in the model's dtype")
         return ActorGraphExecutor(spec, self.deployment, shard_class=self.shard_class)
 
 
@@ -92,7 +89,7 @@ class ActorGraphExecutor:
         self.builder = GraphBuilder(spec.model, deployment, dtype=spec.dtype, num_blocks=spec.num_blocks,
                                     block_size=spec.block_size, secret=new_secret(), shard_class=shard_class,
                                     max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
-                                    quantization=spec.quantization)
+                                    quantization=spec.quantization, kv_cache_dtype=spec.kv_cache_dtype)
         if spec.max_loras and deployment.transport == "collective":
             raise ValueError("LoRA adapters in the actor graph need transport grpc or inprocess: the collective "
                              "transport's messages carry no adapter slots")

@@ -10,7 +10,6 @@ import torch
 
 from expertmesh import LLM
 from expertmesh.cli import main
-from expertmesh.graph import ActorGraph
 from expertmesh.model import load_model
 from expertmesh.model.attention_metadata import AttentionMetadata
 from tests.hf_models import build_hf_checkpoint, make_prompts
@@ -72,8 +71,6 @@ def test_the_engine_holds_twice_the_blocks_in_the_same_memory(tiny_model_dir):
 def test_unsupported_kv_cache_dtypes_are_refused(tiny_model_dir, capsys):
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'bfloat16'\], got 'fp8'"):
         LLM(str(tiny_model_dir), kv_cache_dtype="fp8")
-    with pytest.raises(ValueError, match="kv_cache_dtype='bfloat16' is served in local mode only"):
-        LLM(str(tiny_model_dir), kv_cache_dtype="bfloat16", executor=ActorGraph({"expert_shards": 2}))
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(tiny_model_dir), "--kv-cache-dtype", "fp8"])
     assert "argument --kv-cache-dtype: invalid choice: 'fp8'" in capsys.readouterr().err

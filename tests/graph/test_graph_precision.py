@@ -1,0 +1,55 @@
+"""The actor graph at lower precision, on two nodes: int8 experts (`quantization="experts_int8"`: each shard
+quantises the experts it loads, as local mode does) and bf16 latent caches (`kv_cache_dtype="bfloat16"`: the
+attention actors keep theirs as local mode does). Each gives the greedy tokens and log-probs of local mode with
+the same setting (itself measured against the float model in tests/engine/test_quantization.py and
+test_kv_cache_dtype.py), which differ from the float model's. What quantises more than the shards hold is refused
+by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh import LLM, SamplingParams
+from expertmesh.graph import ActorGraph
+from tests.graph.fixtures import cluster_fixtures, token_ids
+
+pytestmark = pytest.mark.timeout(600)
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+PROMPTS = [{"prompt_token_ids": list(range(11 + i, 11 + i + n))} for i, n in enumerate([5, 17, 3, 9])]
+
+cluster, free_cluster = cluster_fixtures(2)
+
+
+def chosen_logprobs(outputs) -> torch.Tensor:
+    """The log-prob of every generated token, all requests end to end."""
+    values = []
+    for o in outputs:
+        c = o.outputs[0]
+        values += [float(getattr(lp[t], "logprob", lp[t])) for t, lp in zip(c.token_ids, c.logprobs)]
+    return torch.tensor(values)
+
+
+@pytest.fixture(scope="module")
+def local_float(tiny_model_dir):
+    return LLM(str(tiny_model_dir)).generate(PROMPTS, PARAMS)
+
+
+@pytest.mark.parametrize("setting", [{"quantization": "experts_int8"}, {"kv_cache_dtype": "bfloat16"}],
+                         ids=["experts_int8", "bf16_cache"])
+def test_the_graph_equals_local_mode_at_the_same_precision(tiny_model_dir, local_float, setting):
+    local = LLM(str(tiny_model_dir), **setting).generate(PROMPTS, PARAMS)
+    with LLM(str(tiny_model_dir), executor=ActorGraph({"expert_shards": 2, "transport": "grpc"}), **setting) as llm:
+        graph = llm.generate(PROMPTS, PARAMS)
+    assert token_ids(graph) == token_ids(local)
+    torch.testing.assert_close(chosen_logprobs(graph), chosen_logprobs(local), atol=2e-5, rtol=0)  # seen: 5e-7
+    # the comparison can tell: the float model's log-probs are 10x further off (seen: 1e-3)
+    assert (chosen_logprobs(local_float) - chosen_logprobs(local)).abs().max() > 2e-4
+
+
+def test_quantizations_beyond_the_experts_are_refused_by_name(tiny_model_dir):
+    for name in ("int8", "w8a8"):
+        with pytest.raises(ValueError, match=rf"quantization='{name}' is served in local mode only: it quantises "
+                                             r"attention and the LM head too.*\['experts_int8'\]"):
+            LLM(str(tiny_model_dir), quantization=name, executor=ActorGraph({"expert_shards": 2}))
