@@ -174,8 +174,8 @@ class FusedDecoder:
         gate, experts = w.module(block, "gate"), w.module(block, "experts")
         routing = gate.routing
         router = w.tensor(gate, "weight")
-        if router.dtype != torch.float32:  # routing scores in float32: a gate may be kept in it
-            self._float(router)
+        if router.dtype != torch.float32 or not router.is_cpu:  # load_model keeps gates in float32
+            raise _Unfusable(f"a {router.dtype} gate on {router.device} (routing scores in float32)")
         spec = {"router": router, "bias": w.tensor(gate, "e_score_correction_bias"),
                 "top_k": routing.top_k, "n_group": routing.n_group, "topk_group": routing.topk_group,
                 "sigmoid": routing.scoring_func == "sigmoid", "top2_sum": routing.group_score == "top2_sum",

@@ -30,6 +30,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+ROUTER_WEIGHT = ".mlp.gate.weight"  # a Router's weight, by parameter name
+
+
 def load_model(
     model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", *, routed_experts: bool = True
 ) -> MoECausalLM:
@@ -56,6 +59,8 @@ def load_model(
         if name == "lm_head.weight" and tied:
             continue
         tensor = adapter.load(name, tuple(param.shape), dtype)
+        if name.endswith(ROUTER_WEIGHT):
+            tensor = tensor.float()  # routing scores in float32: the gate is kept in it (rounded to `dtype` first)
         _set(model, name, nn.Parameter(tensor.to(device), requires_grad=False))
     for name, buf in list(model.named_buffers()):
         if name.endswith("e_score_correction_bias"):  # kept in float32, as DeepSeek does
@@ -75,7 +80,7 @@ def _missing_backend(layer_idx: int, block: MoEBlock, hidden_states: torch.Tenso
 class LayerGate:
     """One MoE layer's router weights: what the router actor holds."""
 
-    weight: torch.Tensor  # [E, H]
+    weight: torch.Tensor  # [E, H] float32 (the checkpoint's values rounded to the model's dtype)
     correction_bias: torch.Tensor | None  # [E] float32
 
 
@@ -93,7 +98,8 @@ def load_gates(model_dir: str | Path, dtype: str | torch.dtype = "float32") -> t
         bias = None
         if config.routing.correction_bias:
             bias = adapter.load(f"{prefix}.e_score_correction_bias", (e,), torch.float32).clone()
-        gates[layer] = LayerGate(weight=adapter.load(f"{prefix}.weight", (e, h), dtype).clone(), correction_bias=bias)
+        weight = adapter.load(f"{prefix}.weight", (e, h), dtype).float()  # as load_model keeps it
+        gates[layer] = LayerGate(weight=weight, correction_bias=bias)
     return config, gates
 
 

@@ -53,19 +53,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(x, self._float_weight(), self.e_score_correction_bias, self.routing)
-
-    def _float_weight(self) -> torch.Tensor:
-        """The gate in float32 (routing always scores in float32). A bf16 gate's float32 copy is kept while the
-        weight is unchanged (its storage and version), rather than made again at every layer of every step;
-        while autograd records through the gate, the live conversion."""
-        w = self.weight
-        if w.dtype == torch.float32 or (w.requires_grad and torch.is_grad_enabled()):
-            return w
-        key = (w.data_ptr(), w._version, w.device)
-        if getattr(self, "_float_key", None) != key:
-            self._float_copy, self._float_key = w.detach().float(), key
-        return self._float_copy
+        return route(x, self.weight, self.e_score_correction_bias, self.routing)
 
 
 class RoutedExperts(nn.Module):

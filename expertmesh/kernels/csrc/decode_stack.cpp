@@ -87,7 +87,7 @@ struct Attention {
 };
 
 struct Moe {
-  torch::Tensor router;  // [E, H] as stored; scored in float32
+  torch::Tensor router;  // [E, H] float32 (load_model keeps gates in it)
   c10::optional<torch::Tensor> bias;
   int64_t top_k, n_group, topk_group;
   bool sigmoid, top2_sum, renormalize;
@@ -95,10 +95,6 @@ struct Moe {
   torch::Tensor w13, w2, w13_scale, w2_scale;  // scales defined for int8 experts
   bool quantize_activations = false;
   c10::optional<Mlp> shared;
-  // A bf16 router's float32 copy, kept while the weight is unchanged (Router._float_weight's rule).
-  torch::Tensor router_f32;
-  std::pair<const void*, int64_t> router_key{nullptr, 0};
-
   explicit Moe(const py::dict& d)
       : router(tensor(d, "router")),
         bias(optional_tensor(d, "bias")),
@@ -114,17 +110,8 @@ struct Moe {
     if (auto s = optional_tensor(d, "w13_scale")) w13_scale = *s;
     if (auto s = optional_tensor(d, "w2_scale")) w2_scale = *s;
     quantize_activations = d.contains("quantize_activations") && d["quantize_activations"].cast<bool>();
+    TORCH_CHECK(router.scalar_type() == torch::kFloat32, "decode stack: the router gate must be float32");
     if (!d["shared"].is_none()) shared = Mlp(d["shared"].cast<py::dict>());
-  }
-
-  const torch::Tensor& float_router() {
-    if (router.scalar_type() == torch::kFloat32) return router;
-    const std::pair<const void*, int64_t> key{router.data_ptr(), router.is_inference() ? 0 : router._version()};
-    if (!router_f32.defined() || key != router_key) {
-      router_f32 = router.to(torch::kFloat32);
-      router_key = key;
-    }
-    return router_f32;
   }
 };
 
@@ -210,9 +197,9 @@ class DecodeStack {
     return linear(a.o, as_model_dtype(out).flatten(1));
   }
 
-  torch::Tensor moe(Moe& m, const torch::Tensor& x, std::vector<torch::Tensor>& routed) const {
+  torch::Tensor moe(const Moe& m, const torch::Tensor& x, std::vector<torch::Tensor>& routed) const {
     const torch::Tensor x_f = x.to(torch::kFloat32);
-    const torch::Tensor logits = at::linear(x_f, m.float_router());
+    const torch::Tensor logits = at::linear(x_f, m.router);
     c10::optional<torch::Tensor> bias;
     if (m.bias) bias = m.bias->to(torch::kFloat32).contiguous();
     auto [weights, ids] = topk_gating_f32(logits.contiguous(), m.top_k, m.sigmoid, bias, m.n_group, m.topk_group,
