@@ -11,7 +11,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import MoECausalLM
-from expertmesh.model.moe import MoEBlock
+from expertmesh.model.moe import MoEBlock, Router
 from expertmesh.model.rope import rope_inv_freq
 from expertmesh.model.state_dict_adapter import StateDictAdapter
 from expertmesh.model.weights import SafetensorsCheckpoint
@@ -28,9 +28,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of: float32, bfloat16, float16")
     return _DTYPES[dtype]
-
-
-ROUTER_WEIGHT = ".mlp.gate.weight"  # a Router's weight, by parameter name
 
 
 def load_model(
@@ -55,11 +52,12 @@ def load_model(
                 layer.mlp.backend = _missing_backend
     adapter = StateDictAdapter(config, checkpoint)
     tied = config.tie_word_embeddings or "lm_head.weight" not in checkpoint
+    gates = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Router)}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if name == "lm_head.weight" and tied:
             continue
         tensor = adapter.load(name, tuple(param.shape), dtype)
-        if name.endswith(ROUTER_WEIGHT):
+        if name in gates:
             tensor = tensor.float()  # routing scores in float32: the gate is kept in it (rounded to `dtype` first)
         _set(model, name, nn.Parameter(tensor.to(device), requires_grad=False))
     for name, buf in list(model.named_buffers()):
