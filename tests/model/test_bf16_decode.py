@@ -41,25 +41,20 @@ def test_bf16_greedy_decode_follows_transformers_up_to_a_near_tie(tmp_path, fami
     assert agreed >= MAX_TOKENS  # a prompt's worth of decisive steps agree, at least
 
 
-def test_a_bf16_gate_scores_in_float32_and_follows_changes_to_its_weight():
-    """The gate's float32 copy is kept between calls; an in-place change to the weight (a reload, a rebalance
-    that rewrites it) is seen at the next call, as the live conversion would see it."""
-    from expertmesh.model.config import RoutingConfig
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_a_bf16_models_gates_are_float32_holding_transformers_bf16_values(tmp_path, family):
+    """Routing scores in float32, so load_model keeps each gate in float32: the checkpoint's values rounded to
+    bf16 first, as transformers' bf16 model holds them (one copy, nothing cached beside it)."""
+    from expertmesh.model import load_model
     from expertmesh.model.moe import Router
 
-    gen = torch.Generator().manual_seed(0)
-    router = Router(32, RoutingConfig(num_experts=8, top_k=2)).bfloat16()
-    with torch.no_grad():
-        router.weight.copy_(torch.randn(8, 32, generator=gen))
-    router.requires_grad_(False)
-    x = torch.randn(5, 32, generator=gen).bfloat16()
-    with torch.inference_mode():
-        weights, ids = router(x)
-        logits = torch.nn.functional.linear(x.float(), router.weight.float())
-        assert torch.equal(ids.sort(-1).values, logits.topk(2).indices.sort(-1).values)
-        assert torch.equal(router(x)[1], ids)
-    with torch.no_grad():
-        router.weight.neg_()  # every choice flips to the other end
-    with torch.inference_mode():
-        flipped = router(x)[1]
-    assert torch.equal(flipped.sort(-1).values, (-logits).topk(2).indices.sort(-1).values)
+    ckpt = build_hf_checkpoint(family, tmp_path / family, dtype=torch.float32, seed=case_seed((family, "gates")))
+    reference = load_reference(ckpt, dtype=torch.bfloat16)
+    theirs = {n: p for n, p in reference.named_parameters() if n.endswith("mlp.gate.weight")}
+    model = load_model(ckpt, "bfloat16")
+    ours = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, Router)}
+    assert sorted(ours) == sorted(theirs) and ours
+    for name, weight in ours.items():
+        assert weight.dtype == torch.float32 and theirs[name].dtype == torch.bfloat16
+        assert torch.equal(weight, theirs[name].float()), name
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in ours)
