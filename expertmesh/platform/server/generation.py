@@ -126,10 +126,12 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()
-            if not all(c.finished for c in self._choices):
-                self._state.metrics.cancelled.inc()
-            await _close(self._choices, self._state.engine)
+            try:
+                await self._events.aclose()
+            finally:  # whatever the generator's own cleanup raised, the requests are counted and ended
+                if not all(c.finished for c in self._choices):
+                    self._state.metrics.cancelled.inc()
+                await _close(self._choices, self._state.engine)
 
 
 def _observe(state: ServerState, choice: _Choice, out: RequestOutput, started: float) -> None:
