@@ -21,12 +21,13 @@ from expertmesh.actors.step import AdapterSpec, MicroBatch
 from expertmesh.model import AttentionMetadata, load_model, resolve_dtype
 from expertmesh.model.adapters import ModelAdapters
 from expertmesh.model.moe import MoEBlock
+from expertmesh.model.quantize import check_checkpoint_quantizable, quantize_model
 
 
 class AttentionWorker:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int,
                  device: str | torch.device = "cpu", lora: AdapterSpec | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", quantization: str | None = None):
         # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
         # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
         self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
@@ -35,6 +36,9 @@ class AttentionWorker:
         self.device = torch.device(device)
         self.model = self._threads[0].submit(load_model, model_dir, dtype, str(self.device),
                                              routed_experts=False).result()
+        if quantization is not None:  # attention, shared experts, dense layers, LM head (the shards: the experts)
+            check_checkpoint_quantizable(model_dir, quantization)
+            self._threads[0].submit(quantize_model, self.model, quantization).result()
         self.block_size = block_size
         cache_dtype = None if kv_cache_dtype == "auto" else resolve_dtype(kv_cache_dtype)  # "auto": the model's
         self.kv_caches = self._threads[0].submit(self.model.allocate_kv_cache, num_blocks, block_size,

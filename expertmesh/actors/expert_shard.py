@@ -21,15 +21,11 @@ import torch
 from expertmesh import kernels
 from expertmesh.model import LayerExperts, load_experts, resolve_dtype
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.quantize import check_checkpoint_quantizable
+from expertmesh.model.quantize import check_checkpoint_quantizable, check_quantization
 from expertmesh.model.expert_adapters import HeldExpertLora
 
 Expert = tuple[int, int]  # (layer, expert)
 Replica = tuple[torch.Tensor, ...]  # one expert's rows of its layer's `LayerExperts.tensors`
-
-# What a shard can hold its experts as: the graph's attention, routers and LM head live in other actors, so only
-# the routed experts' quantisation ("experts_int8", as in local mode) is a shard's to apply.
-SHARD_QUANTIZATIONS = ("experts_int8",)
 
 
 class ShardRequestError(ValueError):
@@ -51,16 +47,18 @@ class ExpertShard:
         adapters: dict[int, str] | None = None,
         quantization: str | None = None,
     ):
+        # Every quantisation of model/quantize.py makes the routed experts int8 (the attention actors quantise the
+        # rest); "w8a8" quantises their activations too, where the sizes are multiples of the block.
+        check_quantization(quantization)
         if quantization is not None:
-            if quantization not in SHARD_QUANTIZATIONS:
-                raise ValueError(f"quantization must be one of {list(SHARD_QUANTIZATIONS)} or None for an expert "
-                                 f"shard, got {quantization!r}")
             if max_loras:
                 raise ValueError(f"max_loras with quantization={quantization!r} is not served: LoRA adapters "
                                  "apply to float expert weights")
             check_checkpoint_quantizable(model_dir, quantization)
         self.quantization = quantization
         config = ModelConfig.from_pretrained(model_dir)
+        self.quantize_activations = (quantization == "w8a8" and config.hidden_size % kernels.Q8_BLOCK == 0
+                                     and config.moe_intermediate_size % kernels.Q8_BLOCK == 0)
         self.model_dir = model_dir
         self.device = torch.device(device)
         self.shard_index = shard_index
@@ -87,7 +85,7 @@ class ExpertShard:
 
     def _load(self, experts: Iterable[Expert]) -> dict[int, LayerExperts]:
         """Reads the experts' weights from the checkpoint onto this shard's device, quantised to int8 (a scale
-        per output row, as local mode's `Int8RoutedExperts`) with "experts_int8"; on a GPU the registry runs
+        per output row, as local mode's `Int8RoutedExperts`) under any quantisation; on a GPU the registry runs
         them with the Triton fused-MoE kernel."""
         out = {}
         for layer, held in load_experts(self.model_dir, experts, self.dtype).items():
@@ -266,7 +264,8 @@ class ExpertShard:
         x, w = hidden[tokens].to(dev), weights[tokens, cols].unsqueeze(1).to(dev)
         lora = self._adapters_in(layer, slots)
         if held.w13_scale is not None:  # int8 experts (no adapters: refused at construction)
-            pair_out = kernels.fused_moe_int8(x, held.w13, held.w13_scale, held.w2, held.w2_scale, w, local.to(dev))
+            pair_out = kernels.fused_moe_int8(x, held.w13, held.w13_scale, held.w2, held.w2_scale, w, local.to(dev),
+                                              self.quantize_activations)
         elif lora is None:
             pair_out = kernels.fused_moe(x, held.w13, held.w2, w, local.to(dev))
         else:

@@ -54,7 +54,7 @@ class GraphBuilder:
                  quantization: str | None = None, kv_cache_dtype: str = "auto"):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
         self.kv_cache_dtype = kv_cache_dtype  # the attention actors' caches
-        self.quantization = quantization  # the shards' experts (ExpertShard's SHARD_QUANTIZATIONS)
+        self.quantization = quantization  # every actor's share: the shards' experts, the attention actors' linears
         # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
         # replacement, a new shard) loads them as it starts
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
@@ -74,7 +74,7 @@ class GraphBuilder:
         return self._start("attention", rank, others, AttentionActor, dict(
             rank=rank, dtype=self.dtype, num_blocks=self.num_blocks, block_size=self.block_size, secret=self.secret,
             data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r), lora=self.lora(),
-            kv_cache_dtype=self.kv_cache_dtype))
+            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization))
 
     def start_router(self, placement: PlacementTable, others: list[Member]) -> Member:
         d = self.deployment

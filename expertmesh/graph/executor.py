@@ -17,7 +17,6 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from expertmesh.actors import ExpertShardActor
-from expertmesh.actors.expert_shard import SHARD_QUANTIZATIONS
 from expertmesh.engine.executor import ExecutorSpec, ExecutorUnavailable
 from expertmesh.engine.scheduler import ScheduledBatch
 from expertmesh.experts import PlacementTable
@@ -60,11 +59,6 @@ class ActorGraph:
         if spec.device != "cpu":
             raise ValueError("with a deployment, each actor picks its own device (the GPU Ray gives it): leave "
                              "device='cpu'")
-        if spec.quantization is not None and spec.quantization not in SHARD_QUANTIZATIONS:
-            raise ValueError(f"quantization={spec.quantization!r} is served in local mode only: it quantises attention "
-                             f"and the LM head too, which the actor graph's attention actors hold in the model's "
-                             f"dtype; the graph serves quantization in {list(SHARD_QUANTIZATIONS)} (its expert "
-                             f"shards hold the routed experts as int8)")
         return ActorGraphExecutor(spec, self.deployment, shard_class=self.shard_class)
 
 

@@ -1,7 +1,7 @@
-"""An expert shard holding its experts as int8 ("experts_int8"): the same per-row quantisation as local mode's
-`Int8RoutedExperts`, so shards partitioning a layer sum to the local quantised layer, and the math equals torch
-over the dequantised weights; scales travel with their rows when replicas move; what it cannot serve is refused
-by name."""
+"""An expert shard holding its experts as int8 (under "experts_int8", "int8" and "w8a8" alike; "w8a8" quantises
+their activations too): the same per-row quantisation as local mode's `Int8RoutedExperts`, so shards partitioning
+a layer sum to the local quantised layer, and the math equals torch over the dequantised weights; scales travel
+with their rows when replicas move; what it cannot serve is refused by name."""
 
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ def test_holds_int8_rows_and_scales_and_computes_the_dequantized_math(tiny_model
         assert got[held.any(dim=1)].abs().sum(dim=1).min() > 0
 
 
-def test_shards_partitioning_a_layer_sum_to_local_modes_quantized_layer(tiny_model_dir):
+@pytest.mark.parametrize("quantization", ["experts_int8", "int8", "w8a8"])
+def test_shards_partitioning_a_layer_sum_to_local_modes_quantized_layer(tiny_model_dir, quantization):
     local = load_model(tiny_model_dir)
-    quantize_model(local, "experts_int8")
+    quantize_model(local, quantization)
     layer = 3
     parts = [{e for e in range(NUM_EXPERTS) if e % 3 == s} for s in range(3)]
     shards = [ExpertShard(tiny_model_dir, [(layer, e) for e in sorted(p)], shard_index=s,
-                          quantization="experts_int8") for s, p in enumerate(parts)]
+                          quantization=quantization) for s, p in enumerate(parts)]
+    assert all(shard.quantize_activations == (quantization == "w8a8") for shard in shards)
     hidden, ids, weights = random_routing(32, seed=7)
     total = torch.zeros(32, HIDDEN)
     for shard, part in zip(shards, parts):
@@ -85,9 +87,9 @@ def test_replicas_move_with_their_scales(tiny_model_dir, full_model):
 
 
 def test_what_a_shard_cannot_hold_as_int8_is_refused_by_name(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"quantization must be one of \['experts_int8'\] or None for an expert "
-                                         r"shard, got 'int8'"):
-        ExpertShard(tiny_model_dir, SUBSET, quantization="int8")
+    with pytest.raises(ValueError, match=r"quantization must be one of \['int8', 'w8a8', 'experts_int8'\] or None, "
+                                         r"got 'fp8'"):
+        ExpertShard(tiny_model_dir, SUBSET, quantization="fp8")
     with pytest.raises(ValueError, match="max_loras with quantization='experts_int8' is not served"):
         ExpertShard(tiny_model_dir, SUBSET, quantization="experts_int8", max_loras=2)
     quantized = shutil.copytree(tiny_model_dir, tmp_path / "already_quantized")

@@ -15,7 +15,6 @@ import yaml
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.cli import main
-from expertmesh.graph import ActorGraph
 from expertmesh.model import load_model
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.int8_layers import Int8Linear, Int8RoutedExperts
@@ -73,8 +72,6 @@ def test_unsupported_quantization_settings_are_refused(tiny_model_dir, tmp_path,
         LLM(str(tiny_model_dir), quantization="fp8")
     with pytest.raises(ValueError, match="enable_lora with quantization='int8' is not served"):
         LLM(str(tiny_model_dir), quantization="int8", enable_lora=True)
-    with pytest.raises(ValueError, match="quantization='int8' is served in local mode only"):
-        LLM(str(tiny_model_dir), quantization="int8", executor=ActorGraph({"expert_shards": 2}))
     prequantized = tmp_path / "awq"
     shutil.copytree(tiny_model_dir, prequantized)
     config = json.loads((prequantized / "config.json").read_text())

@@ -1,9 +1,9 @@
-"""The actor graph at lower precision, on two nodes: int8 experts (`quantization="experts_int8"`: each shard
-quantises the experts it loads, as local mode does) and bf16 latent caches (`kv_cache_dtype="bfloat16"`: the
-attention actors keep theirs as local mode does). Each gives the greedy tokens and log-probs of local mode with
-the same setting (itself measured against the float model in tests/engine/test_quantization.py and
-test_kv_cache_dtype.py), which differ from the float model's. What quantises more than the shards hold is refused
-by name."""
+"""The actor graph at lower precision, on two nodes: int8 weights (each expert shard quantises the experts it
+loads and, under "int8" and "w8a8", each attention actor its attention, shared experts, dense layers and LM head,
+as local mode quantises the whole model) and bf16 latent caches (`kv_cache_dtype="bfloat16"`: the attention
+actors keep theirs as local mode does). Each gives the greedy tokens and log-probs of local mode with the same
+setting (itself measured against the float model in tests/engine/test_quantization.py and
+test_kv_cache_dtype.py), which differ from the float model's."""
 
 from __future__ import annotations
 
@@ -36,20 +36,24 @@ def local_float(tiny_model_dir):
     return LLM(str(tiny_model_dir)).generate(PROMPTS, PARAMS)
 
 
-@pytest.mark.parametrize("setting", [{"quantization": "experts_int8"}, {"kv_cache_dtype": "bfloat16"}],
-                         ids=["experts_int8", "bf16_cache"])
-def test_the_graph_equals_local_mode_at_the_same_precision(tiny_model_dir, local_float, setting):
+# (setting, how far the graph's log-probs may be from local mode's). w8a8 quantises activations in blocks of 32:
+# where the graph's float sums differ from local mode's in the last bit (another summation order), a block's
+# rounding can move by one step (seen: 3e-4). The others: seen 5e-7.
+SETTINGS = {
+    "experts_int8": ({"quantization": "experts_int8"}, 2e-5),
+    "int8": ({"quantization": "int8"}, 2e-5),
+    "w8a8": ({"quantization": "w8a8"}, 2e-3),
+    "bf16_cache": ({"kv_cache_dtype": "bfloat16"}, 2e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_the_graph_equals_local_mode_at_the_same_precision(tiny_model_dir, local_float, name):
+    setting, atol = SETTINGS[name]
     local = LLM(str(tiny_model_dir), **setting).generate(PROMPTS, PARAMS)
     with LLM(str(tiny_model_dir), executor=ActorGraph({"expert_shards": 2, "transport": "grpc"}), **setting) as llm:
         graph = llm.generate(PROMPTS, PARAMS)
     assert token_ids(graph) == token_ids(local)
-    torch.testing.assert_close(chosen_logprobs(graph), chosen_logprobs(local), atol=2e-5, rtol=0)  # seen: 5e-7
-    # the comparison can tell: the float model's log-probs are 10x further off (seen: 1e-3)
-    assert (chosen_logprobs(local_float) - chosen_logprobs(local)).abs().max() > 2e-4
-
-
-def test_quantizations_beyond_the_experts_are_refused_by_name(tiny_model_dir):
-    for name in ("int8", "w8a8"):
-        with pytest.raises(ValueError, match=rf"quantization='{name}' is served in local mode only: it quantises "
-                                             r"attention and the LM head too.*\['experts_int8'\]"):
-            LLM(str(tiny_model_dir), quantization=name, executor=ActorGraph({"expert_shards": 2}))
+    torch.testing.assert_close(chosen_logprobs(graph), chosen_logprobs(local), atol=atol, rtol=0)
+    # the comparison can tell: the float model's log-probs are over 10x further off (seen: 1e-3 to 0.16)
+    assert (chosen_logprobs(local_float) - chosen_logprobs(local)).abs().max() > 10 * atol
