@@ -5,8 +5,9 @@ text, then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and
 from f32 and how often the top token agrees ("Same top p"); and the Q8_0 GGUF again against the bf16 GGUF's
 stored logits. It scores the second half of each context of `--ctx` tokens. Ours: the same text through our
 tokenizer, cut into the same contexts, the same half scored, `quantization="int8"`, `"w8a8"`,
-`"experts_int8"` and `dtype="bfloat16"` against our float32, and `int8` and `w8a8` against our bfloat16
-(`expertmesh.testing.agreement`). Each engine is measured against its own float32 (or bf16), so the figures
+`"experts_int8"` and `dtype="bfloat16"` against our float32, `int8` and `w8a8` against our bfloat16, and
+the bf16 model with its weights quantised (`int8_on_bf16`, `w8a8_on_bf16`) against our bfloat16, so that only the
+weights differ (`expertmesh.testing.agreement`). Each engine is measured against its own float32 (or bf16), so the figures
 compare how much each quantisation costs, not the engines' outputs. The text is this repository's README.
 
 The checkpoint (`--checkpoint`): `trained` (default), the `small` preset trained briefly as a language model
@@ -88,13 +89,18 @@ def main() -> int:
     ids = Tokenizer.from_pretrained(checkpoint).encode(TEXT.read_text(), add_special_tokens=False)
     sequences = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
     references = {"float32": load_model(checkpoint), "bfloat16": load_model(checkpoint, torch.bfloat16)}
-    for name in ("experts_int8", "int8", "w8a8", "bfloat16"):
+    # (what runs, its dtype, the references it is judged against): "int8_on_bf16" is the bf16 model with its
+    # weights quantised, so that against our bf16 only the weights differ
+    cases = [("experts_int8", torch.float32, ("float32",)), ("int8", torch.float32, ("float32", "bfloat16")),
+             ("w8a8", torch.float32, ("float32", "bfloat16")), ("int8_on_bf16", torch.bfloat16, ("bfloat16",)),
+             ("w8a8_on_bf16", torch.bfloat16, ("bfloat16",)), ("bfloat16", torch.bfloat16, ("float32",))]
+    for name, dtype, bases in cases:
         if name == "bfloat16":
             model = references["bfloat16"]
         else:
-            model = load_model(checkpoint)
-            quantize_model(model, name)
-        for base in ("float32",) if name in ("experts_int8", "bfloat16") else ("float32", "bfloat16"):
+            model = load_model(checkpoint, dtype)
+            quantize_model(model, name.removesuffix("_on_bf16"))
+        for base in bases:
             a = next_token_agreement(references[base], model, sequences, skip=args.ctx // 2)
             key = name if base == "float32" else f"{name}_vs_{base}"
             info["expertmesh"][key] = {"positions": a.positions, "mean_kl": a.mean_kl, "top1_agreement": a.top1,
