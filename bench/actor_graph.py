@@ -35,7 +35,8 @@ back to back) and was slower with 4 (8 shard threads on 2 cores); attention cpus
 shard's experts with int(router num_cpus) threads, so the script gives that router the machine's cores.
 
     python bench/actor_graph.py [--quick] [--transport grpc|collective|inprocess|all] [--shards 2,4]
-                                [--micro-batches auto|1|2] [--json bench/actor_graph_results.json]
+                                [--micro-batches auto|1|2] [--quantization int8|w8a8|experts_int8]
+                                [--json bench/actor_graph_results.json]
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def measure(name: str, llm, cases, repeats: int, router=None, attention=None) ->
     return out
 
 
-def expert_floor(path: Path, sizes: tuple[int, ...], reps: int = 21) -> dict:
+def expert_floor(path: Path, sizes: tuple[int, ...], reps: int = 21, quantization: str | None = None) -> dict:
     """What one MoE layer's routed experts cost with no transport and no other process on the cores: the
     shards' runtime holding every expert, in this process with torch's threads, on the tokens a dispatch
     carries (routed by the checkpoint's own gates). The dispatch round trip's floor on this machine, since
@@ -197,7 +198,7 @@ def expert_floor(path: Path, sizes: tuple[int, ...], reps: int = 21) -> dict:
     cfg = ModelConfig.from_pretrained(path)
     layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
     table = PlacementTable.balanced(layers, cfg.routing.num_experts, 1)
-    router, shard = RouterCore(path, table), ExpertShard(path, table.shard_experts(0))
+    router, shard = RouterCore(path, table), ExpertShard(path, table.shard_experts(0), quantization=quantization)
     g = torch.Generator().manual_seed(0)
     out = {}
     for size in sizes:
@@ -246,6 +247,8 @@ def main() -> None:
     parser.add_argument("--shard-cpus", type=float, default=1.0)
     parser.add_argument("--micro-batches", default="auto", choices=["auto", "1", "2"],
                         help="micro-batches per step (deployment micro_batches)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "w8a8", "experts_int8"],
+                        help="quantise at load, local mode and the graph alike (default: float32 weights)")
     args = parser.parse_args()
     transports = TRANSPORTS if args.transport == "all" else tuple(args.transport.split(","))
     bad = [t for t in transports if t not in TRANSPORTS]
@@ -266,7 +269,8 @@ def main() -> None:
     path = ensure_checkpoint("small")
     # A token budget that holds the whole batch's prompts: every decode step is a pure decode step.
     engine_kwargs = {"dtype": "float32", "max_num_seqs": 64, "kv_cache_gib": 1.0,
-                     "max_num_batched_tokens": max(b * p for b, p, _ in cases)}
+                     "max_num_batched_tokens": max(b * p for b, p, _ in cases), "quantization": args.quantization}
+    info["quantization"] = args.quantization
     wall = time.perf_counter()
 
     print(f"local mode (torch threads: {torch.get_num_threads()})", flush=True)
@@ -275,7 +279,7 @@ def main() -> None:
     del llm
     gc.collect()
     sizes = sorted({1, *(b // 2 for b, _, _ in cases if b > 1), *(b for b, _, _ in cases)})  # 1, 16 and 32
-    info["expert_floor"] = expert_floor(path, tuple(sizes))
+    info["expert_floor"] = expert_floor(path, tuple(sizes), quantization=args.quantization)
     print(f"expert compute per MoE layer, in this process, no transport ({torch.get_num_threads()} threads): "
           + ", ".join(f"{t} tokens {v['median_s'] * 1e3:.2f} ms ({v['experts_hit']:.0f} experts hit)"
                       for t, v in info["expert_floor"].items()), flush=True)
