@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def test_a_step_failing_mid_stream_sends_an_error_event(tiny_model_dir, caplog):
             events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
         _assert_generic(json.loads(events[-1])["error"], request_id, caplog, "10.0.3.9")
         assert httpx.get(url + "/health", timeout=30).status_code == 200
+        # a failure is not a client's leaving: the cancelled counter stays at 0
+        scrape = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
+        assert re.search(r"^expertmesh_requests_cancelled_total 0\.0$", scrape, re.MULTILINE), scrape[-2000:]
 
 
 def test_shutdown_fails_waiting_requests_instead_of_hanging(tiny_model_dir):

@@ -42,6 +42,7 @@ class _Choice:
     num_tokens: int = 0  # generated so far
     sent_chars: int = 0  # characters streamed so far (the logprobs' text offsets)
     finished: bool = False
+    failed: bool = False  # its response ended on a server failure (not the client's leaving)
     total: RequestOutput | None = None  # the sum of its deltas, for a whole answer
     last_time: float = 0.0  # perf_counter of its latest output, for inter-token latency
 
@@ -115,7 +116,8 @@ class _EventStream(StreamingResponse):
     the first event cancels the response before its generator ever runs, and so before its `finally`; one that
     leaves while a chunk is being sent leaves the generator suspended at its `yield`, where its `finally` waits
     for the garbage collector (a reference cycle can hold it for as long as the process idles). So the response
-    closes the generator itself, then counts a request that did not finish as cancelled and aborts it."""
+    closes the generator itself, then counts a request that neither finished nor failed as cancelled and aborts
+    it."""
 
     def __init__(self, state: ServerState, events: AsyncIterator[str], choices: list[_Choice]):
         super().__init__(events, media_type="text/event-stream",
@@ -129,7 +131,7 @@ class _EventStream(StreamingResponse):
             try:
                 await self._events.aclose()
             finally:  # whatever the generator's own cleanup raised, the requests are counted and ended
-                if not all(c.finished for c in self._choices):
+                if not all(c.finished or c.failed for c in self._choices):
                     self._state.metrics.cancelled.inc()
                 await _close(self._choices, self._state.engine)
 
@@ -277,6 +279,8 @@ async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, re
                 done += 1
                 continue
             if isinstance(out, BaseException):
+                for c in choices:
+                    c.failed = True
                 failure = errors.server_failure(rid, out)
                 yield "data: " + json.dumps(errors.error_body(failure.status, failure.message,
                                                               code=failure.code)) + "\n\n"
