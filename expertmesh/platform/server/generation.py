@@ -303,10 +303,9 @@ async def _stream(state: ServerState, body, choices: list[_Choice], rid: str, re
             yield "data: " + json.dumps({"id": response_id, "object": kind, "created": created, "model": model,
                                          "choices": [], "usage": _usage(choices, body.n)}) + "\n\n"
         yield "data: [DONE]\n\n"
-    finally:  # the client may have gone: _EventStream counts that, once this has run
+    finally:  # the client may have gone: _EventStream, once this has run, counts that and ends the requests
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _close(choices, state.engine)
         state.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
             time.perf_counter() - started)
