@@ -9,17 +9,21 @@ one warning saying why.
 
 torch's builder takes a lock file in the build directory and every other process waits for that file to go,
 with no limit. A build that is killed (a test's timeout, an OOM kill, Ctrl-C) leaves the file behind, and every
-later process on the machine would wait forever: a server never became ready, a CI run hung. So before loading,
-a lock older than any build takes (`STALE_LOCK_S`) is taken for a dead builder's and removed, with a warning.
+later process on the machine would wait forever: a server never became ready, a CI run hung. So every load
+runs under a lock of our own (`build_lock`): an `flock` on a file beside torch's, which the kernel releases when
+its holder exits, however it exits. Whoever holds it is the only one of us building there, so a torch lock it
+finds was left by a builder that died, and is removed, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
-import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -31,8 +35,6 @@ _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in ("small_m.cpp", "decode_ops.cpp", "lora.cpp", "decode_stack.cpp")]
 _HEADERS = [_CSRC / name for name in ("rows_dot.h", "lora_rows.h", "ops.h", "q8_rows.h")]
 DISABLE_ENV = "EXPERTMESH_CPU_EXT"
-# A build takes 1-2 minutes on the 2-core reference machine; a lock this old has no live builder behind it.
-STALE_LOCK_S = 600.0
 # -fno-math-errno lets the compiler vectorise exp (softmax); reductions are reassociated only inside
 # explicit `omp simd` loops.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
@@ -62,21 +64,21 @@ def _build_dir() -> Path:
     return path
 
 
-def wait_for_build_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
-    """Returns once `build_dir` holds no build lock: when the build that holds it ends, or at once when the lock
-    is older than `stale_after_s` (removed: its builder died)."""
-    lock = build_dir / "lock"
-    while True:
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Held while this process loads (and maybe builds) the kernels in `build_dir`; waits while another process
+    holds it. Inside it, torch's own lock file can only be a dead builder's: it is removed."""
+    with open(build_dir / "expertmesh.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released by the kernel when this process ends, whatever ends it
         try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > stale_after_s:
-            warnings.warn(f"expertmesh: removing the CPU kernels' build lock {lock}, left {age:.0f} s ago by a build "
-                          "that did not finish; building again", RuntimeWarning, stacklevel=2)
-            lock.unlink(missing_ok=True)
-            return
-        time.sleep(poll_s)
+            torch_lock = build_dir / "lock"
+            if torch_lock.exists():
+                warnings.warn(f"expertmesh: removing the CPU kernels' build lock {torch_lock}, left by a build that "
+                              "did not finish; building again", RuntimeWarning, stacklevel=3)
+                torch_lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -91,15 +93,15 @@ def small_m_kernels() -> ModuleType | None:
             reason = missing_tool(path, get_cxx_compiler())
             if reason is None:
                 build_dir = _build_dir()
-                wait_for_build_lock(build_dir)
-                return load(
-                    name="expertmesh_small_m",
-                    sources=[str(p) for p in _SOURCES],
-                    extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(build_dir),
-                    verbose=False,
-                )
+                with build_lock(build_dir):
+                    return load(
+                        name="expertmesh_small_m",
+                        sources=[str(p) for p in _SOURCES],
+                        extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(build_dir),
+                        verbose=False,
+                    )
     except Exception as e:  # a failed build must not take serving down
         reason = build_failure_reason(e)
     warnings.warn(f"expertmesh: CPU kernels could not be built ({reason}); using torch paths",

@@ -113,30 +113,67 @@ def test_a_failed_compile_is_summarised_by_its_error_lines():
 
 
 def test_a_lock_left_by_a_dead_build_is_removed_with_a_warning(tmp_path):
-    """torch's waiters wait for its lock file with no limit: one older than any build is a dead builder's."""
+    """torch's waiters wait for its lock file with no limit. One found while holding our lock is a dead
+    builder's, however fresh: removed at once."""
     lock = tmp_path / "lock"
     lock.touch()
-    old = time.time() - 2 * cpu_ext.STALE_LOCK_S
-    os.utime(lock, (old, old))
     with pytest.warns(RuntimeWarning, match="removing the CPU kernels' build lock"):
-        cpu_ext.wait_for_build_lock(tmp_path)
-    assert not lock.exists()
+        with cpu_ext.build_lock(tmp_path):
+            assert not lock.exists()
 
 
-def test_a_live_build_is_waited_for(tmp_path):
-    """A fresh lock is a build under way: wait until its builder removes it, and leave it to that builder."""
-    import threading
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from expertmesh.kernels import cpu_ext
+build_dir = Path(sys.argv[1])
+with cpu_ext.build_lock(build_dir):
+    (build_dir / "lock").touch()  # as torch's builder does
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    (build_dir / "lock").unlink()
+"""
+
+
+def test_a_live_build_is_waited_for_and_its_lock_left_alone(tmp_path):
+    """Another process building holds our lock: wait for it, and do not take its torch lock for a dead one."""
+    import subprocess
+    import sys
     import warnings
 
-    lock = tmp_path / "lock"
-    lock.touch()
-    threading.Timer(0.3, lock.unlink).start()
-    start = time.monotonic()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cpu_ext.wait_for_build_lock(tmp_path, poll_s=0.05)
-    assert time.monotonic() - start >= 0.25
-    cpu_ext.wait_for_build_lock(tmp_path)  # no lock: returns at once
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), "1.0"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        start = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with cpu_ext.build_lock(tmp_path):
+                waited = time.monotonic() - start
+        assert holder.wait(timeout=30) == 0  # it removed its own lock: nobody else did
+        assert waited >= 0.5
+    finally:
+        holder.kill()
+
+
+def test_a_builder_killed_midway_releases_our_lock(tmp_path):
+    """SIGKILL leaves torch's lock file behind but not ours: the next process goes on at once."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), "600"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.kill()
+        holder.wait(timeout=30)
+        assert (tmp_path / "lock").exists()
+        with pytest.warns(RuntimeWarning, match="removing the CPU kernels' build lock"):
+            with cpu_ext.build_lock(tmp_path):
+                pass
+        assert not (tmp_path / "lock").exists()
+    finally:
+        holder.kill()
 
 
 def test_two_checkouts_of_the_same_sources_build_apart(tmp_path, monkeypatch):
