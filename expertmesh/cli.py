@@ -61,10 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                      help="int8: every linear layer's weights as int8 with a scale per output row (as llama.cpp's "
                           "Q8_0); w8a8: the same, and on the CPU the activations too (blocks of 32); experts_int8: "
-                          "the routed experts only. Quantised at load; local mode only")
+                          "the routed experts only. Quantised at load")
     srv.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                      help="auto (default): the KV cache in the model's dtype; bfloat16: a float32 model's cache at "
-                          "half the bytes. Local mode only")
+                          "half the bytes")
+    srv.add_argument("--activation-dtype", default=None, choices=["auto", "float32"],
+                     help="auto (default): activations in --dtype; float32 with --dtype bfloat16 or float16: a "
+                          "float32 residual stream around matmuls in the weights' dtype, as llama.cpp runs a bf16 "
+                          "model (closer to the float32 model, same weight bytes). Local mode only")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)

@@ -42,6 +42,7 @@ class ExecutorSpec:
     max_lora_rank: int = 16
     quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py)
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; or a dtype name ("bfloat16")
+    activation_dtype: str = "auto"  # "auto": the model's dtype; "float32" over bf16 weights (model/loader.py)
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -149,7 +150,7 @@ class LocalExecutor:
         """The default executor factory: loads the whole model on `spec.device`."""
         if spec.quantization is not None:
             check_checkpoint_quantizable(spec.model, spec.quantization)
-        model = load_model(spec.model, spec.dtype, spec.device)
+        model = load_model(spec.model, spec.dtype, spec.device, activation_dtype=spec.activation_dtype)
         if spec.quantization is not None:
             quantize_model(model, spec.quantization)
         return cls(model, num_blocks=spec.num_blocks, block_size=spec.block_size, max_loras=spec.max_loras,

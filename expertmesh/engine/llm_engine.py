@@ -18,6 +18,7 @@ from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.stop import StopChecker
 from expertmesh.engine.tokenizer import ByteTokenizer, Tokenizer, load_eos_token_ids
 from expertmesh.model import ModelConfig, MoECausalLM, resolve_dtype
+from expertmesh.model.loader import check_activation_dtype
 from expertmesh.model.quantize import check_quantization
 
 
@@ -41,9 +42,16 @@ class EngineConfig:
     quantization: str | None = None  # "int8", "w8a8" or "experts_int8" (model/quantize.py), at load
     # "auto": the KV cache in the model's dtype; "bfloat16": a float32 model's cache at half the bytes (vLLM's name)
     kv_cache_dtype: str = "auto"
+    # "auto": activations in the model's dtype; "float32" over bfloat16 or float16 weights: a float32 residual
+    # stream around matmuls that run in the weights' dtype, as llama.cpp runs a bf16 model (model/loader.py)
+    activation_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
+        weights = resolve_dtype(self.dtype)
+        if check_activation_dtype(weights, self.activation_dtype) != weights and self.enable_lora:
+            raise ValueError(f"enable_lora with activation_dtype={self.activation_dtype!r} is not served: LoRA "
+                             "adapters run in the model's dtype; leave one of them out")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization is not None and self.enable_lora:
@@ -94,7 +102,7 @@ class LLMEngine:
         spec = ExecutorSpec(model=config.model, dtype=config.dtype, device=config.device, num_blocks=num_blocks,
                             block_size=config.block_size, max_loras=config.max_loras if config.enable_lora else 0,
                             max_lora_rank=config.max_lora_rank, quantization=config.quantization,
-                            kv_cache_dtype=config.kv_cache_dtype)
+                            kv_cache_dtype=config.kv_cache_dtype, activation_dtype=config.activation_dtype)
         self.executor: Executor = (executor or LocalExecutor.build)(spec)
         self.adapters: AdapterRegistry | None = None  # which adapter each slot of the executor holds
         self._adapter_executor: AdapterExecutor | None = None  # the executor again, when it serves adapters

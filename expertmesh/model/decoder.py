@@ -51,6 +51,9 @@ class MoECausalLM(nn.Module):
 
     # Decode steps it fits run as one C++ call (model/fused_decode.py); False: always through the modules.
     fused_decode = True
+    # The residual stream's dtype when it differs from the weights' (None: the weights'): float32 over bf16
+    # weights is how llama.cpp runs a bf16 model; each matmul still runs in bf16 (layers.Linear).
+    activation_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -76,6 +79,8 @@ class MoECausalLM(nn.Module):
         self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache] | None
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
+        if self.activation_dtype is not None:
+            x = x.to(self.activation_dtype)
         cos_sin = self.model.rotary.cos_sin(meta.positions, x.dtype)
         if kv_caches is not None and meta.is_decode_only and self.fused_decode:
             fused = fused_decoder(self)

@@ -8,7 +8,8 @@ the same tensors in the same order, so its hidden states are the modules' bit fo
 It applies to CPU inference (no autograd) under the `auto` kernel backend, on decode-only steps with few
 enough tokens that every linear would take the streaming kernels, where every attention is MLA, every MoE
 block runs on the local backend, no LoRA adapter is attached and every weight is in the model's dtype (or int8,
-as `quantize_model` makes it). Anything else runs the modules. The stack holds the modules' own tensors, so
+as `quantize_model` makes it). A model whose activations are wider than its weights (float32 over bf16,
+`activation_dtype`) runs each matmul as its modules do, in bf16 in and out of the float32 stream. Anything else runs the modules. The stack holds the modules' own tensors, so
 in-place updates show at once; a module, parameter, buffer or adapter that is replaced or attached is noticed
 before the next step (`_Watch`) and the stack is built again, or given up.
 """
@@ -120,10 +121,11 @@ class FusedDecoder:
         if kernels is None:
             raise _Unfusable("the C++ CPU kernels are not built")
         decoder = w.module(model, "model")
-        self.dtype = w.tensor(w.module(decoder, "embed_tokens"), "weight").dtype
-        if self.dtype not in (torch.float32, torch.bfloat16):
-            raise _Unfusable(f"the stack runs float32 and bfloat16 models, not {self.dtype}")
-        self.max_rows = STREAMING_MAX_ROWS_BF16 if self.dtype == torch.bfloat16 else STREAMING_MAX_ROWS
+        self.weight_dtype = w.tensor(w.module(decoder, "embed_tokens"), "weight").dtype
+        self.dtype = w.attribute(model, "activation_dtype") or self.weight_dtype  # the residual stream's
+        if self.weight_dtype not in (torch.float32, torch.bfloat16):
+            raise _Unfusable(f"the stack runs float32 and bfloat16 models, not {self.weight_dtype}")
+        self.max_rows = STREAMING_MAX_ROWS_BF16 if self.weight_dtype == torch.bfloat16 else STREAMING_MAX_ROWS
         self.top_k = config.routing.top_k
         self.moe_blocks: list[MoEBlock] = []
         stack = kernels.DecodeStack(self.dtype == torch.bfloat16, self._norm(w.module(decoder, "norm"), "norm"))
@@ -213,18 +215,21 @@ class FusedDecoder:
         if bias is not None:
             self._float(bias)
         # cpu_linear.linear's choice at these row counts: the streaming kernel, or F.linear
-        stream = weight.is_contiguous() and (self.dtype == torch.bfloat16
+        stream = weight.is_contiguous() and (weight.dtype == torch.bfloat16
                                              or weight.numel() >= STREAMING_MIN_WEIGHT_ELEMENTS)
         return {"weight": weight, "bias": bias, "stream": stream}
 
     def _norm(self, norm: nn.Module, key: str) -> dict:
         if not isinstance(norm, RMSNorm):
             raise _Unfusable(f"a norm of type {type(norm).__name__}")
-        return {key: self._contiguous(self._float(self.watch.tensor(norm, "weight"))), f"{key}_eps": norm.eps}
+        weight = self._float(self.watch.tensor(norm, "weight"), self.dtype)  # scales the residual stream's rows
+        return {key: self._contiguous(weight), f"{key}_eps": norm.eps}
 
-    def _float(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != self.dtype or not t.is_cpu:
-            raise _Unfusable(f"a {t.dtype} tensor on {t.device} in a {self.dtype} CPU model")
+    def _float(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`t`, which must be a CPU tensor in `dtype` (default: the weights')."""
+        dtype = dtype or self.weight_dtype
+        if t.dtype != dtype or not t.is_cpu:
+            raise _Unfusable(f"a {t.dtype} tensor on {t.device} where the stack runs {dtype} on the CPU")
         return t
 
     @staticmethod

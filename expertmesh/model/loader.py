@@ -11,6 +11,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import MoECausalLM
+from expertmesh.model.layers import RMSNorm
 from expertmesh.model.moe import MoEBlock, Router
 from expertmesh.model.rope import rope_inv_freq
 from expertmesh.model.state_dict_adapter import StateDictAdapter
@@ -31,9 +32,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", *, routed_experts: bool = True
+    model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", *, routed_experts: bool = True,
+    activation_dtype: str | torch.dtype | None = None,
 ) -> MoECausalLM:
     """Loads a Hugging Face MoE checkpoint (safetensors) of any supported family, in eval mode, frozen.
+
+    `activation_dtype` (None: `dtype`): a residual stream wider than the weights, float32 over bfloat16 or
+    float16 weights, as llama.cpp runs a bf16 model. The weights stay in `dtype` (each matmul runs in it, see
+    `layers.Linear`); the norms' weights, like the gates', are kept in the activations' dtype.
 
     With `routed_experts=False` the MoE blocks keep only their shared experts: the gates and routed experts
     are neither read nor allocated (what an attention actor holds; the router and the expert shards own the
@@ -41,6 +47,7 @@ def load_model(
     """
     config = ModelConfig.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype)
+    activations = check_activation_dtype(dtype, activation_dtype)
     checkpoint = SafetensorsCheckpoint(model_dir)
     with torch.device("meta"):
         model = MoECausalLM(config)
@@ -53,12 +60,15 @@ def load_model(
     adapter = StateDictAdapter(config, checkpoint)
     tied = config.tie_word_embeddings or "lm_head.weight" not in checkpoint
     gates = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Router)}
+    norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, RMSNorm)}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if name == "lm_head.weight" and tied:
             continue
         tensor = adapter.load(name, tuple(param.shape), dtype)
         if name in gates:
             tensor = tensor.float()  # routing scores in float32: the gate is kept in it (rounded to `dtype` first)
+        elif name in norms and activations != dtype:
+            tensor = tensor.to(activations)  # a norm scales the residual stream's rows, in its dtype
         _set(model, name, nn.Parameter(tensor.to(device), requires_grad=False))
     for name, buf in list(model.named_buffers()):
         if name.endswith("e_score_correction_bias"):  # kept in float32, as DeepSeek does
@@ -67,7 +77,24 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.inv_freq = rope_inv_freq(config.rope)[0].to(device)
     model.checkpoint = checkpoint  # keeps the mapped files alive as long as the model's views of them
+    if activations != dtype:
+        model.activation_dtype = activations
     return model.eval()
+
+
+def check_activation_dtype(dtype: torch.dtype, activation_dtype: str | torch.dtype | None) -> torch.dtype:
+    """The activations' dtype for weights in `dtype` (None: `dtype`); ValueError naming the field unless it is
+    `dtype` itself or float32 over bfloat16 or float16 weights."""
+    if activation_dtype is None or activation_dtype == "auto":
+        return dtype
+    try:
+        activations = resolve_dtype(activation_dtype)
+    except ValueError:
+        activations = None
+    if activations != dtype and (activations != torch.float32 or dtype == torch.float32):
+        raise ValueError(f"activation_dtype={activation_dtype!r} does not fit dtype={str(dtype).removeprefix('torch.')!r}: "
+                         "activations run in the weights' dtype, or in float32 over bfloat16 or float16 weights")
+    return activations
 
 
 def _missing_backend(layer_idx: int, block: MoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -41,16 +41,21 @@ CASES = [
     ("deepseek_v3", {}, "bfloat16", "experts_int8"),
     ("deepseek_v3", BLOCKS_OF_32, "float32", "w8a8"),
     ("deepseek_v2", {}, "bfloat16", "w8a8"),  # sizes of 40: its int8 layers keep float32 activations
+    # bf16 weights under float32 activations (activation_dtype): bf16 matmuls in a float32 residual stream
+    ("deepseek_v3", {}, "bfloat16+float32", None),
+    ("deepseek_v3", WIDE, "bfloat16+float32", None),
+    ("deepseek_v3", {}, "bfloat16+float32", "int8"),
 ]
 
 
 def _checkpoint(tmp_path, family, overrides, dtype):
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype.split("+")[0])
     return build_hf_checkpoint(family, tmp_path / family, dtype=torch_dtype, seed=7, **overrides)
 
 
 def _model(ckpt, dtype, quantization):
-    model = load_model(ckpt, dtype)
+    weights, _, activations = dtype.partition("+")  # "bfloat16+float32": weights, then activations
+    model = load_model(ckpt, weights, activation_dtype=activations or None)
     if quantization is not None:
         quantize_model(model, quantization)
     return model

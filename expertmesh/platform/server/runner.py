@@ -35,7 +35,7 @@ def settings_from_args(args) -> ServerSettings:
         keys = (generate_api_key(),)
     engine_kwargs = {}
     for name in ("max_num_seqs", "max_model_len", "kv_cache_gib", "device", "max_loras", "max_lora_rank",
-                 "quantization", "kv_cache_dtype"):
+                 "quantization", "kv_cache_dtype", "activation_dtype"):
         value = getattr(args, name, None)
         if value is not None:
             engine_kwargs[name] = value
