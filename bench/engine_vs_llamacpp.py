@@ -10,7 +10,9 @@ Both engines decode the same shapes, `llama-batched-bench` for llama.cpp (prompt
 prompt of 32 and 64 new tokens, batch 32 with prompts of 256 and 32 new tokens, 2 threads. Decode tokens/s:
 llama.cpp's S_TG (batch x new tokens / the generation's time); ours, batch / decode step time, the step
 being (last token's time - first's) / (N - 1) inside one generation. Rounds interleave the engines; the
-figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, Q8_0 - `quantization="int8"` (int8
+figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, bf16 - bfloat16 weights under
+`activation_dtype="float32"` (a float32 residual stream around bf16 matmuls, as llama.cpp runs its bf16
+GGUF), Q8_0 - `quantization="int8"` (int8
 weights with a scale per row in every linear layer but the gates and MLA's kv_b_proj, float32 activations) and
 Q8_0 - `quantization="w8a8"` (the same weights, activations quantised in blocks of 32). llama.cpp's Q8_0
 quantises every weight matrix in blocks of 32, and its activations too.
@@ -41,6 +43,7 @@ TOOLS = ("llama-batched-bench",)
 CASES = ((1, 32, 64), (32, 256, 32))  # (batch, prompt, new tokens)
 # pair -> (llama.cpp's GGUF type, our LLM settings)
 PAIRS = {"f32": ("f32", {"dtype": "float32"}), "bf16": ("bf16", {"dtype": "bfloat16"}),
+         "bf16-f32act": ("bf16", {"dtype": "bfloat16", "activation_dtype": "float32"}),
          "q8_0": ("q8_0", {"quantization": "int8"}), "q8_0-w8a8": ("q8_0", {"quantization": "w8a8"})}
 # llama.cpp 0.3.36's CPU weight repacking of Q8_0 aborts on this model's first step
 # (`GGML_ASSERT(*cur_backend_id != -1)` in ggml-backend.cpp), with the converter's Q8_0 and with

@@ -5,9 +5,11 @@ text, then `--kl-divergence` runs the bf16 and Q8_0 GGUFs over the same text and
 from f32 and how often the top token agrees ("Same top p"); and the Q8_0 GGUF again against the bf16 GGUF's
 stored logits. It scores the second half of each context of `--ctx` tokens. Ours: the same text through our
 tokenizer, cut into the same contexts, the same half scored, `quantization="int8"`, `"w8a8"`,
-`"experts_int8"` and `dtype="bfloat16"` against our float32, `int8` and `w8a8` against our bfloat16, and
-the bf16 model with its weights quantised (`int8_on_bf16`, `w8a8_on_bf16`) against our bfloat16, so that only the
-weights differ (`expertmesh.testing.agreement`). Each engine is measured against its own float32 (or bf16), so the figures
+`"experts_int8"`, `dtype="bfloat16"` and bf16 weights under float32 activations (`bfloat16_f32act`,
+`activation_dtype="float32"`, as llama.cpp runs its bf16 GGUF) against our float32, `int8` and `w8a8` against our
+bfloat16 (both kinds), and the bf16 models with their weights quantised (`int8_on_bf16`, `w8a8_on_bf16`,
+`..._on_bf16_f32act`) against the bf16 model they were made from, so that only the weights differ
+(`expertmesh.testing.agreement`). Each engine is measured against its own float32 (or bf16), so the figures
 compare how much each quantisation costs, not the engines' outputs. The text is this repository's README.
 
 The checkpoint (`--checkpoint`): `trained` (default), the `small` preset trained briefly as a language model
@@ -88,18 +90,25 @@ def main() -> int:
 
     ids = Tokenizer.from_pretrained(checkpoint).encode(TEXT.read_text(), add_special_tokens=False)
     sequences = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
-    references = {"float32": load_model(checkpoint), "bfloat16": load_model(checkpoint, torch.bfloat16)}
-    # (what runs, its dtype, the references it is judged against): "int8_on_bf16" is the bf16 model with its
-    # weights quantised, so that against our bf16 only the weights differ
-    cases = [("experts_int8", torch.float32, ("float32",)), ("int8", torch.float32, ("float32", "bfloat16")),
-             ("w8a8", torch.float32, ("float32", "bfloat16")), ("int8_on_bf16", torch.bfloat16, ("bfloat16",)),
-             ("w8a8_on_bf16", torch.bfloat16, ("bfloat16",)), ("bfloat16", torch.bfloat16, ("float32",))]
-    for name, dtype, bases in cases:
-        if name == "bfloat16":
-            model = references["bfloat16"]
+    # "bfloat16_f32act": bf16 weights under float32 activations (activation_dtype), as llama.cpp runs bf16
+    loads = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
+             "bfloat16_f32act": (torch.bfloat16, torch.float32)}
+    references = {name: load_model(checkpoint, dtype, activation_dtype=act) for name, (dtype, act) in loads.items()}
+    # (what runs, the model it is made from, the references it is judged against): "int8_on_bf16" is the bf16
+    # model with its weights quantised, so that against our bf16 only the weights differ
+    cases = [("experts_int8", "float32", ("float32",)), ("int8", "float32", ("float32", "bfloat16", "bfloat16_f32act")),
+             ("w8a8", "float32", ("float32", "bfloat16", "bfloat16_f32act")), ("int8_on_bf16", "bfloat16", ("bfloat16",)),
+             ("w8a8_on_bf16", "bfloat16", ("bfloat16",)),
+             ("int8_on_bf16_f32act", "bfloat16_f32act", ("bfloat16_f32act",)),
+             ("w8a8_on_bf16_f32act", "bfloat16_f32act", ("bfloat16_f32act",)),
+             ("bfloat16", "bfloat16", ("float32",)), ("bfloat16_f32act", "bfloat16_f32act", ("float32",))]
+    for name, source, bases in cases:
+        if name in references:
+            model = references[name]
         else:
-            model = load_model(checkpoint, dtype)
-            quantize_model(model, name.removesuffix("_on_bf16"))
+            dtype, act = loads[source]
+            model = load_model(checkpoint, dtype, activation_dtype=act)
+            quantize_model(model, name.split("_on_")[0])
         for base in bases:
             a = next_token_agreement(references[base], model, sequences, skip=args.ctx // 2)
             key = name if base == "float32" else f"{name}_vs_{base}"
