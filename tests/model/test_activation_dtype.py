@@ -89,3 +89,16 @@ def test_activation_dtypes_that_do_not_fit_are_refused_by_name(tiny_model_dir, c
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(tiny_model_dir), "--activation-dtype", "float16"])
     assert "argument --activation-dtype: invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_serve_hands_the_flag_to_the_engine(tiny_model_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = subprocess.run([sys.executable, "-m", "expertmesh", "serve", "--model", str(tiny_model_dir), "--dtype",
+                          "bfloat16", "--activation-dtype", "float32", "--print-serve-config"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    (app,) = yaml.safe_load(out)["applications"]
+    assert app["args"]["engine_kwargs"] == {"activation_dtype": "float32"}
