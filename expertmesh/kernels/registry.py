@@ -351,8 +351,9 @@ def _stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache) -> tuple[torch.T
 
 
 def _float_kv_b(kv_b_weight: torch.Tensor, kv_b_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """kv_b as the references take it: an int8 one dequantised to the activations' dtype."""
-    return kv_b_weight if kv_b_scale is None else dequantize_int8(kv_b_weight, kv_b_scale, dtype)
+    """kv_b as the references take it, in the activations' dtype: an int8 one dequantised, a bf16 one under
+    float32 activations (activation_dtype) widened."""
+    return kv_b_weight.to(dtype) if kv_b_scale is None else dequantize_int8(kv_b_weight, kv_b_scale, dtype)
 
 
 def _fp32_cpu_kernels(*tensors: torch.Tensor | None):

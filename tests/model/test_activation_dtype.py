@@ -27,8 +27,12 @@ def _checkpoint(tmp_path, family):
     return build_hf_checkpoint(family, tmp_path / family, dtype=torch.bfloat16, seed=case_seed((family, "mixed")))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
-def test_greedy_decode_follows_transformers_float32_over_the_bf16_weights(tmp_path, family):
+@pytest.mark.parametrize("family, backend", [("deepseek_v3", "auto"), ("qwen3_moe", "auto"), ("mixtral", "auto"),
+                                             ("deepseek_v3", "torch")])
+def test_greedy_decode_follows_transformers_float32_over_the_bf16_weights(tmp_path, monkeypatch, family, backend):
+    """`torch`: the reference paths (what runs off the CPU kernels) take bf16 weights under float32 activations
+    too, MLA's absorbed decode included."""
+    monkeypatch.setenv("EXPERTMESH_KERNELS", backend)
     ckpt = _checkpoint(tmp_path, family)
     reference = load_reference(ckpt, dtype=torch.float32)  # bf16 values, float32 math
     llm = LLM(model=str(ckpt), dtype="bfloat16", activation_dtype="float32", max_num_seqs=4)
