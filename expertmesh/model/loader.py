@@ -92,8 +92,9 @@ def check_activation_dtype(dtype: torch.dtype, activation_dtype: str | torch.dty
     except ValueError:
         activations = None
     if activations != dtype and (activations != torch.float32 or dtype == torch.float32):
-        raise ValueError(f"activation_dtype={activation_dtype!r} does not fit dtype={str(dtype).removeprefix('torch.')!r}: "
-                         "activations run in the weights' dtype, or in float32 over bfloat16 or float16 weights")
+        weights = str(dtype).removeprefix("torch.")
+        raise ValueError(f"activation_dtype={activation_dtype!r} does not fit dtype={weights!r}: activations run "
+                         "in the weights' dtype, or in float32 over bfloat16 or float16 weights")
     return activations
 
 
