@@ -27,15 +27,18 @@ from expertmesh.model.quantize import check_checkpoint_quantizable, quantize_mod
 class AttentionWorker:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", num_blocks: int, block_size: int,
                  device: str | torch.device = "cpu", lora: AdapterSpec | None = None,
-                 kv_cache_dtype: str = "auto", quantization: str | None = None):
+                 kv_cache_dtype: str = "auto", quantization: str | None = None, activation_dtype: str = "auto"):
         # Each micro-batch always runs on its own long-lived thread, whichever thread the actor call came in on:
         # a new calling thread would get a fresh OpenMP team (measured: 25% slower steps).
         self._threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"micro-batch-{i}") for i in range(2)]
         # The model is built on the thread that runs micro-batch 0 (the only one where ping-pong is off):
         # a model built on one thread and run on another decoded 15-25% slower here (see AsyncEngine).
         self.device = torch.device(device)
-        self.model = self._threads[0].submit(load_model, model_dir, dtype, str(self.device),
-                                             routed_experts=False).result()
+        self.model = self._threads[0].submit(load_model, model_dir, dtype, str(self.device), routed_experts=False,
+                                             activation_dtype=activation_dtype).result()
+        # hidden states cross to the router in the weights' dtype: under float32 activations (activation_dtype)
+        # the experts' matmuls round their input to it anyway, and the data plane carries half the bytes
+        self.wire_dtype = resolve_dtype(dtype)
         if quantization is not None:  # attention, shared experts, dense layers, LM head (the shards: the experts)
             check_checkpoint_quantizable(model_dir, quantization)
             self._threads[0].submit(quantize_model, self.model, quantization).result()
@@ -59,8 +62,9 @@ class AttentionWorker:
 
     def _routed(self, layer_idx: int, block: MoEBlock, hidden: torch.Tensor):
         # the data plane carries host tensors; the routed output comes back to this actor's device
-        pending = self.link.submit(self._context.step, self._context.micro_batch, layer_idx, hidden.cpu())
-        return _TimedWait(pending, self._waits, self.device)
+        pending = self.link.submit(self._context.step, self._context.micro_batch, layer_idx,
+                                   hidden.to(self.wire_dtype).cpu())
+        return _TimedWait(pending, self._waits, self.device, hidden.dtype)
 
     @torch.inference_mode()
     def _forward(self, step: int, index: int, mb: MicroBatch) -> torch.Tensor:
@@ -102,12 +106,12 @@ class AttentionWorker:
 class _TimedWait:
     """A pending routed output that adds the time its `wait` blocks to a step's tally."""
 
-    def __init__(self, pending, tally: list[float], device: torch.device):
-        self.pending, self.tally, self.device = pending, tally, device
+    def __init__(self, pending, tally: list[float], device: torch.device, dtype: torch.dtype):
+        self.pending, self.tally, self.device, self.dtype = pending, tally, device, dtype
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.pending.wait().to(self.device)
+            return self.pending.wait().to(self.device, self.dtype)
         finally:
             self.tally.append(time.perf_counter() - start)

@@ -17,12 +17,13 @@ from expertmesh.transport.grpc_route import GrpcRouterLink
 class AttentionActor:
     def __init__(self, model_dir: str | Path, *, rank: int, dtype: str, num_blocks: int, block_size: int,
                  secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None,
-                 lora: AdapterSpec | None = None, kv_cache_dtype: str = "auto", quantization: str | None = None):
+                 lora: AdapterSpec | None = None, kv_cache_dtype: str = "auto", quantization: str | None = None,
+                 activation_dtype: str = "auto"):
         setup(num_threads)  # the worker runs its micro-batches on threads of its own
         self.rank, self._secret, self._data_plane = rank, secret, data_plane
         self.worker = AttentionWorker(model_dir, dtype=dtype, num_blocks=num_blocks, block_size=block_size,
                                       device=device(), lora=lora, kv_cache_dtype=kv_cache_dtype,
-                                      quantization=quantization)
+                                      quantization=quantization, activation_dtype=activation_dtype)
 
     def ping(self) -> dict:
         return {**node_info(), "rank": self.rank, "device": str(self.worker.device)}

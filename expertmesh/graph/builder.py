@@ -51,9 +51,10 @@ class Member:
 class GraphBuilder:
     def __init__(self, model_dir: str, deployment: DeploymentConfig, *, dtype: str, num_blocks: int, block_size: int,
                  secret: str, shard_class: type = ExpertShardActor, max_loras: int = 0, max_lora_rank: int = 16,
-                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
+                 quantization: str | None = None, kv_cache_dtype: str = "auto", activation_dtype: str = "auto"):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
         self.kv_cache_dtype = kv_cache_dtype  # the attention actors' caches
+        self.activation_dtype = activation_dtype  # the attention actors' residual streams
         self.quantization = quantization  # every actor's share: the shards' experts, the attention actors' linears
         # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
         # replacement, a new shard) loads them as it starts
@@ -74,7 +75,8 @@ class GraphBuilder:
         return self._start("attention", rank, others, AttentionActor, dict(
             rank=rank, dtype=self.dtype, num_blocks=self.num_blocks, block_size=self.block_size, secret=self.secret,
             data_plane=self.deployment.data_plane("attention"), num_threads=_threads(r), lora=self.lora(),
-            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization))
+            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization,
+            activation_dtype=self.activation_dtype))
 
     def start_router(self, placement: PlacementTable, others: list[Member]) -> Member:
         d = self.deployment

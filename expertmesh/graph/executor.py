@@ -28,7 +28,6 @@ from expertmesh.graph.recovery import Recovery, RecoveryFailed, ping_all
 from expertmesh.graph.runtime import connect, disconnect, ray
 from expertmesh.graph.wiring import wire
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.loader import check_activation_dtype, resolve_dtype
 from expertmesh.transport import PeerFault
 from expertmesh.transport.auth import new_secret
 
@@ -84,10 +83,8 @@ class ActorGraphExecutor:
         self.builder = GraphBuilder(spec.model, deployment, dtype=spec.dtype, num_blocks=spec.num_blocks,
                                     block_size=spec.block_size, secret=new_secret(), shard_class=shard_class,
                                     max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
-                                    quantization=spec.quantization, kv_cache_dtype=spec.kv_cache_dtype)
-        if check_activation_dtype(resolve_dtype(spec.dtype), spec.activation_dtype) != resolve_dtype(spec.dtype):
-            raise ValueError(f"activation_dtype={spec.activation_dtype!r} with dtype={spec.dtype!r} is served in local "
-                             "mode only: the actor graph's actors run in the model's dtype")
+                                    quantization=spec.quantization, kv_cache_dtype=spec.kv_cache_dtype,
+                                    activation_dtype=spec.activation_dtype)
         if spec.max_loras and deployment.transport == "collective":
             raise ValueError("LoRA adapters in the actor graph need transport grpc or inprocess: the collective "
                              "transport's messages carry no adapter slots")
