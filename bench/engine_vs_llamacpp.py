@@ -11,10 +11,10 @@ prompt of 32 and 64 new tokens, batch 32 with prompts of 256 and 32 new tokens, 
 llama.cpp's S_TG (batch x new tokens / the generation's time); ours, batch / decode step time, the step
 being (last token's time - first's) / (N - 1) inside one generation. Rounds interleave the engines; the
 figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, bf16 - bfloat16 weights under
-`activation_dtype="float32"` (a float32 residual stream around bf16 matmuls, as llama.cpp runs its bf16
-GGUF), Q8_0 - `quantization="int8"` (int8
-weights with a scale per row in every linear layer but the gates and MLA's kv_b_proj, float32 activations) and
-Q8_0 - `quantization="w8a8"` (the same weights, activations quantised in blocks of 32). llama.cpp's Q8_0
+`activation_dtype="float32"` (float32 activations, each matmul reading its input rounded to bf16, as llama.cpp
+runs its bf16 GGUF), Q8_0 - `quantization="int8"` (int8 weights with a scale per row in every linear layer but
+the gates and MLA's kv_b_proj, float32 activations) and Q8_0 - `quantization="w8a8"` (the same weights,
+activations quantised in blocks of 32). llama.cpp's Q8_0
 quantises every weight matrix in blocks of 32, and its activations too.
 
     python bench/engine_vs_llamacpp.py [--rounds 3] [--json bench/engine_vs_llamacpp_results.json]

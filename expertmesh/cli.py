@@ -66,9 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="auto (default): the KV cache in the model's dtype; bfloat16: a float32 model's cache at "
                           "half the bytes")
     srv.add_argument("--activation-dtype", default=None, choices=["auto", "float32"],
-                     help="auto (default): activations in --dtype; float32 with --dtype bfloat16 or float16: a "
-                          "float32 residual stream around matmuls in the weights' dtype, as llama.cpp runs a bf16 "
-                          "model (closer to the float32 model, same weight bytes)")
+                     help="auto (default): activations in --dtype; float32 with --dtype bfloat16 or float16: "
+                          "float32 activations, each matmul reading its input rounded to the weights' dtype, as "
+                          "llama.cpp runs a bf16 model (closer to the float32 model, same weight bytes)")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)

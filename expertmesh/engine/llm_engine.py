@@ -43,7 +43,7 @@ class EngineConfig:
     # "auto": the KV cache in the model's dtype; "bfloat16": a float32 model's cache at half the bytes (vLLM's name)
     kv_cache_dtype: str = "auto"
     # "auto": activations in the model's dtype; "float32" over bfloat16 or float16 weights: a float32 residual
-    # stream around matmuls that run in the weights' dtype, as llama.cpp runs a bf16 model (model/loader.py)
+    # stream, each matmul reading its input rounded to the weights' dtype, as llama.cpp runs bf16 (model/loader.py)
     activation_dtype: str = "auto"
 
     def __post_init__(self) -> None:

@@ -52,7 +52,7 @@ class MoECausalLM(nn.Module):
     # Decode steps it fits run as one C++ call (model/fused_decode.py); False: always through the modules.
     fused_decode = True
     # The residual stream's dtype when it differs from the weights' (None: the weights'): float32 over bf16
-    # weights is how llama.cpp runs a bf16 model; each matmul still runs in bf16 (layers.Linear).
+    # weights is how llama.cpp runs a bf16 model: each matmul reads its input rounded to bf16 (layers.Linear).
     activation_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig):

@@ -9,7 +9,7 @@ It applies to CPU inference (no autograd) under the `auto` kernel backend, on de
 enough tokens that every linear would take the streaming kernels, where every attention is MLA, every MoE
 block runs on the local backend, no LoRA adapter is attached and every weight is in the model's dtype (or int8,
 as `quantize_model` makes it). A model whose activations are wider than its weights (float32 over bf16,
-`activation_dtype`) runs each matmul as its modules do, in bf16 in and out of the float32 stream. Anything else
+`activation_dtype`) runs each matmul as its modules do: the input rounded to bf16, float32 out. Anything else
 runs the modules. The stack holds the modules' own tensors, so in-place updates show at once; a module,
 parameter, buffer or adapter that is replaced or attached is noticed before the next step (`_Watch`) and the
 stack is built again, or given up.

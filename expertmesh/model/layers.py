@@ -41,20 +41,13 @@ class MLP(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference path runs on oneDNN (see kernels.cpu_linear).
 
-    Weights narrower than the activations (bf16 weights in a float32 residual stream, `activation_dtype`) run
-    as the bf16 model's matmul: the input rounded to bf16, float32 sums, the output rounded to bf16, handed back
-    in the activations' dtype."""
+    Weights narrower than the activations (bf16 weights under float32 activations, `activation_dtype`) run as
+    llama.cpp runs them: the input rounded to bf16, float32 sums and output (`kernels.linear_mixed`)."""
 
     adapters: LinearAdapters | None = None  # LoRA adapters served on this layer, per row (model/adapters.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
-            return in_weight_dtype(linear, x, self.weight, self.bias)
+            return kernels.linear_mixed(x, self.weight, self.bias)
         y = linear(x, self.weight, self.bias)
         return y if self.adapters is None else self.adapters.add_rows(x, y)
-
-
-def in_weight_dtype(op, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
-    """`op(x, weight, *args)` run in the weight's dtype, its result in x's: how a model with weights narrower
-    than its activations runs each matmul."""
-    return op(x.to(weight.dtype), weight, *args).to(x.dtype)

@@ -38,8 +38,8 @@ def load_model(
     """Loads a Hugging Face MoE checkpoint (safetensors) of any supported family, in eval mode, frozen.
 
     `activation_dtype` (None: `dtype`): a residual stream wider than the weights, float32 over bfloat16 or
-    float16 weights, as llama.cpp runs a bf16 model. The weights stay in `dtype` (each matmul runs in it, see
-    `layers.Linear`); the norms' weights, like the gates', are kept in the activations' dtype.
+    float16 weights, as llama.cpp runs a bf16 model. The weights stay in `dtype` (each matmul reads its input rounded
+    to it, see `layers.Linear`); the norms' weights, like the gates', are kept in the activations' dtype.
 
     With `routed_experts=False` the MoE blocks keep only their shared experts: the gates and routed experts
     are neither read nor allocated (what an attention actor holds; the router and the expert shards own the

@@ -17,7 +17,7 @@ from torch import nn
 
 from expertmesh import kernels
 from expertmesh.model.config import ModelConfig, RoutingConfig
-from expertmesh.model.layers import Linear, MLP, in_weight_dtype
+from expertmesh.model.layers import Linear, MLP
 
 if TYPE_CHECKING:
     from expertmesh.model.adapters import RoutedExpertAdapters
@@ -67,8 +67,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.adapters is not None and self.adapters.in_use:
             return self.adapters.forward(x, topk_weights, topk_ids, self.w13, self.w2)
-        if x.dtype != self.w13.dtype:  # bf16 experts in a float32 residual stream (see layers.Linear)
-            return in_weight_dtype(kernels.fused_moe, x, self.w13, self.w2, topk_weights, topk_ids)
+        if x.dtype != self.w13.dtype:  # bf16 experts under float32 activations (see layers.Linear)
+            return kernels.fused_moe_mixed(x, self.w13, self.w2, topk_weights, topk_ids)
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
 
 

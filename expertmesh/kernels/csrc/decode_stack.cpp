@@ -174,17 +174,18 @@ class DecodeStack {
       return as_model_dtype(
           linear_int8(x.to(torch::kFloat32).contiguous(), l.weight, l.scale, l.bias, l.quantize_activations));
     }
-    if (narrow_weights(l.weight)) {  // the bf16 model's matmul, in and out of the float32 stream (layers.Linear)
-      const torch::Tensor xb = x.to(l.weight.scalar_type()).contiguous();
-      const torch::Tensor y = l.stream ? linear_small_m(xb, l.weight, l.bias).to(l.weight.scalar_type())
-                                       : at::linear(xb, l.weight, l.bias);
-      return y.to(x.scalar_type());
+    if (narrow_weights(l.weight)) {  // registry.linear_mixed: the input rounded to bf16, float32 sums and output
+      const torch::Tensor xb = x.to(torch::kBFloat16).contiguous();
+      if (l.stream) return linear_small_m(xb, l.weight, l.bias);
+      const c10::optional<torch::Tensor> bias = l.bias ? c10::optional<torch::Tensor>(l.bias->to(torch::kFloat32))
+                                                       : c10::nullopt;
+      return at::linear(xb.to(torch::kFloat32), l.weight.to(torch::kFloat32), bias);
     }
     if (!l.stream) return at::linear(x, l.weight, l.bias);
     return as_model_dtype(linear_small_m(x.contiguous(), l.weight, l.bias));
   }
 
-  // bf16 weights under float32 activations (activation_dtype): each matmul runs as the bf16 model's does.
+  // bf16 weights under float32 activations (activation_dtype): each matmul reads its input rounded to bf16.
   bool narrow_weights(const torch::Tensor& w) const { return !bf16_ && w.scalar_type() == torch::kBFloat16; }
 
   torch::Tensor mlp(const Mlp& m, const torch::Tensor& x) const {
@@ -218,9 +219,9 @@ class DecodeStack {
     if (m.w13_scale.defined()) {
       out = moe_small_m_int8(x_f.contiguous(), m.w13, m.w13_scale, m.w2, m.w2_scale, weights, ids,
                              m.quantize_activations);
-    } else if (narrow_weights(m.w13)) {  // the bf16 model's experts: input and output rounded to bf16
+    } else if (narrow_weights(m.w13)) {  // registry.fused_moe_mixed: the input rounded to bf16
       const torch::Tensor xb = x_f.to(torch::kBFloat16).to(torch::kFloat32).contiguous();
-      out = moe_small_m(xb, m.w13, m.w2, weights.to(torch::kFloat32), ids).to(torch::kBFloat16).to(torch::kFloat32);
+      out = moe_small_m(xb, m.w13, m.w2, weights.to(torch::kFloat32), ids);
     } else {
       out = moe_small_m(x_f.contiguous(), m.w13, m.w2, weights.to(torch::kFloat32), ids);
     }
