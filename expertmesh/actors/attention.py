@@ -36,9 +36,6 @@ class AttentionWorker:
         self.device = torch.device(device)
         self.model = self._threads[0].submit(load_model, model_dir, dtype, str(self.device), routed_experts=False,
                                              activation_dtype=activation_dtype).result()
-        # hidden states cross to the router in the weights' dtype: under float32 activations (activation_dtype)
-        # the experts' matmuls round their input to it anyway, and the data plane carries half the bytes
-        self.wire_dtype = resolve_dtype(dtype)
         if quantization is not None:  # attention, shared experts, dense layers, LM head (the shards: the experts)
             check_checkpoint_quantizable(model_dir, quantization)
             self._threads[0].submit(quantize_model, self.model, quantization).result()
@@ -62,9 +59,8 @@ class AttentionWorker:
 
     def _routed(self, layer_idx: int, block: MoEBlock, hidden: torch.Tensor):
         # the data plane carries host tensors; the routed output comes back to this actor's device
-        pending = self.link.submit(self._context.step, self._context.micro_batch, layer_idx,
-                                   hidden.to(self.wire_dtype).cpu())
-        return _TimedWait(pending, self._waits, self.device, hidden.dtype)
+        pending = self.link.submit(self._context.step, self._context.micro_batch, layer_idx, hidden.cpu())
+        return _TimedWait(pending, self._waits, self.device)
 
     @torch.inference_mode()
     def _forward(self, step: int, index: int, mb: MicroBatch) -> torch.Tensor:
@@ -106,12 +102,12 @@ class AttentionWorker:
 class _TimedWait:
     """A pending routed output that adds the time its `wait` blocks to a step's tally."""
 
-    def __init__(self, pending, tally: list[float], device: torch.device, dtype: torch.dtype):
-        self.pending, self.tally, self.device, self.dtype = pending, tally, device, dtype
+    def __init__(self, pending, tally: list[float], device: torch.device):
+        self.pending, self.tally, self.device = pending, tally, device
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.pending.wait().to(self.device, self.dtype)
+            return self.pending.wait().to(self.device)
         finally:
             self.tally.append(time.perf_counter() - start)

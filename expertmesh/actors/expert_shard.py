@@ -20,6 +20,7 @@ import torch
 
 from expertmesh import kernels
 from expertmesh.model import LayerExperts, load_experts, resolve_dtype
+from expertmesh.model.loader import check_activation_dtype
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.quantize import check_checkpoint_quantizable, check_quantization
 from expertmesh.model.expert_adapters import HeldExpertLora
@@ -46,6 +47,7 @@ class ExpertShard:
         max_lora_rank: int = 16,
         adapters: dict[int, str] | None = None,
         quantization: str | None = None,
+        activation_dtype: str | torch.dtype | None = None,
     ):
         # Every quantisation of model/quantize.py makes the routed experts int8 (the attention actors quantise the
         # rest); "w8a8" quantises their activations too, where the sizes are multiples of the block.
@@ -63,7 +65,10 @@ class ExpertShard:
         self.device = torch.device(device)
         self.shard_index = shard_index
         self.placement_version = placement_version
-        self.dtype = resolve_dtype(dtype)
+        self.weight_dtype = resolve_dtype(dtype)
+        # the hidden states' dtype, in and out: float32 over bf16 weights under activation_dtype, whose matmuls
+        # read their input rounded to bf16 (kernels.fused_moe_mixed), as local mode's do
+        self.dtype = check_activation_dtype(self.weight_dtype, activation_dtype)
         self.hidden_size = config.hidden_size
         self.num_experts = config.routing.num_experts
         self._lock = threading.Lock()  # a request is served on one side of a commit, never across it
@@ -79,7 +84,7 @@ class ExpertShard:
             self.lora = HeldExpertLora(
                 num_slots=max_loras, max_rank=max_lora_rank, num_experts=self.num_experts,
                 moe_layers=[i for i, moe in enumerate(config.moe_layers) if moe], hidden=config.hidden_size, two_i=2 * config.moe_intermediate_size,
-                inter=config.moe_intermediate_size, dtype=self.dtype, device=self.device)
+                inter=config.moe_intermediate_size, dtype=self.weight_dtype, device=self.device)
             for slot, path in (adapters or {}).items():  # a replacement shard takes the adapters back
                 self.load_adapter(slot, path)
 
@@ -88,7 +93,7 @@ class ExpertShard:
         per output row, as local mode's `Int8RoutedExperts`) under any quantisation; on a GPU the registry runs
         them with the Triton fused-MoE kernel."""
         out = {}
-        for layer, held in load_experts(self.model_dir, experts, self.dtype).items():
+        for layer, held in load_experts(self.model_dir, experts, self.weight_dtype).items():
             if self.quantization is not None:
                 (w13, s13), (w2, s2) = kernels.quantize_int8(held.w13), kernels.quantize_int8(held.w2)
                 held = LayerExperts(held.expert_ids, w13, w2, s13, s2)
@@ -267,7 +272,8 @@ class ExpertShard:
             pair_out = kernels.fused_moe_int8(x, held.w13, held.w13_scale, held.w2, held.w2_scale, w, local.to(dev),
                                               self.quantize_activations)
         elif lora is None:
-            pair_out = kernels.fused_moe(x, held.w13, held.w2, w, local.to(dev))
+            moe = kernels.fused_moe if x.dtype == held.w13.dtype else kernels.fused_moe_mixed
+            pair_out = moe(x, held.w13, held.w2, w, local.to(dev))
         else:
             rows = kernels.expert_lora_rows(lora.index, slots[tokens].to(dev), logical.to(dev))  # [P, 1]
             pair_out = kernels.fused_moe_lora(x, held.w13, held.w2, w, local.to(dev), rows, lora.a13, lora.b13,

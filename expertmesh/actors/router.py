@@ -20,15 +20,16 @@ from expertmesh.actors.step import StepPlan, StepSlots
 from expertmesh.engine.executor import count_routed
 from expertmesh.experts import ExpertLoad, PlacementTable
 from expertmesh.model import load_gates, resolve_dtype
+from expertmesh.model.loader import check_activation_dtype
 from expertmesh.model.moe import route
 from expertmesh.transport import Dispatch, ShardWork
 
 
 class RouterCore:
     def __init__(self, model_dir: str | Path, placement: PlacementTable, *, dtype: str | torch.dtype = "float32",
-                 window_steps: int = 256):
+                 window_steps: int = 256, activation_dtype: str | torch.dtype | None = None):
         self.config, self.gates = load_gates(model_dir, dtype)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = check_activation_dtype(resolve_dtype(dtype), activation_dtype)  # the hidden states' dtype
         self.hidden_size = self.config.hidden_size
         self.num_experts = self.config.routing.num_experts
         self.moe_layers = sorted(self.gates)

@@ -21,13 +21,16 @@ from expertmesh.transport.inprocess import InProcessDispatch
 class RouterActor:
     def __init__(self, model_dir: str | Path, placement: dict, *, dtype: str, transport: str,
                  attention_ranks: list[int], secret: str, data_plane: DataPlaneSettings,
-                 num_threads: int | None = None, lora: AdapterSpec | None = None):
+                 num_threads: int | None = None, lora: AdapterSpec | None = None, quantization: str | None = None,
+                 activation_dtype: str = "auto"):
         self._step_thread = setup(num_threads)
         self.model_dir, self.dtype_name, self.transport = model_dir, dtype, transport
         self._attention_ranks, self._secret, self._data_plane = list(attention_ranks), secret, data_plane
         table = PlacementTable.from_dict(placement)
         self._lora = lora or AdapterSpec(0, 16, {})  # "inprocess": the hosted shards' adapters
-        self.core = RouterCore(model_dir, table, dtype=dtype)
+        # "inprocess": the hosted shards quantise their experts and take the activations as the others would
+        self._quantization, self._activation_dtype = quantization, activation_dtype
+        self.core = RouterCore(model_dir, table, dtype=dtype, activation_dtype=activation_dtype)
         self.dispatch = None
         self.attention = None
         self._server = None
@@ -115,7 +118,8 @@ class RouterActor:
     def _new_shard(self, index: int, experts: list[Expert], version: int) -> ExpertShard:
         lora = self._lora
         return ExpertShard(self.model_dir, experts, dtype=self.dtype_name, shard_index=index, placement_version=version,
-                           max_loras=lora.max_loras, max_lora_rank=lora.max_rank, adapters=lora.loaded)
+                           max_loras=lora.max_loras, max_lora_rank=lora.max_rank, adapters=lora.loaded,
+                           quantization=self._quantization, activation_dtype=self._activation_dtype)
 
     # -- LoRA adapters ("inprocess": on the hosted shards) ----------------------------------------------
     def load_adapter(self, slot: int, path: str) -> None:

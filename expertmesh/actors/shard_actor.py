@@ -18,13 +18,14 @@ from expertmesh.transport.grpc_dispatch import start_shard_server
 class ExpertShardActor:
     def __init__(self, model_dir: str | Path, experts: list[Expert], *, shard_index: int, dtype: str,
                  placement_version: int, secret: str, data_plane: DataPlaneSettings, num_threads: int | None = None,
-                 lora: AdapterSpec | None = None, quantization: str | None = None):
+                 lora: AdapterSpec | None = None, quantization: str | None = None, activation_dtype: str = "auto"):
         self._step_thread = setup(num_threads)
         self._secret, self._data_plane = secret, data_plane
         lora = lora or AdapterSpec(0, 16, {})
         self.shard = ExpertShard(model_dir, experts, dtype=dtype, shard_index=shard_index,
                                  placement_version=placement_version, device=device(), max_loras=lora.max_loras,
-                                 max_lora_rank=lora.max_rank, adapters=lora.loaded, quantization=quantization)
+                                 max_lora_rank=lora.max_rank, adapters=lora.loaded, quantization=quantization,
+                                 activation_dtype=activation_dtype)
         self._server = None
         self.trainer: ShardTrainer | None = None
 

@@ -53,7 +53,7 @@ class ShardTrainer:
                     slot[held_layer.expert_ids.index(e)] = s
                 tensors = [torch.stack([adapters[layer, e][i] for e in experts]) for i in range(4)]
                 dev = shard.device
-                self.params[layer] = [torch.nn.Parameter(t.detach().to(dev, shard.dtype).clone()) for t in tensors]
+                self.params[layer] = [torch.nn.Parameter(t.detach().to(dev, shard.weight_dtype).clone()) for t in tensors]
                 self.chosen[layer] = experts
             self.slot[layer] = slot.to(shard.device)
         every = [p for layer in sorted(self.params) for p in self.params[layer]]
@@ -62,7 +62,7 @@ class ShardTrainer:
     def _adapters(self, layer: int) -> tuple:
         params = self.params.get(layer)
         if params is None:  # no adapter on this layer's experts here: zero-size stand-ins the math never reads
-            empty = torch.empty(0, device=self.shard.device, dtype=self.shard.dtype)
+            empty = torch.empty(0, device=self.shard.device, dtype=self.shard.weight_dtype)
             return (empty, empty, empty, empty)
         return tuple(params)
 

@@ -54,7 +54,7 @@ class GraphBuilder:
                  quantization: str | None = None, kv_cache_dtype: str = "auto", activation_dtype: str = "auto"):
         self.model_dir, self.deployment, self.dtype = model_dir, deployment, dtype
         self.kv_cache_dtype = kv_cache_dtype  # the attention actors' caches
-        self.activation_dtype = activation_dtype  # the attention actors' residual streams
+        self.activation_dtype = activation_dtype  # the hidden states' dtype, on every actor
         self.quantization = quantization  # every actor's share: the shards' experts, the attention actors' linears
         # the LoRA slots every actor serves, and the adapter each loaded slot holds: an actor started later (a
         # replacement, a new shard) loads them as it starts
@@ -83,13 +83,15 @@ class GraphBuilder:
         return self._start("router", 0, others, RouterActor, dict(
             placement=placement.to_dict(), dtype=self.dtype, transport=d.transport,
             attention_ranks=list(range(d.attention_actors)), secret=self.secret, data_plane=d.data_plane("router"),
-            num_threads=_threads(self.resources("router")), lora=self.lora()))
+            num_threads=_threads(self.resources("router")), lora=self.lora(), quantization=self.quantization,
+            activation_dtype=self.activation_dtype))
 
     def start_shard(self, index: int, placement: PlacementTable, others: list[Member]) -> Member:
         return self._start("shard", index, others, self.shard_class, dict(
             experts=placement.shard_experts(index), shard_index=index, dtype=self.dtype,
             placement_version=placement.version, secret=self.secret, data_plane=self.deployment.data_plane("shard"),
-            num_threads=_threads(self.resources("shard")), lora=self.lora(), quantization=self.quantization))
+            num_threads=_threads(self.resources("shard")), lora=self.lora(), quantization=self.quantization,
+            activation_dtype=self.activation_dtype))
 
     def lora(self) -> AdapterSpec | None:
         return AdapterSpec(self.max_loras, self.max_lora_rank, dict(self.adapters)) if self.max_loras else None
