@@ -14,7 +14,7 @@ figure is the median over rounds. Pairs: f32 - float32, bf16 - bfloat16, bf16 - 
 `activation_dtype="float32"` (float32 activations, each matmul reading its input rounded to bf16, as llama.cpp
 runs its bf16 GGUF), Q8_0 - `quantization="int8"` (int8 weights with a scale per row in every linear layer but
 the gates and MLA's kv_b_proj, float32 activations) and Q8_0 - `quantization="w8a8"` (the same weights,
-activations quantised in blocks of 32). llama.cpp's Q8_0
+activations quantised in blocks of 32), each also of the bf16 model under float32 activations. llama.cpp's Q8_0
 quantises every weight matrix in blocks of 32, and its activations too.
 
     python bench/engine_vs_llamacpp.py [--rounds 3] [--json bench/engine_vs_llamacpp_results.json]
@@ -42,9 +42,14 @@ PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-batched-bench",)
 CASES = ((1, 32, 64), (32, 256, 32))  # (batch, prompt, new tokens)
 # pair -> (llama.cpp's GGUF type, our LLM settings)
+_BF16_F32 = {"dtype": "bfloat16", "activation_dtype": "float32"}  # bf16 weights, float32 activations
 PAIRS = {"f32": ("f32", {"dtype": "float32"}), "bf16": ("bf16", {"dtype": "bfloat16"}),
-         "bf16-f32act": ("bf16", {"dtype": "bfloat16", "activation_dtype": "float32"}),
-         "q8_0": ("q8_0", {"quantization": "int8"}), "q8_0-w8a8": ("q8_0", {"quantization": "w8a8"})}
+         "bf16-f32act": ("bf16", _BF16_F32),
+         "q8_0": ("q8_0", {"quantization": "int8"}), "q8_0-w8a8": ("q8_0", {"quantization": "w8a8"}),
+         # the same quantisations of the bf16 model under float32 activations: what quant_accuracy.py scores
+         # against that bf16 ("int8_on_bf16_f32act")
+         "q8_0-bf16": ("q8_0", {**_BF16_F32, "quantization": "int8"}),
+         "q8_0-w8a8-bf16": ("q8_0", {**_BF16_F32, "quantization": "w8a8"})}
 # llama.cpp 0.3.36's CPU weight repacking of Q8_0 aborts on this model's first step
 # (`GGML_ASSERT(*cur_backend_id != -1)` in ggml-backend.cpp), with the converter's Q8_0 and with
 # llama-quantize's alike; without repacking it runs.
