@@ -53,7 +53,8 @@ class ShardTrainer:
                     slot[held_layer.expert_ids.index(e)] = s
                 tensors = [torch.stack([adapters[layer, e][i] for e in experts]) for i in range(4)]
                 dev = shard.device
-                self.params[layer] = [torch.nn.Parameter(t.detach().to(dev, shard.weight_dtype).clone()) for t in tensors]
+                dtype = shard.weight_dtype
+                self.params[layer] = [torch.nn.Parameter(t.detach().to(dev, dtype).clone()) for t in tensors]
                 self.chosen[layer] = experts
             self.slot[layer] = slot.to(shard.device)
         every = [p for layer in sorted(self.params) for p in self.params[layer]]

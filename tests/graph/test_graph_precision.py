@@ -1,9 +1,10 @@
 """The actor graph at lower precision, on two nodes: int8 weights (each expert shard quantises the experts it
 loads and, under "int8" and "w8a8", each attention actor its attention, shared experts, dense layers and LM head,
 as local mode quantises the whole model), bf16 latent caches (`kv_cache_dtype="bfloat16"`: the attention
-actors keep theirs as local mode does) and bf16 weights under float32 activations (`activation_dtype`). Each gives the greedy tokens and log-probs of local mode with the same
-setting (itself measured against the float model in tests/engine/test_quantization.py and
-test_kv_cache_dtype.py), which differ from the float model's."""
+actors keep theirs as local mode does) and bf16 weights under float32 activations (`activation_dtype`: every
+actor passes float32 hidden states). Each gives the greedy tokens and log-probs of local mode with the same
+setting (itself measured against the float model in tests/engine/test_quantization.py, test_kv_cache_dtype.py
+and tests/model/test_activation_dtype.py), which differ from the float model's."""
 
 from __future__ import annotations
 
