@@ -334,6 +334,26 @@ def reference_greedy_steps(model, prompt: list[int], max_new_tokens: int) -> tup
     return out.sequences[0, len(prompt):].tolist(), [_relative_top2_gap(step[0].float()) for step in out.logits]
 
 
+def assert_greedy_follows_up_to_a_near_tie(llm, reference, prompts: list[list[int]], max_tokens: int,
+                                           tie: float) -> None:
+    """`llm`'s greedy tokens (batch 1, EOS ignored) equal `reference`'s on each prompt up to the first step where
+    they part, which must be a near-tie of the reference (relative top-1/top-2 gap below `tie`); at least a
+    prompt's worth of steps agree in all."""
+    from expertmesh import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    agreed = 0
+    for prompt in prompts:
+        want, gaps = reference_greedy_steps(reference, prompt, max_tokens)
+        got = list(llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
+        first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if first is not None:
+            assert gaps[first] < tie, (f"step {first}: got {got[first]}, transformers {want[first]} with a gap of "
+                                       f"{gaps[first]:.3g} (not a near-tie)\n got  {got}\n want {want}")
+        agreed += max_tokens if first is None else first
+    assert agreed >= max_tokens
+
+
 def _relative_top2_gap(logits: torch.Tensor) -> float:
     top2 = logits.topk(2).values
     return float((top2[0] - top2[1]) / max(1.0, float(logits.abs().max())))

@@ -230,13 +230,14 @@ def fused_moe_mixed(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Te
                     topk_ids: torch.Tensor) -> torch.Tensor:
     """`fused_moe` of float32 hidden states over narrower experts: the input rounded to the experts' dtype, the
     experts' math and the output in float32."""
-    x = hidden_states.to(w13.dtype).to(hidden_states.dtype)
+    rounded = hidden_states.to(w13.dtype)
+    x = rounded.to(hidden_states.dtype)
     if (w13.dtype == torch.bfloat16 and x.dtype == torch.float32
             and topk_ids.numel() <= SMALL_M_MAX_PAIRS and w13.is_contiguous() and w2.is_contiguous()
             and _cpu_inference(x, w13, w2, topk_weights, topk_ids)):
         kernels = small_m_kernels()
         if kernels is not None:
-            check_fused_moe_args(x.to(w13.dtype), w13, w2, topk_weights, topk_ids)
+            check_fused_moe_args(rounded, w13, w2, topk_weights, topk_ids)
             return kernels.moe_small_m(x.contiguous(), w13, w2, topk_weights.float(), topk_ids)
     used, inverse = torch.unique(topk_ids, return_inverse=True)  # only the experts that received tokens, widened
     return fused_moe(x, w13[used].to(x.dtype), w2[used].to(x.dtype), topk_weights, inverse.view_as(topk_ids))

@@ -15,7 +15,8 @@ from expertmesh.model import AttentionMetadata, load_model
 from expertmesh.model.int8_layers import Int8Linear
 from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.moe import RoutedExperts, Router
-from tests.hf_models import build_hf_checkpoint, case_seed, load_reference, make_prompts, reference_greedy_steps
+from tests.hf_models import (assert_greedy_follows_up_to_a_near_tie, build_hf_checkpoint, case_seed, load_reference,
+                              make_prompts)
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -39,17 +40,8 @@ def test_greedy_decode_follows_transformers_float32_over_the_bf16_weights(tmp_pa
     ckpt = _checkpoint(tmp_path, family)
     reference = load_reference(ckpt, dtype=torch.float32)  # bf16 values, float32 math
     llm = LLM(model=str(ckpt), dtype="bfloat16", activation_dtype="float32", max_num_seqs=4)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    agreed = 0
-    for prompt in make_prompts(reference.config.vocab_size, PROMPT_LENS, seed=3):
-        want, gaps = reference_greedy_steps(reference, prompt, MAX_TOKENS)
-        got = list(llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
-        first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        if first is not None:
-            assert gaps[first] < TIE, (f"step {first}: got {got[first]}, transformers {want[first]} with a gap of "
-                                       f"{gaps[first]:.3g} (not a near-tie)\n got  {got}\n want {want}")
-        agreed += MAX_TOKENS if first is None else first
-    assert agreed >= MAX_TOKENS
+    prompts = make_prompts(reference.config.vocab_size, PROMPT_LENS, seed=3)
+    assert_greedy_follows_up_to_a_near_tie(llm, reference, prompts, MAX_TOKENS, TIE)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe"])

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertmesh import LLM, SamplingParams
+from expertmesh import LLM
 from tests.hf_models import SUPPORTED_FAMILIES, build_hf_checkpoint, case_seed, load_reference, make_prompts
-from tests.hf_models import reference_greedy_steps
+from tests.hf_models import assert_greedy_follows_up_to_a_near_tie
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -28,17 +28,7 @@ def test_bf16_greedy_decode_follows_transformers_up_to_a_near_tie(tmp_path, fami
     reference = load_reference(ckpt, dtype=torch.bfloat16)
     prompts = make_prompts(reference.config.vocab_size, PROMPT_LENS, seed=3)
     llm = LLM(model=str(ckpt), dtype="bfloat16", max_num_seqs=4)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    agreed = 0
-    for prompt in prompts:
-        want, gaps = reference_greedy_steps(reference, prompt, MAX_TOKENS)
-        got = list(llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
-        first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        if first is not None:
-            assert gaps[first] < TIE, (f"step {first}: got {got[first]}, transformers {want[first]} with a gap of "
-                                       f"{gaps[first]:.3g} (not a near-tie)\n got  {got}\n want {want}")
-        agreed += MAX_TOKENS if first is None else first
-    assert agreed >= MAX_TOKENS  # a prompt's worth of decisive steps agree, at least
+    assert_greedy_follows_up_to_a_near_tie(llm, reference, prompts, MAX_TOKENS, TIE)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
