@@ -159,6 +159,23 @@ def test_ext_mla_absorbed_matches_the_reference(ext, lens, block_size):
                                expected, rtol=1e-5, atol=1e-5)
 
 
+# Eight heads or more take the heads-in-lanes form (csrc/mla_context.h): a context read block by block with an
+# online softmax, a few sequences' contexts cut into pieces and merged, more heads than a register's 16 lanes in
+# groups, a latent width past the last full vector, bf16 caches widened as they are read.
+@pytest.mark.parametrize("heads", [8, 20])
+@pytest.mark.parametrize("lens,block_size", [([1], 16), ([200], 16), ([37, 5, 16, 1, 90], 16), ([9, 3], 4)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_ext_mla_absorbed_in_lanes_matches_the_reference(ext, heads, lens, block_size, cache_dtype):
+    rank, rope, nope, v = 40, 8, 12, 10
+    q_latent, q_rope, ckv, kpe, tables, ctx = _paged(len(lens), heads, rank, rope, block_size, lens)
+    ckv, kpe = ckv.to(cache_dtype), kpe.to(cache_dtype)
+    q_nope = torch.randn(len(lens), heads, nope) * 3  # peaked softmaxes: a later block's larger maximum rescales
+    kv_b = torch.randn(heads * (nope + v), rank) / 5
+    expected = mla_decode_absorbed_ref(q_nope, q_rope, kv_b, ckv.float(), kpe.float(), tables, ctx, 0.3)
+    got = ext.mla_decode_absorbed_f32(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("interleave", [True, False])
 def test_ext_mla_decode_step_matches_the_reference_including_cache_writes(ext, interleave):
     from expertmesh.kernels import mla_decode_step_ref

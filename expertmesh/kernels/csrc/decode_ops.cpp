@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "mla_context.h"
 #include "ops.h"
 #include "rows_dot.h"
 
@@ -271,13 +272,22 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
       small_gemm(qn + h * nope, heads * nope, w + h * (nope + v_dim) * rank, rank, qlp + h * rank, heads * rank,
                  b_count, rank, nope);
   });
-  // Work items are (sequence, group of heads): whole sequences when there are enough of them to keep every
-  // thread busy, else each sequence's heads split across threads.
-  const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, (2 * at::get_num_threads() + b_count - 1) / b_count));
-  const int64_t group = (heads + splits - 1) / splits;
   auto o_latent = torch::empty({b_count, heads, rank}, q_nope.options());
   float* olp = o_latent.data_ptr<float>();
-  at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
+  bool in_lanes = false;
+#if defined(__AVX512F__)
+  in_lanes = heads >= expertmesh::kLaneMinHeads;  // every head's context pass at once, the heads in a register's lanes
+  if (in_lanes) {
+    expertmesh::attend_head_lanes(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block,
+                                  static_cast<float>(scale), olp);
+  }
+#endif
+  // Else work items are (sequence, group of heads): whole sequences when there are enough of them to keep every
+  // thread busy, else each sequence's heads split across threads, and dot products along the latent.
+  const int64_t per_thread = (2 * at::get_num_threads() + b_count - 1) / b_count;
+  const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, per_thread));
+  const int64_t group = (heads + splits - 1) / splits;
+  if (!in_lanes) at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, rope_scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / splits, h0 = (item % splits) * group, hn = std::min(heads, h0 + group) - h0;
