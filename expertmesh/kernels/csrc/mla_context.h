@@ -227,6 +227,27 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
   const int64_t groups = (heads + kHeadLanes - 1) / kHeadLanes, group = (heads + groups - 1) / groups;
   const int64_t wanted = 2 * at::get_num_threads();
   const int64_t pieces = std::max<int64_t>(1, (wanted + b_count * groups - 1) / (b_count * groups));
+  if (pieces == 1) {  // whole contexts: each item sums into its place in o_lat and normalises there
+    at::parallel_for(0, b_count * groups, 1, [&](int64_t begin, int64_t end) {
+      HeadLaneScratch scratch;
+      alignas(64) float top[kHeadLanes], sum[kHeadLanes];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / groups, h0 = item % groups * group, hn = std::min(heads, h0 + group) - h0;
+        if (hn <= 0) continue;
+        float* dst = o_lat + (b * heads + h0) * rank;
+        std::fill(dst, dst + hn * rank, 0.f);
+        if (lens[b] <= 0) continue;
+        attend_piece(q_lat + (b * heads + h0) * rank, q_pe + (b * heads + h0) * dr, hn, rank, dr, ckv, kpe,
+                     tables + b * width, block, 0, lens[b], scale, dst, top, sum, scratch);
+        for (int64_t i = 0; i < hn; ++i) {
+          const float inv = 1.f / sum[i];
+          for (int64_t r = 0; r < rank; ++r) dst[i * rank + r] *= inv;
+        }
+      }
+    });
+    return;
+  }
+  // Pieces of few contexts (fewer items than twice the threads, so these buffers are small), merged after.
   const int64_t items = b_count * groups * pieces;
   std::vector<float> part(items * group * rank, 0.f), tops(items * kHeadLanes), sums(items * kHeadLanes);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
