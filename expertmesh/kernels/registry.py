@@ -322,19 +322,12 @@ def mla_decode_absorbed(
 ) -> torch.Tensor:
     """MLA decode from per-head queries to per-head values ``[B, H, v]``; see ``mla_decode_absorbed_ref``. An int8
     `kv_b_weight` comes with its row scales `kv_b_scale` [H * (nope + v)]."""
-    args = (q_nope, q_pe, kv_b_weight, ckv_cache, kpe_cache, block_tables, context_lens)
-    ext = _fp32_cpu_kernels(*args, kv_b_scale) or _bf16_cache_kernels(ckv_cache, kpe_cache, q_nope, q_pe,
-                                                                       kv_b_weight, kv_b_scale)
+    ext = _mla_cpu_kernels(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache, (block_tables, context_lens), (q_nope, q_pe))
     if ext is not None:
-        return ext.mla_decode_absorbed_f32(q_nope.contiguous(), q_pe.contiguous(), kv_b_weight.contiguous(),
-                                           ckv_cache, kpe_cache, block_tables, context_lens, scale, kv_b_scale)
-    ext = _bf16_cpu_kernels(_stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache), (q_nope, q_pe))
-    if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
-        return ext.mla_decode_absorbed_f32(q_nope.float().contiguous(), q_pe.float().contiguous(), kv_b_weight,
-                                           ckv_cache, kpe_cache, block_tables, context_lens, scale,
-                                           kv_b_scale).to(q_nope.dtype)
-    args = (q_nope, q_pe, _float_kv_b(kv_b_weight, kv_b_scale, q_nope.dtype), *args[3:])
-    return mla_decode_absorbed_ref(*args, scale)
+        return ext.mla_decode_absorbed_f32(_f32(q_nope), _f32(q_pe), kv_b_weight.contiguous(), ckv_cache, kpe_cache,
+                                           block_tables, context_lens, scale, kv_b_scale).to(q_nope.dtype)
+    return mla_decode_absorbed_ref(q_nope, q_pe, _float_kv_b(kv_b_weight, kv_b_scale, q_nope.dtype), ckv_cache,
+                                   kpe_cache, block_tables, context_lens, scale)
 
 
 def mla_decode_step(
@@ -356,38 +349,45 @@ def mla_decode_step(
 ) -> torch.Tensor:
     """One MLA decode step after the projections, ``[B, H, v]``; see ``mla_decode_step_ref``. `kv_b_scale`: an
     int8 `kv_b_weight`'s row scales, else None."""
-    ext = (_fp32_cpu_kernels(q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale, ckv_cache, kpe_cache)
-           or _bf16_cache_kernels(ckv_cache, kpe_cache, q, kv_a, kv_norm_weight, cos, sin, kv_b_weight, kv_b_scale))
-    if ext is not None and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
-        return ext.mla_decode_step_f32(q.contiguous(), kv_a.contiguous(), kv_norm_weight.contiguous(), eps,
-                                       cos.contiguous(), sin.contiguous(), interleave, kv_b_weight.contiguous(),
-                                       ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens, scale,
-                                       kv_b_scale)
-    ext = _bf16_cpu_kernels(_stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache),
-                            (q, kv_a, kv_norm_weight, cos, sin))
-    if ext is not None and kv_b_weight.is_contiguous() and ckv_cache.is_contiguous() and kpe_cache.is_contiguous():
-        # bf16 weights and caches stay as they are; this step's few activations go to float32 and back
-        f32 = lambda t: t.float().contiguous()  # noqa: E731
-        return ext.mla_decode_step_f32(f32(q), f32(kv_a), f32(kv_norm_weight), eps, f32(cos), f32(sin), interleave,
-                                       kv_b_weight, ckv_cache, kpe_cache, slot_mapping, block_tables, context_lens,
-                                       scale, kv_b_scale).to(q.dtype)
+    ext = _mla_cpu_kernels(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache, (slot_mapping, block_tables, context_lens),
+                           (q, kv_a, kv_norm_weight, cos, sin))
+    if ext is not None:
+        return ext.mla_decode_step_f32(_f32(q), _f32(kv_a), _f32(kv_norm_weight), eps, _f32(cos), _f32(sin), interleave,
+                                       kv_b_weight.contiguous(), ckv_cache, kpe_cache, slot_mapping, block_tables,
+                                       context_lens, scale, kv_b_scale).to(q.dtype)
     return mla_decode_step_ref(q, kv_a, kv_norm_weight, eps, cos, sin, interleave,
                                _float_kv_b(kv_b_weight, kv_b_scale, q.dtype), ckv_cache, kpe_cache, slot_mapping,
                                block_tables, context_lens, scale)
 
 
-def _bf16_cache_kernels(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, *float32: torch.Tensor | None):
-    """The compiled CPU kernels for a float32 model over a bf16 latent cache (kv_cache_dtype="bfloat16"): the
-    `float32` tensors (activations, weights; an int8 kv_b passes) with bf16 caches."""
-    if ckv_cache.dtype != torch.bfloat16 or kpe_cache.dtype != torch.bfloat16:
+def _mla_cpu_kernels(kv_b_weight: torch.Tensor, kv_b_scale: torch.Tensor | None, ckv_cache: torch.Tensor,
+                     kpe_cache: torch.Tensor, indices: tuple[torch.Tensor, ...], activations: tuple[torch.Tensor, ...]):
+    """The compiled MLA kernels for CPU inference, which read what is stored as it is stored: both caches float32 or
+    both bf16 (contiguous, written in place), kv_b float32, bf16, or int8 with its row scales. The few activations,
+    float32 or bf16, go to them in float32 (`_f32`) and the result comes back in the activations' dtype."""
+    if ckv_cache.dtype != kpe_cache.dtype or ckv_cache.dtype not in _FLOAT_KINDS:
         return None
-    ext = _fp32_cpu_kernels(*float32)
-    return ext if ext is not None and _cpu_inference(ckv_cache, kpe_cache) else None
+    if not (ckv_cache.is_contiguous() and kpe_cache.is_contiguous()):
+        return None
+    if kv_b_scale is None and kv_b_weight.dtype not in _FLOAT_KINDS:
+        return None
+    if kv_b_scale is not None and (kv_b_weight.dtype != torch.int8 or kv_b_scale.dtype != torch.float32):
+        return None
+    for t in activations:
+        if t.dtype not in _FLOAT_KINDS:
+            return None
+    scales = () if kv_b_scale is None else (kv_b_scale,)
+    if not _cpu_inference(kv_b_weight, *scales, ckv_cache, kpe_cache, *indices, *activations):
+        return None
+    return small_m_kernels()
 
 
-def _stored_kv_b(kv_b_weight, kv_b_scale, ckv_cache, kpe_cache) -> tuple[torch.Tensor, ...]:
-    """What the bf16 kernels read as stored: the caches, and a float kv_b (an int8 one is read as int8)."""
-    return (ckv_cache, kpe_cache) if kv_b_scale is not None else (kv_b_weight, ckv_cache, kpe_cache)
+_FLOAT_KINDS = (torch.float32, torch.bfloat16)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a contiguous float32 tensor: itself when it is one."""
+    return t.float().contiguous()
 
 
 def _float_kv_b(kv_b_weight: torch.Tensor, kv_b_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

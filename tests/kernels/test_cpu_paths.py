@@ -176,6 +176,39 @@ def test_ext_mla_absorbed_in_lanes_matches_the_reference(ext, heads, lens, block
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# Every stored form the serving engine keeps (kv_b float32, bf16 or int8; caches float32 or bf16; activations
+# float32 or bf16) reaches the compiled kernel, never the torch reference, and gives the reference's numbers.
+@pytest.mark.parametrize("kv_b_kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_mla_dispatch_takes_the_kernel_for_every_stored_form(ext, monkeypatch, kv_b_kind, cache_dtype, act_dtype):
+    from expertmesh.kernels import int8_moe, registry
+
+    heads, rank, rope, nope, v, lens = 8, 32, 8, 16, 16, [19, 3]
+    q_latent, q_rope, ckv, kpe, tables, ctx = _paged(len(lens), heads, rank, rope, 4, lens)
+    ckv, kpe = ckv.to(cache_dtype), kpe.to(cache_dtype)
+    q_nope, q_rope = torch.randn(len(lens), heads, nope).to(act_dtype), q_rope.to(act_dtype)
+    kv_b, scale = torch.randn(heads * (nope + v), rank) / 5, None
+    if kv_b_kind == "int8":
+        kv_b, scale = int8_moe.quantize_int8(kv_b)
+        scale = scale.reshape(-1)
+    else:
+        kv_b = kv_b.to(getattr(torch, kv_b_kind))
+    wide_kv_b = kv_b.float() if scale is None else int8_moe.dequantize_int8(kv_b, scale)
+    expected = mla_decode_absorbed_ref(q_nope.float(), q_rope.float(), wide_kv_b, ckv.float(), kpe.float(), tables,
+                                       ctx, 0.3)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the torch reference ran")
+
+    monkeypatch.setattr(registry, "mla_decode_absorbed_ref", no_reference)
+    with torch.no_grad():
+        got = registry.mla_decode_absorbed(q_nope, q_rope, kv_b, ckv, kpe, tables, ctx, 0.3, scale)
+    assert got.dtype == act_dtype
+    rtol = 1e-5 if act_dtype == torch.float32 else 2**-7  # bf16: the float32 result rounded, one step either way
+    torch.testing.assert_close(got, expected.to(act_dtype), rtol=rtol, atol=1e-5)
+
+
 @pytest.mark.parametrize("interleave", [True, False])
 def test_ext_mla_decode_step_matches_the_reference_including_cache_writes(ext, interleave):
     from expertmesh.kernels import mla_decode_step_ref
