@@ -103,14 +103,16 @@ def fused_moe_int8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights
 
 
 def _w8a8_ref(hidden_states, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> torch.Tensor:
+    """Expert by expert over the tokens routed to it: each expert's weights dequantised once."""
     x = quantize_activations_q8(hidden_states)
     inter = w2.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float32)
-    for t in range(x.shape[0]):
-        for weight, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
-            gate_up = dequantize_int8(w13[e], w13_scale[e]) @ x[t]
-            act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
-            out[t] += weight * (dequantize_int8(w2[e], w2_scale[e]) @ quantize_activations_q8(act))
+    for e in topk_ids.unique().tolist():
+        tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
+        gate_up = x[tokens] @ dequantize_int8(w13[e], w13_scale[e]).T
+        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        down = quantize_activations_q8(act) @ dequantize_int8(w2[e], w2_scale[e]).T
+        out.index_add_(0, tokens, topk_weights[tokens, slots].float()[:, None] * down)
     return out.to(hidden_states.dtype)
 
 
