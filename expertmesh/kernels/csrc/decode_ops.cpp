@@ -217,7 +217,8 @@ std::tuple<torch::Tensor, torch::Tensor> topk_gating_f32(torch::Tensor logits, i
   return {weights, ids};
 }
 
-// MLA decode in absorbed form, one sequence per work item (its heads share every cache row it reads):
+// MLA decode in absorbed form, in three passes: W_UK absorbed into the queries, per head across all sequences; the
+// context pass, per sequence (its heads share every cache row it reads); W_UV, per head across all sequences.
 //   q_lat[h] = W_UK[h]^T q_nope[h];  s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])
 //   o_lat[h] = softmax_t(s[h]) . c_kv;  out[h] = W_UV[h] o_lat[h]
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
@@ -234,13 +235,72 @@ torch::Tensor int32_index(const torch::Tensor& t, const char* name) {
   return wide.to(torch::kInt32).contiguous();
 }
 
+// The context pass in dot products along the latent (mla_context.h's lanes serve 8 heads or more on AVX-512):
+// o_lat [B, H, R] from q_lat [B, H, R] and q_pe [B, H, Dr]. Work items are (sequence, group of heads): whole
+// sequences when there are enough of them to keep every thread busy, else each sequence's heads split across threads.
+template <typename T>
+void attend_row_dot(const float* qlp, const float* qp, int64_t b_count, int64_t heads, int64_t rank, int64_t dr,
+                    const T* ckv, const T* kpe, const int32_t* tp, int64_t width, const int32_t* lp, int64_t block,
+                    float scale, float* olp) {
+  using expertmesh::widen;
+  const int64_t per_thread = (2 * at::get_num_threads() + b_count - 1) / b_count;
+  const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, per_thread));
+  const int64_t group = (heads + splits - 1) / splits;
+  at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, rope_scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / splits, h0 = (item % splits) * group, hn = std::min(heads, h0 + group) - h0;
+      const int64_t len = lp[b];
+      if (hn <= 0) continue;
+      const float* q_lat = qlp + (b * heads + h0) * rank;
+      float* o_lat = olp + (b * heads + h0) * rank;
+      std::fill(o_lat, o_lat + hn * rank, 0.f);
+      if (len <= 0) continue;
+      // scores [hn, len]: these heads against each cache block's rows, block by block.
+      scores.assign(hn * len, 0.f);
+      rope_scores.assign(hn * len, 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block) {
+        const int64_t base = static_cast<int64_t>(tp[b * width + t0 / block]) * block, n = std::min(block, len - t0);
+        expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat, rank, hn, scores.data() + t0, len);
+        expertmesh::rows_dot(kpe + base * dr, n, dr, qp + (b * heads + h0) * dr, dr, hn, rope_scores.data() + t0, len);
+      }
+      for (int64_t i = 0; i < hn; ++i) {
+        float* s = scores.data() + i * len;
+        const float* rs = rope_scores.data() + i * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t] = scale * (s[t] + rs[t]));
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = std::exp(s[t] - m);
+          sum += s[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
+      std::vector<float> row(rank);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* c = ckv + (static_cast<int64_t>(tp[b * width + t / block]) * block + t % block) * rank;
+#pragma omp simd
+        for (int64_t r = 0; r < rank; ++r) row[r] = widen(c[r]);
+        for (int64_t i = 0; i < hn; ++i) {
+          const float p = scores[i * len + t];
+          float* o = o_lat + i * rank;
+#pragma omp simd
+          for (int64_t r = 0; r < rank; ++r) o[r] += p * row[r];
+        }
+      }
+    }
+  });
+}
+
 // The absorbed attention over kv_b stored as W (float32, bf16, or int8 with `w_scale`: one float32 scale per
 // row) and caches stored as T (float32 or bf16); queries and output float32.
 template <typename W, typename T>
 torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w, const float* w_scale, const T* ckv,
                            const T* kpe, int64_t ckv_cache_blocks, int64_t rank, int64_t block, int64_t v_dim,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  using expertmesh::widen;
   const int64_t b_count = q_nope.size(0), heads = q_nope.size(1), nope = q_nope.size(2), dr = q_pe.size(2);
   const float* qn = q_nope.data_ptr<float>();
   std::vector<float> q_scaled;
@@ -274,66 +334,17 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
   });
   auto o_latent = torch::empty({b_count, heads, rank}, q_nope.options());
   float* olp = o_latent.data_ptr<float>();
-  bool in_lanes = false;
+  // The context pass: o_lat [B, H, R].
 #if defined(__AVX512F__)
-  in_lanes = heads >= expertmesh::kLaneMinHeads;  // every head's context pass at once, the heads in a register's lanes
-  if (in_lanes) {
+  if (heads >= expertmesh::kLaneMinHeads) {  // the heads in a register's lanes
     expertmesh::attend_head_lanes(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block,
                                   static_cast<float>(scale), olp);
+  } else {
+    attend_row_dot(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block, static_cast<float>(scale), olp);
   }
+#else
+  attend_row_dot(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block, static_cast<float>(scale), olp);
 #endif
-  // Else work items are (sequence, group of heads): whole sequences when there are enough of them to keep every
-  // thread busy, else each sequence's heads split across threads, and dot products along the latent.
-  const int64_t per_thread = (2 * at::get_num_threads() + b_count - 1) / b_count;
-  const int64_t splits = std::min<int64_t>(heads, std::max<int64_t>(1, per_thread));
-  const int64_t group = (heads + splits - 1) / splits;
-  if (!in_lanes) at::parallel_for(0, b_count * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, rope_scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / splits, h0 = (item % splits) * group, hn = std::min(heads, h0 + group) - h0;
-      const int64_t len = lp[b];
-      if (hn <= 0) continue;
-      const float* q_lat = qlp + (b * heads + h0) * rank;
-      float* o_lat = olp + (b * heads + h0) * rank;
-      std::fill(o_lat, o_lat + hn * rank, 0.f);
-      if (len <= 0) continue;
-      // scores [hn, len]: these heads against each cache block's rows, block by block.
-      scores.assign(hn * len, 0.f);
-      rope_scores.assign(hn * len, 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const int64_t base = static_cast<int64_t>(tp[b * width + t0 / block]) * block, n = std::min(block, len - t0);
-        expertmesh::rows_dot(ckv + base * rank, n, rank, q_lat, rank, hn, scores.data() + t0, len);
-        expertmesh::rows_dot(kpe + base * dr, n, dr, qp + (b * heads + h0) * dr, dr, hn, rope_scores.data() + t0, len);
-      }
-      for (int64_t i = 0; i < hn; ++i) {
-        float* s = scores.data() + i * len;
-        const float* rs = rope_scores.data() + i * len;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t] = static_cast<float>(scale) * (s[t] + rs[t]));
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-          s[t] = std::exp(s[t] - m);
-          sum += s[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
-      // o_lat[i] = sum_t p[i, t] c_kv[t]: each cache row is read once for all of these heads.
-      std::vector<float> row(rank);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* c = ckv + (static_cast<int64_t>(tp[b * width + t / block]) * block + t % block) * rank;
-#pragma omp simd
-        for (int64_t r = 0; r < rank; ++r) row[r] = widen(c[r]);
-        for (int64_t i = 0; i < hn; ++i) {
-          const float p = scores[i * len + t];
-          float* o = o_lat + i * rank;
-#pragma omp simd
-          for (int64_t r = 0; r < rank; ++r) o[r] += p * row[r];
-        }
-      }
-    }
-  });
   // W_UV per head across all sequences: out[b, h] = W_UV[h] o_lat[b, h].
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
@@ -346,7 +357,7 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
 
 }  // namespace
 
-// MLA decode in absorbed form, one sequence per work item (its heads share every cache row it reads):
+// MLA decode in absorbed form (the three passes above):
 //   q_lat[h] = W_UK[h]^T q_nope[h];  s[h, t] = scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])
 //   o_lat[h] = softmax_t(s[h]) . c_kv;  out[h] = W_UV[h] o_lat[h]
 // kv_b [H * (nope + v), R] is kv_b_proj.weight; caches are [blocks, block_size, R] and [blocks, block_size, Dr].
