@@ -50,13 +50,14 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build_dir() -> Path:
+def _build_dir(sources: list[Path], headers: list[Path]) -> Path:
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+        b"".join(p.read_bytes() for p in sources + headers)
         + " ".join(_CFLAGS).encode()
         + torch.__version__.encode()
         + _cpu_flags().encode()
-        + str(_CSRC.resolve()).encode()  # build.ninja names the sources by path: two checkouts would rebuild in turn
+        # build.ninja names the sources by path: two checkouts would rebuild in turn
+        + "".join(sorted({str(p.parent.resolve()) for p in sources})).encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
     path = root / "cpu_ext" / key
@@ -81,9 +82,9 @@ def build_lock(build_dir: Path) -> Iterator[None]:
             fcntl.flock(held, fcntl.LOCK_UN)
 
 
-@functools.cache
-def small_m_kernels() -> ModuleType | None:
-    """The compiled module, or None where it cannot be had."""
+def load_extension(name: str, sources: list[Path], headers: list[Path]) -> ModuleType | None:
+    """Builds (once per source text) and loads the extension `name` from `sources`, with this environment's
+    ninja and under `build_lock`; None, with a warning saying why, where it cannot be built."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
@@ -92,12 +93,12 @@ def small_m_kernels() -> ModuleType | None:
         with build_path() as path:  # this environment's ninja, whichever shell started us
             reason = missing_tool(path, get_cxx_compiler())
             if reason is None:
-                build_dir = _build_dir()
+                build_dir = _build_dir(sources, headers)
                 with build_lock(build_dir):
                     return load(
-                        name="expertmesh_small_m",
-                        sources=[str(p) for p in _SOURCES],
-                        extra_cflags=_CFLAGS + [f"-I{_CSRC}"],
+                        name=name,
+                        sources=[str(p) for p in sources],
+                        extra_cflags=_CFLAGS + sorted({f"-I{p.parent}" for p in sources}),
                         extra_ldflags=["-fopenmp"],
                         build_directory=str(build_dir),
                         verbose=False,
@@ -105,5 +106,11 @@ def small_m_kernels() -> ModuleType | None:
     except Exception as e:  # a failed build must not take serving down
         reason = build_failure_reason(e)
     warnings.warn(f"expertmesh: CPU kernels could not be built ({reason}); using torch paths",
-                  RuntimeWarning, stacklevel=2)
+                  RuntimeWarning, stacklevel=3)
     return None
+
+
+@functools.cache
+def small_m_kernels() -> ModuleType | None:
+    """The compiled module of `csrc/`, or None where it cannot be had."""
+    return load_extension("expertmesh_small_m", _SOURCES, _HEADERS)
