@@ -114,6 +114,33 @@ def test_ext_moe_matches_the_definition(ext, shape):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ext_streaming_results_do_not_depend_on_how_threads_share_the_rows(ext, dtype):
+    """The weight-streaming kernels split their rows across however many threads there are (for_group_rows):
+    every row must be computed, once, the same way, whatever the split. Each thread count's result must equal
+    the one-thread result bit for bit (more threads than cores included)."""
+    # one bf16 row: the vdpbf16ps path; the experts take float32 activations over bf16 weights
+    x = torch.randn(3, 768) if dtype == torch.float32 else torch.randn(1, 768, dtype=dtype)
+    w, b = torch.randn(1100, 768).to(dtype), torch.randn(1100)
+    moe_in = make_inputs(5, 256, 320, 16, 4, dtype=dtype)
+    moe_in = (moe_in[0].float(), *moe_in[1:])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want_linear, want_moe = ext.linear_small_m(x, w, b), ext.moe_small_m(*moe_in)
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            for _ in range(4):
+                assert torch.equal(ext.linear_small_m(x, w, b), want_linear), n
+                assert torch.equal(ext.moe_small_m(*moe_in), want_moe), n
+    finally:
+        torch.set_num_threads(threads)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(want_linear.float(), F.linear(x.float(), w.float(), b.float()), rtol=tol, atol=tol)
+    x_e, w13, w2, weights, ids = moe_in
+    torch.testing.assert_close(want_moe, naive_moe(x_e, w13.float(), w2.float(), weights, ids), rtol=tol, atol=tol)
+
+
 def test_ext_moe_rejects_out_of_range_expert_ids(ext):
     x, w13, w2, weights, ids = make_inputs(2, 16, 8, 5, 2)
     ids[1, 0] = 5
