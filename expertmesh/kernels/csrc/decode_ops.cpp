@@ -335,16 +335,10 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
   auto o_latent = torch::empty({b_count, heads, rank}, q_nope.options());
   float* olp = o_latent.data_ptr<float>();
   // The context pass: o_lat [B, H, R].
-#if defined(__AVX512F__)
-  if (heads >= expertmesh::kLaneMinHeads) {  // the heads in a register's lanes
-    expertmesh::attend_head_lanes(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block,
-                                  static_cast<float>(scale), olp);
-  } else {
+  if (!expertmesh::attend_in_lanes(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block,
+                                   static_cast<float>(scale), olp)) {
     attend_row_dot(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block, static_cast<float>(scale), olp);
   }
-#else
-  attend_row_dot(qlp, qp, b_count, heads, rank, dr, ckv, kpe, tp, width, lp, block, static_cast<float>(scale), olp);
-#endif
   // W_UV per head across all sequences: out[b, h] = W_UV[h] o_lat[b, h].
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)

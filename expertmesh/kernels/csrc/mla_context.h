@@ -13,7 +13,8 @@
 // so both cores work at batch 1. On the Intel reference machine, batch 32 at 290 context rows: 2.2 -> 0.9 ms a
 // layer (bench/RESULTS.md).
 //
-// decode_ops.cpp calls this for 8 heads or more (fewer leave most lanes idle; the row-dot form serves those).
+// decode_ops.cpp calls it through `attend_in_lanes` (at the end), which takes 8 heads or more: fewer leave most
+// lanes idle, and the row-dot form serves those.
 #pragma once
 
 #include <algorithm>
@@ -195,13 +196,14 @@ void attend_piece(const float* q_lat, const float* q_pe, int64_t hn, int64_t ran
 
 // o_lat [hn, rank] = the normalised sum of `pieces` partial results (o [pieces][hn, rank], top and sum [pieces][16]):
 // each piece's terms rescaled from its own maximum to the overall one, as flash-decoding merges its splits. A piece
-// with no rows has top -inf and sum 0, and weighs nothing.
+// with no rows has top -inf and sum 0, and weighs nothing. With one piece, o_lat may be o itself (each element is
+// read before it is written): that piece's sum normalised in place.
 inline void merge_pieces(const float* o, const float* top, const float* sum, int64_t pieces, int64_t hn, int64_t rank,
                          float* o_lat) {
+  std::vector<float> w(pieces);
   for (int64_t i = 0; i < hn; ++i) {
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t k = 0; k < pieces; ++k) m = std::max(m, top[k * kHeadLanes + i]);
-    std::vector<float> w(pieces);
     float total = 0.f;
     for (int64_t k = 0; k < pieces; ++k) {
       w[k] = sum[k * kHeadLanes + i] == 0.f ? 0.f : std::exp(top[k * kHeadLanes + i] - m);
@@ -227,7 +229,7 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
   const int64_t groups = (heads + kHeadLanes - 1) / kHeadLanes, group = (heads + groups - 1) / groups;
   const int64_t wanted = 2 * at::get_num_threads();
   const int64_t pieces = std::max<int64_t>(1, (wanted + b_count * groups - 1) / (b_count * groups));
-  if (pieces == 1) {  // whole contexts: each item sums into its place in o_lat and normalises there
+  if (pieces == 1) {  // whole contexts: each item sums into its place in o_lat and normalises it there
     at::parallel_for(0, b_count * groups, 1, [&](int64_t begin, int64_t end) {
       HeadLaneScratch scratch;
       alignas(64) float top[kHeadLanes], sum[kHeadLanes];
@@ -239,10 +241,7 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
         if (lens[b] <= 0) continue;
         attend_piece(q_lat + (b * heads + h0) * rank, q_pe + (b * heads + h0) * dr, hn, rank, dr, ckv, kpe,
                      tables + b * width, block, 0, lens[b], scale, dst, top, sum, scratch);
-        for (int64_t i = 0; i < hn; ++i) {
-          const float inv = 1.f / sum[i];
-          for (int64_t r = 0; r < rank; ++r) dst[i * rank + r] *= inv;
-        }
+        merge_pieces(dst, top, sum, 1, hn, rank, dst);
       }
     });
     return;
@@ -284,3 +283,22 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
 }  // namespace expertmesh
 
 #endif  // __AVX512F__
+
+namespace expertmesh {
+
+// The context pass with the heads in lanes, where this build has AVX-512 and there are kLaneMinHeads heads or more:
+// true when it ran, false when the caller's row-dot form is to serve this call.
+template <typename T>
+bool attend_in_lanes(const float* q_lat, const float* q_pe, int64_t b_count, int64_t heads, int64_t rank, int64_t dr,
+                     const T* ckv, const T* kpe, const int32_t* tables, int64_t width, const int32_t* lens,
+                     int64_t block, float scale, float* o_lat) {
+#if defined(__AVX512F__)
+  if (heads >= kLaneMinHeads) {
+    attend_head_lanes(q_lat, q_pe, b_count, heads, rank, dr, ckv, kpe, tables, width, lens, block, scale, o_lat);
+    return true;
+  }
+#endif
+  return false;
+}
+
+}  // namespace expertmesh
