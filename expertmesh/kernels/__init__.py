@@ -4,6 +4,7 @@
 
 from .fused_moe import fused_moe_ref, moe_align_block_size
 from .gating import topk_gating_ref
+from .gqa_decode import gqa_decode_ref
 from .int8_linear import linear_int8, linear_int8_ref
 from .int8_moe import Q8_BLOCK, dequantize_int8, fused_moe_int8_ref, quantize_activations_q8, quantize_int8
 from .lora import expert_lora_rows, fused_moe_lora_ref, lora_expand_ref, lora_shrink_ref
@@ -17,6 +18,7 @@ from .registry import (
     fused_moe_lora_triton,
     fused_moe_mixed,
     fused_moe_triton,
+    gqa_decode,
     kernel_backend,
     linear_mixed,
     lora_expand,
@@ -55,6 +57,8 @@ __all__ = [
     "fused_moe_lora_ref",
     "fused_moe_lora_triton",
     "fused_moe_triton",
+    "gqa_decode",
+    "gqa_decode_ref",
     "kernel_backend",
     "lora_expand",
     "lora_expand_ref",

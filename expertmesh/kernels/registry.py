@@ -23,6 +23,7 @@ from .cpu_mla_decode import mla_decode_attention_cpu
 from .fused_moe import check_fused_moe_args, fused_moe_ref
 from .int8_moe import check_int8_args, dequantize_int8, dequantize_used, fused_moe_int8_cpu, fused_moe_int8_ref
 from .gating import check_gating_args, topk_gating_ref
+from .gqa_decode import check_gqa_decode_args, gqa_decode_ref
 from .lora import (check_expand_args, check_fused_moe_lora_args, check_lora_args, fused_moe_lora_ref,
                    lora_expand_ref, lora_shrink_ref)
 from .mla_absorbed import mla_decode_absorbed_ref, mla_decode_step_ref
@@ -358,6 +359,29 @@ def mla_decode_step(
     return mla_decode_step_ref(q, kv_a, kv_norm_weight, eps, cos, sin, interleave,
                                _float_kv_b(kv_b_weight, kv_b_scale, q.dtype), ckv_cache, kpe_cache, slot_mapping,
                                block_tables, context_lens, scale)
+
+
+def gqa_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Grouped-query decode attention over the paged cache, ``[B, H, Dv]``; see ``gqa_decode_ref``. CPU inference
+    over float32 or bf16 caches (both alike, contiguous) runs the compiled kernel, which reads the cache in place
+    and sums in float32; the result comes back in q's dtype."""
+    if (k_cache.dtype == v_cache.dtype and k_cache.dtype in _FLOAT_KINDS and q.dtype in _FLOAT_KINDS
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and _cpu_inference(q, k_cache, v_cache, block_tables, context_lens)):
+        ext = small_m_kernels()
+        if ext is not None:
+            check_gqa_decode_args(q, k_cache, v_cache, block_tables, context_lens, window)
+            return ext.gqa_decode_f32(_f32(q), k_cache, v_cache, block_tables, context_lens, scale,
+                                      window or 0).to(q.dtype)
+    return gqa_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
 def _mla_cpu_kernels(kv_b_weight: torch.Tensor, kv_b_scale: torch.Tensor | None, ckv_cache: torch.Tensor,

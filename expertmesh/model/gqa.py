@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from expertmesh import kernels
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import Linear, RMSNorm
 from expertmesh.model.paged import (
     attend_by_sequence,
     attention_mask,
-    gather_batch,
     gather_context,
     masked_softmax_attention,
     write_cache,
@@ -99,13 +99,5 @@ class GQAttention(nn.Module):
         return o.permute(2, 0, 1, 3).reshape(-1, self.num_heads, self.head_dim)
 
     def _decode(self, q, kv_cache, block_tables, ctx_lens) -> torch.Tensor:
-        """B single-token queries [B, H, D], batched over the padded cache -> [B, H, D]."""
-        B, rep = q.shape[0], self.num_heads // self.num_kv_heads
-        max_len = int(ctx_lens.max())
-        k = gather_batch(kv_cache[0], block_tables, max_len).to(q.dtype).permute(0, 2, 1, 3)  # [B, KVH, L, D]
-        v = gather_batch(kv_cache[1], block_tables, max_len).to(q.dtype).permute(0, 2, 1, 3)
-        qg = q.view(B, self.num_kv_heads, rep, self.head_dim)  # [B, KVH, rep, D]
-        query_pos = (ctx_lens.long() - 1)[:, None]  # [B, 1]
-        mask = attention_mask(query_pos, max_len, ctx_lens, self.window)[:, None]  # [B, 1, 1, L]
-        o = masked_softmax_attention(qg, k, v, mask, self.scale)  # [B, KVH, rep, D]
-        return o.reshape(B, self.num_heads, self.head_dim)
+        """B single-token queries [B, H, D] against their cached contexts -> [B, H, D]."""
+        return kernels.gqa_decode(q, kv_cache[0], kv_cache[1], block_tables, ctx_lens, self.scale, self.window)

@@ -226,15 +226,6 @@ namespace {
 
 // An index tensor as contiguous int32: as it is where it is one (AttentionMetadata's block tables and lengths,
 // every layer of every step), else narrowed once its values are known to fit.
-torch::Tensor int32_index(const torch::Tensor& t, const char* name) {
-  if (t.scalar_type() == torch::kInt32) return t.contiguous();
-  const auto wide = t.to(torch::kInt64);
-  TORCH_CHECK(wide.numel() == 0 || (wide.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
-                                    wide.max().item<int64_t>() <= std::numeric_limits<int32_t>::max()),
-              name, " holds values outside int32");
-  return wide.to(torch::kInt32).contiguous();
-}
-
 // The context pass in dot products along the latent (mla_context.h's lanes serve 8 heads or more on AVX-512):
 // o_lat [B, H, R] from q_lat [B, H, R] and q_pe [B, H, Dr]. Work items are (sequence, group of heads): whole
 // sequences when there are enough of them to keep every thread busy, else each sequence's heads split across threads.
@@ -311,18 +302,13 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, const W* w,
         q_scaled[i * nope + n] = qn[i * nope + n] * w_scale[(i % heads) * (nope + v_dim) + n];
     qn = q_scaled.data();
   }
-  auto tables = int32_index(block_tables, "block_tables"), lens = int32_index(context_lens, "context_lens");
+  auto tables = expertmesh::int32_index(block_tables, "block_tables");
+  auto lens = expertmesh::int32_index(context_lens, "context_lens");
   auto out = torch::empty({b_count, heads, v_dim}, q_nope.options());  // W_UV below writes every entry
   const float* qp = q_pe.data_ptr<float>();
   const int32_t *tp = tables.data_ptr<int32_t>(), *lp = lens.data_ptr<int32_t>();
   const int64_t width = tables.size(1), num_blocks = ckv_cache_blocks;
-  for (int64_t b = 0; b < b_count; ++b) {  // every block a sequence's context reads must be in the cache
-    TORCH_CHECK(lp[b] <= width * block, "context_lens[", b, "] = ", lp[b], " exceeds its block table");
-    for (int64_t i = 0; i * block < lp[b]; ++i) {
-      TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < num_blocks, "block_tables[", b, ", ", i, "] = ",
-                  tp[b * width + i], " is outside the cache's ", num_blocks, " blocks");
-    }
-  }
+  expertmesh::check_block_tables(tp, lp, b_count, width, block, num_blocks);
   float* op = out.data_ptr<float>();
   // Absorb W_UK into every query first, per head across all sequences: q_lat [B, H, R].
   auto q_latent = torch::empty({b_count, heads, rank}, q_nope.options());

@@ -35,25 +35,6 @@ namespace expertmesh {
 constexpr int64_t kHeadLanes = 16;  // heads a register holds
 constexpr int64_t kLaneMinHeads = 8;  // fewer heads than this take the row-dot form
 
-// exp(x) for every lane, to ~2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' polynomial, then 2^n. Lanes
-// below -87.3 give ~1e-38 instead of 0 (a context weight that small is lost in the softmax's sum anyway); NaN
-// stays NaN (max() returns its second operand when either is NaN).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3365f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: n * hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Buffers one thread reuses from item to item.
 struct HeadLaneScratch {
   std::vector<float> q, q_rope;  // [rank, 16], [dr, 16]: the group's queries, scaled, heads in lanes

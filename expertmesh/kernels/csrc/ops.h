@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "rows_dot.h"
@@ -20,6 +22,28 @@ inline void check_bf16(const torch::Tensor& t, const char* name) { check_contigu
 
 inline const Bf16* bf16_ptr(const torch::Tensor& t) {
   return reinterpret_cast<const Bf16*>(t.data_ptr<at::BFloat16>());
+}
+
+// An index tensor (block tables, context lengths, slots) as contiguous int32, whatever integer type it came in.
+inline torch::Tensor int32_index(const torch::Tensor& t, const char* name) {
+  if (t.scalar_type() == torch::kInt32) return t.contiguous();
+  const auto wide = t.to(torch::kInt64);
+  TORCH_CHECK(wide.numel() == 0 || (wide.min().item<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+                                    wide.max().item<int64_t>() <= std::numeric_limits<int32_t>::max()),
+              name, " holds values outside int32");
+  return wide.to(torch::kInt32).contiguous();
+}
+
+// Every block a sequence's context reads (tables [B, width], lens [B]) must lie in a cache of `num_blocks` blocks.
+inline void check_block_tables(const int32_t* tables, const int32_t* lens, int64_t b_count, int64_t width,
+                               int64_t block, int64_t num_blocks) {
+  for (int64_t b = 0; b < b_count; ++b) {
+    TORCH_CHECK(lens[b] <= width * block, "context_lens[", b, "] = ", lens[b], " exceeds its block table");
+    for (int64_t i = 0; i * block < lens[b]; ++i) {
+      TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < num_blocks, "block_tables[", b, ", ", i,
+                  "] = ", tables[b * width + i], " is outside the cache's ", num_blocks, " blocks");
+    }
+  }
 }
 
 }  // namespace expertmesh
@@ -54,6 +78,10 @@ torch::Tensor mla_decode_step_f32(torch::Tensor q, torch::Tensor kv_a, torch::Te
                                   torch::Tensor ckv_cache, torch::Tensor kpe_cache, torch::Tensor slot_mapping,
                                   torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                   c10::optional<torch::Tensor> kv_b_scale);
+
+// gqa_decode.cpp
+torch::Tensor gqa_decode_f32(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                             torch::Tensor context_lens, double scale, int64_t window);
 
 // decode_stack.cpp
 void bind_decode_stack(pybind11::module& m);

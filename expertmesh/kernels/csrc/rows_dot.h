@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -62,6 +63,25 @@ inline __m512 load16(const int8_t* p) {
 inline __m512 load16(const Bf16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// exp(x) for every lane, to ~2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' polynomial, then 2^n. Lanes
+// below -87.3 give ~1e-38 instead of 0 (a context weight that small is lost in the softmax's sum anyway); NaN
+// stays NaN (max() returns its second operand when either is NaN).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3365f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: n * hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
 }
 
 // The same contract as the portable version below, written in AVX-512: the compiler's vectorisation of the
@@ -203,6 +223,29 @@ inline void rows_dot(const W* w, int64_t rows, int64_t k, const X* x, int64_t x_
                                                         x + t * x_stride, x_stride, out + t * out_stride + r,
                                                         out_stride);
   });
+}
+
+// x[j] <- exp(x[j] - m) for j < n, returning their sum: a softmax's numerators against its running maximum `m`
+// (vector exp16 on AVX-512).
+inline float exp_shifted_sum(float* x, int64_t n, float m) {
+  float total = 0.f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j < n; j += kLanes) {
+    const __mmask16 lanes = n - j >= kLanes ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), mv));
+    _mm512_mask_storeu_ps(x + j, lanes, e);
+    acc = _mm512_mask_add_ps(acc, lanes, acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - m);
+    total += x[j];
+  }
+  return total;
 }
 
 }  // namespace expertmesh

@@ -343,5 +343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_lora_small_m", &moe_lora_small_m, "moe_small_m plus LoRA on the (token, expert) pairs that have a row");
   m.def("lora_shrink_f32", &lora_shrink_f32, "h = A[rows[t]] x[t] per row (zeros where rows[t] = -1)");
   m.def("lora_expand_f32", &lora_expand_f32, "y[t] += B[rows[t]] h[t] in place where rows[t] >= 0");
+  m.def("gqa_decode_f32", &gqa_decode_f32, "grouped-query decode attention over the paged K/V cache, read in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"), py::arg("window"));
   bind_decode_stack(m);
 }
