@@ -70,6 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "float32 activations, each matmul reading its input rounded to the weights' dtype, as "
                           "llama.cpp runs a bf16 model (closer to the float32 model, same weight bytes)")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together at most")
+    srv.add_argument("--num-threads", type=int, default=None,
+                     help="the engine's torch threads (default: every core); count only cores nothing else keeps "
+                          "busy: a decode step waits at each parallel region for its slowest thread")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-gib", type=float, default=None)
     srv.add_argument("--enable-lora", action="store_true",

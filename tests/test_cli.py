@@ -128,6 +128,7 @@ def test_user_errors_return_nonzero_with_a_one_line_message(tiny_model_dir, tmp_
                  ["--autoscaling-config: unknown fields ['upscale_delay']"], id="unknown_field"),
     pytest.param(["--max-replicas", "2", "--autoscaling-config", '{"downscale_delay_s": -5}'],
                  ["--autoscaling-config: downscale_delay_s:"], id="serve_refuses_a_field"),
+    pytest.param(["--num-threads", "0"], ["num_threads must be a positive integer", "got 0"], id="no_threads"),
 ])
 @pytest.mark.parametrize("printed", [False, True], ids=["serve", "print_serve_config"])
 def test_serve_refuses_bad_replica_flags_naming_them(tiny_model_dir, capsys, flags, needles, printed):

@@ -30,7 +30,7 @@ def test_printed_config_validates_and_builds_the_app(tiny_model_dir, tmp_path, m
     deploy = tmp_path / "deploy.yaml"
     deploy.write_text("attention_actors: 1\nexpert_shards: 2\ntransport: grpc\n")
     config = _config("--model", str(tiny_model_dir), "--deployment", str(deploy), "--port", "8100",
-                     "--max-num-seqs", "8")
+                     "--max-num-seqs", "8", "--num-threads", "1")
     ServeDeploySchema.model_validate(config)  # Ray Serve's own check of a config file
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8100}
     (app,) = config["applications"]
@@ -44,6 +44,7 @@ def test_printed_config_validates_and_builds_the_app(tiny_model_dir, tmp_path, m
     # inlined: the cluster that reads the config has no copy of the file
     assert settings["deployment"] == {"attention_actors": 1, "expert_shards": 2, "transport": "grpc"}
     assert settings["engine_kwargs"] == {"max_num_seqs": 8}
+    assert settings["num_threads"] == 1  # the replica's torch threads (serve_app sets them)
     assert "api_keys" not in app["args"]  # keys never go into a file meant for sharing
     assert settings["api_keys"] == ("key-from-a-secret",) and not settings["allow_no_api_key"]
 

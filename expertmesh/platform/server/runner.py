@@ -57,6 +57,7 @@ def settings_from_args(args) -> ServerSettings:
         lora_dirs=tuple(str(Path(d).resolve()) for d in getattr(args, "lora_dirs", None) or ()),
         api_keys=keys, allow_no_api_key=bool(args.no_api_key),
         max_waiting=args.max_waiting, max_tokens_limit=args.max_tokens_limit, max_request_work=args.max_request_work,
+        num_threads=getattr(args, "num_threads", None),
     )
 
 
@@ -106,6 +107,8 @@ def serve_config(settings: ServerSettings, host: str, port: int, scaling: Replic
         args["deployment"] = deployment
     if settings.engine_kwargs:
         args["engine_kwargs"] = dict(settings.engine_kwargs)
+    if settings.num_threads is not None:
+        args["num_threads"] = settings.num_threads
     if settings.lora_modules:
         args["lora_modules"] = dict(settings.lora_modules)
     if settings.lora_dirs:

@@ -55,6 +55,9 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        threads = self.num_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"num_threads must be a positive integer (or left out: every core), got {threads!r}")
         keys = self.api_keys
         if isinstance(keys, str):  # `api_keys: sekrit` in a Serve config is one key, not six one-letter ones
             keys = (keys,)
