@@ -34,7 +34,8 @@ from expertmesh.kernels.build_tools import build_failure_reason, build_path, mis
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in (
     "small_m.cpp", "decode_ops.cpp", "lora.cpp", "decode_stack.cpp", "gqa_decode.cpp")]
-_HEADERS = [_CSRC / name for name in ("rows_dot.h", "lora_rows.h", "ops.h", "q8_rows.h", "mla_context.h")]
+_HEADERS = [_CSRC / name for name in ("rows_dot.h", "lora_rows.h", "ops.h", "q8_rows.h", "mla_context.h",
+                                      "flash_merge.h")]
 DISABLE_ENV = "EXPERTMESH_CPU_EXT"
 # -fno-math-errno lets the compiler vectorise exp (softmax); reductions are reassociated only inside
 # explicit `omp simd` loops.

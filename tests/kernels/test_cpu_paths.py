@@ -189,7 +189,7 @@ def test_ext_mla_absorbed_matches_the_reference(ext, lens, block_size):
 # Eight heads or more take the heads-in-lanes form (csrc/mla_context.h): a context read block by block with an
 # online softmax, a few sequences' contexts cut into pieces and merged, more heads than a register's 16 lanes in
 # groups, a latent width past the last full vector, bf16 caches widened as they are read.
-@pytest.mark.parametrize("heads", [8, 20])
+@pytest.mark.parametrize("heads", [8, 17, 20])  # 17: two groups of unequal size (9 and 8 heads)
 @pytest.mark.parametrize("lens,block_size", [([1], 16), ([200], 16), ([37, 5, 16, 1, 90], 16), ([9, 3], 4)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_ext_mla_absorbed_in_lanes_matches_the_reference(ext, heads, lens, block_size, cache_dtype):

@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "flash_merge.h"
 #include "ops.h"
 
 // The loops below are written for the compiler to vectorise; on AVX-512 machines it otherwise picks 256-bit
@@ -86,7 +87,9 @@ void attend_rows(const float* q, int64_t heads, int64_t kv_heads, int64_t d, int
       for (int64_t g = 0; g < kv_heads; ++g) {
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) key[i] = widen(kp[g * d + i]);
-        for (int64_t r = 0; r < rep; ++r) s[(g * rep + r) * kRowsPerPass + j] = dot(q + (g * rep + r) * d, key.data(), d);
+        for (int64_t r = 0; r < rep; ++r) {
+          s[(g * rep + r) * kRowsPerPass + j] = dot(q + (g * rep + r) * d, key.data(), d);
+        }
       }
     }
     // Online softmax: a head whose maximum rises rescales what it has summed.
@@ -148,26 +151,11 @@ void gqa_decode(const float* q, int64_t b_count, int64_t heads, int64_t d, const
                   &part[item * heads * dv], &tops[item * heads], &sums[item * heads]);
     }
   });
-  // Merge each sequence's pieces: every piece's terms rescaled to the overall maximum; a piece with no rows weighs
-  // nothing, and a sequence with no visible rows gets zeros.
-  at::parallel_for(0, b_count * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(pieces);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads;
-      float m = -std::numeric_limits<float>::infinity(), total = 0.f;
-      for (int64_t k = 0; k < pieces; ++k) m = std::max(m, tops[(b * pieces + k) * heads + h]);
-      for (int64_t k = 0; k < pieces; ++k) {
-        const float sk = sums[(b * pieces + k) * heads + h];
-        w[k] = sk == 0.f ? 0.f : std::exp(tops[(b * pieces + k) * heads + h] - m);
-        total += w[k] * sk;
-      }
-      float* dst = out + bh * dv;
-      for (int64_t i = 0; i < dv; ++i) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < pieces; ++k) acc += w[k] * part[((b * pieces + k) * heads + h) * dv + i];
-        dst[i] = total > 0.f ? acc / total : 0.f;
-      }
-    }
+  // Each sequence's pieces merged (flash_merge.h); a sequence with no visible rows gets zeros.
+  at::parallel_for(0, b_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      expertmesh::merge_pieces(&part[b * pieces * heads * dv], heads * dv, &tops[b * pieces * heads],
+                               &sums[b * pieces * heads], heads, pieces, heads, dv, out + b * heads * dv);
   });
 }
 

@@ -25,6 +25,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "flash_merge.h"
 #include "rows_dot.h"
 
 #if defined(__AVX512F__)
@@ -175,30 +176,6 @@ void attend_piece(const float* q_lat, const float* q_pe, int64_t hn, int64_t ran
   _mm512_storeu_ps(sum_out, sum);
 }
 
-// o_lat [hn, rank] = the normalised sum of `pieces` partial results (o [pieces][hn, rank], top and sum [pieces][16]):
-// each piece's terms rescaled from its own maximum to the overall one, as flash-decoding merges its splits. A piece
-// with no rows has top -inf and sum 0, and weighs nothing. With one piece, o_lat may be o itself (each element is
-// read before it is written): that piece's sum normalised in place.
-inline void merge_pieces(const float* o, const float* top, const float* sum, int64_t pieces, int64_t hn, int64_t rank,
-                         float* o_lat) {
-  std::vector<float> w(pieces);
-  for (int64_t i = 0; i < hn; ++i) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t k = 0; k < pieces; ++k) m = std::max(m, top[k * kHeadLanes + i]);
-    float total = 0.f;
-    for (int64_t k = 0; k < pieces; ++k) {
-      w[k] = sum[k * kHeadLanes + i] == 0.f ? 0.f : std::exp(top[k * kHeadLanes + i] - m);
-      total += w[k] * sum[k * kHeadLanes + i];
-    }
-    float* dst = o_lat + i * rank;
-    for (int64_t r = 0; r < rank; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < pieces; ++k) acc += w[k] * o[(k * hn + i) * rank + r];
-      dst[r] = acc / total;
-    }
-  }
-}
-
 // The context part for all B sequences and all heads: o_lat [B, H, rank] from q_lat [B, H, rank] and q_pe [B, H, dr].
 // Work items are (sequence, group of at most 16 heads, piece of the context): with few sequences each context
 // is cut into pieces so that every thread has work (a batch-1 step would otherwise leave a core idle or split its
@@ -222,7 +199,7 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
         if (lens[b] <= 0) continue;
         attend_piece(q_lat + (b * heads + h0) * rank, q_pe + (b * heads + h0) * dr, hn, rank, dr, ckv, kpe,
                      tables + b * width, block, 0, lens[b], scale, dst, top, sum, scratch);
-        merge_pieces(dst, top, sum, 1, hn, rank, dst);
+        merge_pieces(dst, 0, top, sum, 0, 1, hn, rank, dst);
       }
     });
     return;
@@ -255,8 +232,8 @@ void attend_head_lanes(const float* q_lat, const float* q_pe, int64_t b_count, i
         continue;
       }
       const int64_t first = bg * pieces;
-      merge_pieces(&part[first * group * rank], &tops[first * kHeadLanes], &sums[first * kHeadLanes], pieces, hn,
-                   rank, dst);
+      merge_pieces(&part[first * group * rank], group * rank, &tops[first * kHeadLanes], &sums[first * kHeadLanes],
+                   kHeadLanes, pieces, hn, rank, dst);
     }
   });
 }
