@@ -4,7 +4,6 @@ attention. The references of the paged kernels (gqa_decode) and the CPU prefill 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def gather_batch(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -35,20 +34,8 @@ def masked_softmax_attention(
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v over the last two dims with a boolean mask; scores in float32.
 
-    q [..., Tq, D], k [..., L, D], v [..., L, Dv], mask broadcastable to [..., Tq, L] -> [..., Tq, Dv]; k and v
-    broadcast over q's leading dims (a KV head shared by its query heads).
-
-    float32 goes through torch's fused attention (`scaled_dot_product_attention`, flash attention on the CPU),
-    which never holds the [Tq, L] scores: 3-4x faster at a 512-2048 token prefill on Mixtral's shapes, within
-    1e-6 of the explicit form. Narrower dtypes keep the explicit form, which rounds where transformers' eager
-    attention rounds (the scores' matmul in the input dtype, the probabilities back to it). The bf16 parity
-    tests follow eager transformers up to a near-tie; with the fused kernel's float32 sums, a Qwen3-MoE prefill
-    picked another top token where transformers' top-2 gap was 0.06, no near-tie.
+    q [..., Tq, D], k [..., L, D], v [..., L, Dv], mask broadcastable to [..., Tq, L] -> [..., Tq, Dv].
     """
-    if q.dtype == torch.float32 and k.dtype == v.dtype == torch.float32:
-        batch = q.shape[:-2]
-        k, v = k.expand(*batch, *k.shape[-2:]), v.expand(*batch, *v.shape[-2:])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
