@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from expertmesh.kernels.paged_attention import attention_mask, gather_batch, masked_softmax_attention
+from expertmesh.kernels.paged_attention import attention_mask, masked_softmax_attention
 from expertmesh.model.attention_metadata import AttentionMetadata
 
-__all__ = ["attend_by_sequence", "attention_mask", "gather_batch", "gather_context", "masked_softmax_attention",
-           "write_cache"]
+# attention_mask and masked_softmax_attention live in kernels/ (the paged kernels' references use them too) and
+# are offered here beside the rest of the model's paged-cache helpers.
+__all__ = ["attend_by_sequence", "attention_mask", "gather_context", "masked_softmax_attention", "write_cache"]
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
