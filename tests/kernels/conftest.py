@@ -25,3 +25,14 @@ def _auto_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """The compiled CPU kernels (kernels/csrc); the test skips where they cannot be built."""
+    from expertmesh.kernels.cpu_ext import small_m_kernels
+
+    kernels = small_m_kernels()
+    if kernels is None:
+        pytest.skip("the C++ CPU kernels could not be built on this machine")
+    return kernels

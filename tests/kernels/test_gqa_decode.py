@@ -6,15 +6,6 @@ import torch
 
 from expertmesh import kernels
 from expertmesh.kernels import gqa_decode_ref
-from expertmesh.kernels.cpu_ext import small_m_kernels
-
-
-@pytest.fixture(scope="module")
-def ext():
-    module = small_m_kernels()
-    if module is None:
-        pytest.skip("the C++ CPU kernels could not be built on this machine")
-    return module
 
 
 def paged(lens, heads, kv_heads, head_dim, block, dtype=torch.float32, v_dim=None, garbage=float("nan"), seed=0):

@@ -51,13 +51,12 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_json_depth", "max_tokens_limit", "default_max_tokens",
-                     "max_waiting", "retry_after_s", "max_request_work"):
+                     "max_waiting", "retry_after_s", "max_request_work", "num_threads"):
             value = getattr(self, name)
+            if name == "num_threads" and value is None:  # left out: every core
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        threads = self.num_threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"num_threads must be a positive integer (or left out: every core), got {threads!r}")
         keys = self.api_keys
         if isinstance(keys, str):  # `api_keys: sekrit` in a Serve config is one key, not six one-letter ones
             keys = (keys,)
