@@ -35,7 +35,7 @@ _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in (
     "small_m.cpp", "decode_ops.cpp", "lora.cpp", "decode_stack.cpp", "gqa_decode.cpp")]
 _HEADERS = [_CSRC / name for name in ("rows_dot.h", "lora_rows.h", "ops.h", "q8_rows.h", "mla_context.h",
-                                      "flash_merge.h")]
+                                      "flash_merge.h", "tokens_in_lanes.h")]
 DISABLE_ENV = "EXPERTMESH_CPU_EXT"
 # -fno-math-errno lets the compiler vectorise exp (softmax); reductions are reassociated only inside
 # explicit `omp simd` loops.

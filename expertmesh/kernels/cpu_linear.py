@@ -1,15 +1,16 @@
-"""Linear layers on the CPU through oneDNN instead of MKL's sgemm.
+"""Linear layers on the CPU at decode sizes: the C++ kernels of `cpu_ext`, else oneDNN instead of MKL's sgemm.
 
 At decode batch sizes (M = 1..32 rows) MKL's small-M sgemm streams cold weights at ~10 GB/s on our
 2-core reference machine while oneDNN's `_linear_pointwise` reaches ~18 GB/s (PERF-NOTES.md, and
 bench/engine_vs_hf.py). oneDNN has no autograd formula, so anything that records gradients, and every
 non-CPU tensor, takes `F.linear`.
 
-oneDNN builds (and caches, up to 1024 entries) one primitive per input shape, which costs milliseconds the
-first time. Only small row counts take this path: they are where it wins, and they bound the number of
-shapes the cache must hold. Larger M is compute-bound, where MKL is as good. oneDNN also costs ~13 us more
-per call, so weights that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`. For the
-fewest rows (decode batches up to 16; 4 in bf16) the compiled streaming kernel of `cpu_ext` goes faster still.
+The compiled kernel (`linear_small_m`) goes faster still, up to 64 rows in float32 (4 in bf16): below 16 rows
+it streams the weights at the memory's rate; from 16 rows the arithmetic bounds a call, and it puts the tokens in
+a register's lanes (csrc/tokens_in_lanes.h): 1.2-1.4x oneDNN and MKL at 32 and 48 rows, level at 64. Where it
+cannot be built, oneDNN serves up to 32 rows. oneDNN builds (and caches, up to 1024 entries) one primitive per
+input shape, which costs milliseconds the first time, and ~13 us more per call than `F.linear`, so weights
+that stream in a few microseconds anyway (under ~1 MB) stay on `F.linear`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from .backend import kernel_backend
 from .cpu_ext import small_m_kernels
 
 ONEDNN_MAX_ROWS = 32
-# Up to this many rows the C++ weight-streaming kernel (csrc/small_m.cpp) beats oneDNN (by 10-70% at 2-8 rows
-# on the Intel reference machine; even at 32). In bf16, past 4 rows oneDNN's AMX GEMM wins.
-STREAMING_MAX_ROWS = 16
+# Up to this many rows the C++ kernel (csrc/small_m.cpp) beats oneDNN and MKL on the Intel reference machine: by
+# 10-70% at 2-8 rows, 20-40% at 32 and 48 (tokens in lanes), level at 64. In bf16, past 4 rows oneDNN's AMX
+# GEMM wins.
+STREAMING_MAX_ROWS = 64
 STREAMING_MAX_ROWS_BF16 = 4
 STREAMING_MIN_WEIGHT_ELEMENTS = 64 * 1024
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024

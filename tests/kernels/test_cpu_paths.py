@@ -92,7 +92,11 @@ def test_mla_decode_dispatch_without_grad_uses_the_cpu_path():
 from expertmesh.kernels import mla_decode_absorbed_ref, rms_norm_ref, topk_gating_ref  # noqa: E402
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 40, 24), (3, 768, 130), (32, 37, 9), (5, 16, 1)])
+# 16-64 rows put the tokens in a register's lanes (tokens_in_lanes.h): 1-4 vectors of them, some lanes past the
+# last token, row counts that leave a remainder after the row blocks (24, 12, 8 or 6 rows by 1-4 vectors)
+@pytest.mark.parametrize("rows,k,n", [(1, 40, 24), (3, 768, 130), (5, 16, 1), (15, 64, 30), (16, 37, 9),
+                                      (17, 768, 130), (32, 37, 9), (33, 64, 50), (48, 40, 31), (64, 33, 27),
+                                      (65, 40, 13)])
 def test_ext_linear_matches_f_linear(ext, rows, k, n):
     x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
     torch.testing.assert_close(ext.linear_small_m(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
@@ -113,21 +117,25 @@ def test_ext_streaming_results_do_not_depend_on_how_threads_share_the_rows(ext, 
     # one bf16 row: the vdpbf16ps path; the experts take float32 activations over bf16 weights
     x = torch.randn(3, 768) if dtype == torch.float32 else torch.randn(1, 768, dtype=dtype)
     w, b = torch.randn(1100, 768).to(dtype), torch.randn(1100)
+    many = torch.randn(20, 768)  # float32 rows in lanes (tokens_in_lanes.h)
     moe_in = make_inputs(5, 256, 320, 16, 4, dtype=dtype)
     moe_in = (moe_in[0].float(), *moe_in[1:])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         want_linear, want_moe = ext.linear_small_m(x, w, b), ext.moe_small_m(*moe_in)
+        want_many = ext.linear_small_m(many, w, b)
         for n in (2, 3, 5):
             torch.set_num_threads(n)
             for _ in range(4):
                 assert torch.equal(ext.linear_small_m(x, w, b), want_linear), n
                 assert torch.equal(ext.moe_small_m(*moe_in), want_moe), n
+                assert torch.equal(ext.linear_small_m(many, w, b), want_many), n
     finally:
         torch.set_num_threads(threads)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(want_linear.float(), F.linear(x.float(), w.float(), b.float()), rtol=tol, atol=tol)
+    torch.testing.assert_close(want_many, F.linear(many, w.float(), b.float()), rtol=tol, atol=tol)
     x_e, w13, w2, weights, ids = moe_in
     torch.testing.assert_close(want_moe, naive_moe(x_e, w13.float(), w2.float(), weights, ids), rtol=tol, atol=tol)
 

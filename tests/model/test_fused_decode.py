@@ -129,6 +129,17 @@ def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, fa
     assert len(fused[2]) == STEPS * moe_layers
 
 
+def test_a_float32_batch_of_twenty_runs_on_the_stack(tmp_path, monkeypatch):
+    """20 sequences: float32 linears put the tokens in a register's lanes (16-64 rows), in the stack as in the
+    modules."""
+    model = _model(_checkpoint(tmp_path, "deepseek_v3", WIDE, "float32"), "float32", None)
+    prompts = make_prompts(model.config.vocab_size, [3 + i % 7 for i in range(20)], seed=4)
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts, steps=2)
+    assert calls[0] == 2, fused_decoder(model).reason
+    _assert_same_run(fused, _decode(model, False, prompts, steps=2))
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_a_float32_model_over_a_bf16_latent_cache(tmp_path, monkeypatch, quantization):
     """kv_cache_dtype="bfloat16": the stack reads and writes the bf16 cache as the modules do."""

@@ -19,6 +19,7 @@
 #include "ops.h"
 #include "q8_rows.h"
 #include "rows_dot.h"
+#include "tokens_in_lanes.h"
 
 namespace {
 
@@ -60,6 +61,15 @@ void for_row_chunks(int64_t n, int64_t row_bytes, F&& dot) {
 template <typename W, typename X>
 void linear_rows(const X* xp, const W* wp, float* op, int64_t m, int64_t k, int64_t n,
                  const float* scale = nullptr) {
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<X, float>) {
+    if (expertmesh::lanes_for(m)) {  // 16-64 rows: the arithmetic bounds them, tokens in the lanes
+      const std::vector<float> xt = expertmesh::transpose_tokens(xp, k, m, k);
+      for_row_chunks(n, k * static_cast<int64_t>(sizeof(W)), [&](int64_t r0, int64_t r1) {
+        expertmesh::tokens_in_lanes(wp + r0 * k, r1 - r0, k, xp, k, xt.data(), m, op + r0, n);
+      });
+      return;
+    }
+  }
   for_row_chunks(n, k * static_cast<int64_t>(sizeof(W)), [&](int64_t r0, int64_t r1) {
     rows_dot(wp + r0 * k, r1 - r0, k, xp, k, m, op + r0, n, scale == nullptr ? nullptr : scale + r0);
   });
