@@ -66,13 +66,45 @@ void gemm_block(const float* a, int64_t a_stride, const W* b, int64_t b_stride, 
 }
 #endif
 
+#if defined(__AVX512F__)
+// One row of A against NV * 16 columns of B: B's rows read whole, one after the other. (The 64-column blocks
+// below walk B in strips of 64 columns; for a single row of A nothing reuses a strip, and B's rows, 512 bytes
+// apart, were fetched two lines at a time: MLA's absorption of W_UK read at half the memory's rate at batch 1.)
+template <int64_t NV, typename W>
+void gemv_block(const float* a, const W* b, int64_t b_stride, float* c, int64_t k_count) {
+  __m512 acc[NV];
+  for (int64_t j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_count; ++k) {
+    const __m512 av = _mm512_set1_ps(a[k]);
+    const W* brow = b + k * b_stride;
+    for (int64_t j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(av, expertmesh::load16(brow + 16 * j), acc[j]);
+  }
+  for (int64_t j = 0; j < NV; ++j) _mm512_storeu_ps(c + 16 * j, acc[j]);
+}
+#endif
+
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N (row strides given): 4 rows of A by 64 columns of B
-// per register block, so each loaded 16-lane piece of B feeds four FMAs.
+// per register block, so each loaded 16-lane piece of B feeds four FMAs; a single row of A takes 256 columns a
+// block (gemv_block).
 template <typename W>
 void small_gemm(const float* a, int64_t a_stride, const W* b, int64_t b_stride, float* c, int64_t c_stride,
                 int64_t m_count, int64_t n_count, int64_t k_count) {
   using expertmesh::widen;
   constexpr int64_t kM = 4, kN = 64;
+#if defined(__AVX512F__)
+  if (m_count == 1) {
+    constexpr int64_t kRowN = 256;
+    int64_t n0 = 0;
+    for (; n0 + kRowN <= n_count; n0 += kRowN) gemv_block<kRowN / 16>(a, b + n0, b_stride, c + n0, k_count);
+    for (; n0 + kN <= n_count; n0 += kN) gemv_block<kN / 16>(a, b + n0, b_stride, c + n0, k_count);
+    for (; n0 < n_count; ++n0) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < k_count; ++k) sum += a[k] * widen(b[k * b_stride + n0]);
+      c[n0] = sum;
+    }
+    return;
+  }
+#endif
   for (int64_t m0 = 0; m0 < m_count; m0 += kM) {
     const int64_t mb = std::min(kM, m_count - m0);
     int64_t n0 = 0;
