@@ -1,4 +1,4 @@
-"""A decode step of an MLA + MoE model in one C++ call (`kernels/csrc/decode_stack.cpp`).
+"""A decode step of an MoE model in one C++ call (`kernels/csrc/decode_stack.cpp`).
 
 At batch 1 on the `small` preset a step makes ~150 kernel calls through nn.Module calls, the kernel registry
 and argument checks: ~2 ms of Python against ~2.5 ms of kernels in int8. The stack runs the same kernels on
@@ -6,9 +6,10 @@ the same tensors in the same order, so its hidden states are the modules' bit fo
 (tests/model/test_fused_decode.py), with the Python gone.
 
 It applies to CPU inference (no autograd) under the `auto` kernel backend, on decode-only steps with few
-enough tokens that every linear would take the streaming kernels, where every attention is MLA, every MoE
-block runs on the local backend, no LoRA adapter is attached and every weight is in the model's dtype (or int8,
-as `quantize_model` makes it). A model whose activations are wider than its weights (float32 over bf16,
+enough tokens that every linear would take the streaming kernels, where every attention is MLA (DeepSeek) or
+grouped-query attention (Mixtral, Qwen-MoE, OLMoE: q/k norms, clipping, sliding windows and gated shared
+experts included), every MoE block runs on the local backend, no LoRA adapter is attached and every weight is
+in the model's dtype (or int8, as `quantize_model` makes it). A model whose activations are wider than its weights (float32 over bf16,
 `activation_dtype`) runs each matmul as its modules do: the input rounded to bf16, float32 out. Anything else
 runs the modules. The stack holds the modules' own tensors, so in-place updates show at once; a module,
 parameter, buffer or adapter that is replaced or attached is noticed before the next step (`_Watch`) and the
@@ -31,6 +32,7 @@ from expertmesh.kernels.cpu_linear import STREAMING_MAX_ROWS, STREAMING_MAX_ROWS
 from expertmesh.model.attention_metadata import AttentionMetadata
 from expertmesh.model.int8_layers import Int8Linear, Int8RoutedExperts
 from expertmesh.model.layers import MLP, Linear, RMSNorm
+from expertmesh.model.gqa import GQAttention
 from expertmesh.model.mla import MLAttention
 from expertmesh.model.moe import MoEBlock, RoutedExperts, local_backend
 
@@ -116,8 +118,6 @@ class FusedDecoder:
     def _build(self, model: nn.Module):
         w = self.watch
         config = model.config
-        if not config.is_mla:
-            raise _Unfusable("the stack runs MLA attention only")
         kernels = small_m_kernels()
         if kernels is None:
             raise _Unfusable("the C++ CPU kernels are not built")
@@ -151,6 +151,8 @@ class FusedDecoder:
 
     def _attention(self, attn: nn.Module) -> dict:
         w = self.watch
+        if isinstance(attn, GQAttention):
+            return self._gqa(attn)
         if not isinstance(attn, MLAttention):
             raise _Unfusable(f"an attention of type {type(attn).__name__}")
         if w.attribute(attn, "kv_b_adapters") is not None:
@@ -166,14 +168,24 @@ class FusedDecoder:
             spec["q_a"] = self._linear(w.module(attn, "q_a_proj"))
             spec["q_b"] = self._linear(w.module(attn, "q_b_proj"))
             spec.update(self._norm(w.module(attn, "q_a_layernorm"), "q_a_norm"))
+        return {"kind": "mla", **spec}
+
+    def _gqa(self, attn: GQAttention) -> dict:
+        w = self.watch
+        spec = {"kind": "gqa", **{n: self._linear(w.module(attn, f"{n}_proj")) for n in ("q", "k", "v", "o")},
+                "heads": attn.num_heads, "kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim,
+                "window": w.attribute(attn, "window") or 0, "scale": attn.scale, "clip": w.attribute(attn, "clip_qkv"),
+                "interleave": w.module(attn, "rotary").interleave}
+        qk_norm = w.attribute(attn, "qk_norm")
+        if qk_norm:
+            spec.update(self._norm(w.module(attn, "q_norm"), "q_norm"), **self._norm(w.module(attn, "k_norm"), "k_norm"),
+                        head_norm=qk_norm == "head")
         return spec
 
     def _moe(self, block: MoEBlock) -> dict:
         w = self.watch
         if w.attribute(block, "backend") is not local_backend:
             raise _Unfusable("an MoE block whose experts run elsewhere")
-        if w.module(block, "shared_expert_gate") is not None:
-            raise _Unfusable("a gated shared expert")
         gate, experts = w.module(block, "gate"), w.module(block, "experts")
         routing = gate.routing
         router = w.tensor(gate, "weight")
@@ -196,6 +208,9 @@ class FusedDecoder:
         shared = w.module(block, "shared_experts")
         if shared is not None:
             spec["shared"] = self._mlp(shared)
+        shared_gate = w.module(block, "shared_expert_gate")
+        if shared_gate is not None:
+            spec["shared_gate"] = self._linear(shared_gate)
         self.moe_blocks.append(block)
         return spec
 

@@ -3,7 +3,8 @@ in for: the same logits and the same cache rows, bit for bit, step after step, i
 int8 experts, on transformers-written DeepSeek-V2 and V3 checkpoints (q_proj and q_lora, softmax and sigmoid
 routing, group-limited selection, a correction bias, dense and MoE layers). Also: each MoE block's routing
 observer hears the same decisions, a model changed after the stack was built gets a new one, and what the stack
-does not run (GQA, LoRA adapters, experts elsewhere, too many tokens) runs on the modules."""
+does not run (LoRA adapters, experts elsewhere, too many tokens) runs on the modules. The grouped-query families
+(Mixtral, Qwen2/3-MoE, OLMoE) likewise, by transformers variant."""
 
 from __future__ import annotations
 
@@ -48,9 +49,29 @@ CASES = [
 ]
 
 
-def _checkpoint(tmp_path, family, overrides, dtype):
+# The grouped-query families, by transformers variant (tests/hf_models.py): biases on q/k/v, q/k norms per head
+# (Qwen3) and over the projection (OLMoE), clipping, sliding windows, a gated shared expert (Qwen2-MoE), dense
+# layers, a single KV head. Hidden sizes of 40/48 keep every linear on F.linear; WIDE_GQA puts q_proj and
+# o_proj on the streaming kernel.
+WIDE_GQA = dict(hidden_size=256, num_attention_heads=8)
+GQA_CASES = [
+    ("mixtral", "default", {}, "float32", None),
+    ("mixtral", "default", WIDE_GQA, "float32", None),
+    ("mixtral", "sliding_window", {}, "bfloat16", None),
+    ("mixtral", "default", {}, "bfloat16+float32", None),
+    ("qwen2_moe", "default", {}, "float32", None),
+    ("qwen2_moe", "mlp_only_layers", {}, "bfloat16", None),
+    ("qwen2_moe", "sliding_window", {}, "float32", "int8"),
+    ("qwen3_moe", "default", {}, "bfloat16", None),
+    ("qwen3_moe", "attention_bias", {}, "float32", "w8a8"),
+    ("olmoe", "clip_qkv", {}, "float32", None),
+    ("olmoe", "gqa_bias", {}, "bfloat16", "experts_int8"),
+]
+
+
+def _checkpoint(tmp_path, family, overrides, dtype, variant="default"):
     torch_dtype = getattr(torch, dtype.split("+")[0])
-    return build_hf_checkpoint(family, tmp_path / family, dtype=torch_dtype, seed=7, **overrides)
+    return build_hf_checkpoint(family, tmp_path / family, variant=variant, dtype=torch_dtype, seed=7, **overrides)
 
 
 def _model(ckpt, dtype, quantization):
@@ -129,6 +150,29 @@ def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, fa
     assert len(fused[2]) == STEPS * moe_layers
 
 
+@pytest.mark.parametrize("family, variant, overrides, dtype, quantization", GQA_CASES,
+                         ids=[f"{f}-{v}-{'wide-' if o else ''}{d}-{q or 'float'}" for f, v, o, d, q in GQA_CASES])
+def test_the_grouped_query_families_fused_step_equals_the_modules(tmp_path, monkeypatch, family, variant, overrides,
+                                                                   dtype, quantization):
+    model = _model(_checkpoint(tmp_path, family, overrides, dtype, variant), dtype, quantization)
+    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1)
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts)
+    assert calls[0] == STEPS, fused_decoder(model).reason
+    _assert_same_run(fused, _decode(model, False, prompts))
+    moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
+    assert len(fused[2]) == STEPS * moe_layers
+
+
+def test_a_float32_grouped_query_model_over_a_bf16_cache(tmp_path, monkeypatch):
+    model = _model(_checkpoint(tmp_path, "qwen3_moe", {}, "float32"), "float32", None)
+    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=6)
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts, cache_dtype=torch.bfloat16)
+    assert calls[0] == STEPS and fused[1][0][0].dtype == torch.bfloat16
+    _assert_same_run(fused, _decode(model, False, prompts, cache_dtype=torch.bfloat16))
+
+
 def test_a_float32_batch_of_twenty_runs_on_the_stack(tmp_path, monkeypatch):
     """20 sequences: float32 linears put the tokens in a register's lanes (16-64 rows), in the stack as in the
     modules."""
@@ -182,8 +226,7 @@ def test_what_the_stack_does_not_run_runs_on_the_modules(tmp_path, monkeypatch):
     del block.experts.adapters
     assert fused_decoder(model).stack is not None
 
-    gqa = _model(_checkpoint(tmp_path, "mixtral", {}, "float32"), "float32", None)
-    assert fused_decoder(gqa).stack is None and "MLA" in fused_decoder(gqa).reason
+
 
 
 def test_the_engine_counts_the_same_expert_load_with_the_stack(tmp_path):

@@ -1,13 +1,16 @@
-// A whole decode step of an MLA + MoE decoder in one call: every layer's norms, projections, MLA step, routing,
-// routed and shared experts and residuals, then the final norm.
+// A whole decode step of an MoE decoder in one call: every layer's norms, projections, attention step (MLA, or
+// grouped-query attention over a paged K/V cache), routing, routed and shared experts and residuals, then the
+// final norm.
 //
 // Each op is the one the Python modules run at decode sizes (model/mla.py, model/moe.py, model/layers.py and
-// the dispatch of kernels/registry.py, cpu_linear.py, int8_linear.py, cpu_fused_moe.py, int8_moe.py), on the
+// model/gqa.py, kernels/rope.py and the dispatch of kernels/registry.py, cpu_linear.py, int8_linear.py,
+// cpu_fused_moe.py, int8_moe.py), on the
 // same kernels, with the same dtypes, in the same order: the result is theirs bit for bit. What goes is the
 // Python between the kernels: about 30 us of module calls, dispatch and argument checks per kernel, ~2 ms of a
 // 4.6 ms step on the `small` preset. model/fused_decode.py decides when this applies and builds the stack.
 #include <torch/extension.h>
 
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -86,6 +89,37 @@ struct Attention {
   }
 };
 
+// Grouped-query attention (model/gqa.py): q, k, v projections, optional q/k norms and clipping, RoPE, the cache
+// writes and the paged decode kernel, then o_proj.
+struct GqaAttention {
+  Linear q, k, v, o;
+  c10::optional<Norm> q_norm, k_norm;
+  bool head_norm = false;  // the q/k norms per head (Qwen3), or over the whole projection (OLMoE)
+  c10::optional<double> clip;
+  int64_t heads, kv_heads, head_dim, window;
+  double scale;
+  bool interleave;
+
+  explicit GqaAttention(const py::dict& d)
+      : q(d["q"].cast<py::dict>()),
+        k(d["k"].cast<py::dict>()),
+        v(d["v"].cast<py::dict>()),
+        o(d["o"].cast<py::dict>()),
+        heads(d["heads"].cast<int64_t>()),
+        kv_heads(d["kv_heads"].cast<int64_t>()),
+        head_dim(d["head_dim"].cast<int64_t>()),
+        window(d["window"].cast<int64_t>()),
+        scale(d["scale"].cast<double>()),
+        interleave(d["interleave"].cast<bool>()) {
+    if (d.contains("q_norm")) {
+      q_norm = Norm(d, "q_norm");
+      k_norm = Norm(d, "k_norm");
+      head_norm = d["head_norm"].cast<bool>();
+    }
+    if (!d["clip"].is_none()) clip = d["clip"].cast<double>();
+  }
+};
+
 struct Moe {
   torch::Tensor router;  // [E, H] float32 (load_model keeps gates in it)
   c10::optional<torch::Tensor> bias;
@@ -95,6 +129,7 @@ struct Moe {
   torch::Tensor w13, w2, w13_scale, w2_scale;  // scales defined for int8 experts
   bool quantize_activations = false;
   c10::optional<Mlp> shared;
+  c10::optional<Linear> shared_gate;  // sigmoid(shared_gate(x)) scales the shared expert's output (Qwen2-MoE)
   explicit Moe(const py::dict& d)
       : router(tensor(d, "router")),
         bias(optional_tensor(d, "bias")),
@@ -112,17 +147,24 @@ struct Moe {
     quantize_activations = d.contains("quantize_activations") && d["quantize_activations"].cast<bool>();
     TORCH_CHECK(router.scalar_type() == torch::kFloat32, "decode stack: the router gate must be float32");
     if (!d["shared"].is_none()) shared = Mlp(d["shared"].cast<py::dict>());
+    if (d.contains("shared_gate")) shared_gate = Linear(d["shared_gate"].cast<py::dict>());
   }
 };
 
 struct Layer {
   Norm input_norm, post_norm;
-  Attention attn;
+  c10::optional<Attention> mla;  // MLA attention
+  c10::optional<GqaAttention> gqa;  // or grouped-query attention
   c10::optional<Mlp> mlp;  // a dense layer
   c10::optional<Moe> moe;  // or an MoE block
 
-  explicit Layer(const py::dict& d)
-      : input_norm(d, "input_norm"), post_norm(d, "post_norm"), attn(d["attn"].cast<py::dict>()) {
+  explicit Layer(const py::dict& d) : input_norm(d, "input_norm"), post_norm(d, "post_norm") {
+    const py::dict attn = d["attn"].cast<py::dict>();
+    if (attn["kind"].cast<std::string>() == "gqa") {
+      gqa = GqaAttention(attn);
+    } else {
+      mla = Attention(attn);
+    }
     if (d["moe"].is_none()) {
       mlp = Mlp(d["mlp"].cast<py::dict>());
     } else {
@@ -137,7 +179,8 @@ class DecodeStack {
 
   void add_layer(const py::dict& d) { layers_.emplace_back(d); }
 
-  // x [T, hidden] (the embedded tokens); cos/sin [T, Dr/2]; caches[i] layer i's (latent, rope key) caches.
+  // x [T, hidden] (the embedded tokens); cos/sin [T, rotary dim / 2] in x's dtype; caches[i] layer i's (latent,
+  // rope key) caches for MLA, (key, value) caches for grouped-query attention.
   // Returns the final-normed hidden states and each MoE layer's routing decisions (expert ids [T, K]).
   std::pair<torch::Tensor, std::vector<torch::Tensor>> forward(
       torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
@@ -150,8 +193,11 @@ class DecodeStack {
     const torch::Tensor cos_f = cos.to(torch::kFloat32).contiguous(), sin_f = sin.to(torch::kFloat32).contiguous();
     for (size_t i = 0; i < layers_.size(); ++i) {
       Layer& layer = layers_[i];
-      x = x + attention(layer.attn, norm(layer.input_norm, x), cos_f, sin_f, caches[i], slot_mapping, block_tables,
-                        context_lens);
+      const torch::Tensor h_attn = norm(layer.input_norm, x);
+      x = x + (layer.mla ? attention(*layer.mla, h_attn, cos_f, sin_f, caches[i], slot_mapping, block_tables,
+                                     context_lens)
+                         : gqa_attention(*layer.gqa, h_attn, cos, sin, caches[i], slot_mapping, block_tables,
+                                         context_lens));
       const torch::Tensor h = norm(layer.post_norm, x);
       if (layer.mlp) {
         x = x + mlp(*layer.mlp, h);
@@ -207,6 +253,54 @@ class DecodeStack {
     return linear(a.o, as_model_dtype(out).flatten(1));
   }
 
+  // kernels.rope.apply_rope, op for op: x [T, heads, dim], cos/sin [T, dim/2] in x's dtype.
+  static torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                            bool interleave) {
+    const torch::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+    const int64_t half = x.size(-1) / 2;
+    const torch::Tensor x1 = interleave ? x.slice(-1, 0, c10::nullopt, 2) : x.slice(-1, 0, half);
+    const torch::Tensor x2 = interleave ? x.slice(-1, 1, c10::nullopt, 2) : x.slice(-1, half);
+    return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+  }
+
+  // model/paged.py write_cache: cache [N, block_size, ...] <- values [T, ...] at flat slots [T].
+  static void write_cache(const torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& values) {
+    std::vector<int64_t> rows = {-1};
+    for (int64_t d = 2; d < cache.dim(); ++d) rows.push_back(cache.size(d));
+    cache.view(rows).index_copy_(0, slots, values.to(cache.scalar_type()));
+  }
+
+  torch::Tensor gqa_attention(const GqaAttention& a, const torch::Tensor& x, const torch::Tensor& cos,
+                              const torch::Tensor& sin, const std::pair<torch::Tensor, torch::Tensor>& cache,
+                              const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                              const torch::Tensor& context_lens) const {
+    const int64_t t = x.size(0);
+    torch::Tensor q = linear(a.q, x), k = linear(a.k, x), v = linear(a.v, x);
+    if (a.q_norm && !a.head_norm) {
+      q = norm(*a.q_norm, q);
+      k = norm(*a.k_norm, k);
+    }
+    if (a.clip) {
+      q = q.clamp(-*a.clip, *a.clip);
+      k = k.clamp(-*a.clip, *a.clip);
+      v = v.clamp(-*a.clip, *a.clip);
+    }
+    q = q.view({t, a.heads, a.head_dim});
+    k = k.view({t, a.kv_heads, a.head_dim});
+    v = v.view({t, a.kv_heads, a.head_dim});
+    if (a.q_norm && a.head_norm) {
+      q = norm(*a.q_norm, q);
+      k = norm(*a.k_norm, k);
+    }
+    q = rope(q, cos, sin, a.interleave);
+    k = rope(k, cos, sin, a.interleave);
+    write_cache(cache.first, slot_mapping, k);
+    write_cache(cache.second, slot_mapping, v);
+    const torch::Tensor out = gqa_decode_f32(q.to(torch::kFloat32).contiguous(), cache.first, cache.second,
+                                             block_tables, context_lens, a.scale, a.window);
+    return linear(a.o, out.to(q.scalar_type()).flatten(1));
+  }
+
   torch::Tensor moe(const Moe& m, const torch::Tensor& x, std::vector<torch::Tensor>& routed) const {
     const torch::Tensor x_f = x.to(torch::kFloat32);
     const torch::Tensor logits = at::linear(x_f, m.router);
@@ -226,7 +320,10 @@ class DecodeStack {
       out = moe_small_m(x_f.contiguous(), m.w13, m.w2, weights.to(torch::kFloat32), ids);
     }
     out = as_model_dtype(out);
-    return m.shared ? out + mlp(*m.shared, x) : out;
+    if (!m.shared) return out;
+    torch::Tensor shared = mlp(*m.shared, x);
+    if (m.shared_gate) shared = at::sigmoid(linear(*m.shared_gate, x)) * shared;
+    return out + shared;
   }
 
   bool bf16_;
@@ -237,7 +334,7 @@ class DecodeStack {
 }  // namespace
 
 void bind_decode_stack(py::module& m) {
-  py::class_<DecodeStack>(m, "DecodeStack", "One decode step of an MLA + MoE decoder; see model/fused_decode.py")
+  py::class_<DecodeStack>(m, "DecodeStack", "One decode step of an MoE decoder; see model/fused_decode.py")
       .def(py::init<bool, const py::dict&>(), py::arg("bf16"), py::arg("final_norm"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
