@@ -5,12 +5,14 @@ and argument checks: ~2 ms of Python against ~2.5 ms of kernels in int8. The sta
 the same tensors in the same order, so its hidden states are the modules' bit for bit
 (tests/model/test_fused_decode.py), with the Python gone.
 
-It applies to CPU inference (no autograd) under the `auto` kernel backend, on decode-only steps with few
-enough tokens that every linear would take the streaming kernels, where every attention is MLA (DeepSeek) or
-grouped-query attention (Mixtral, Qwen-MoE, OLMoE: q/k norms, clipping, sliding windows and gated shared
-experts included), every MoE block runs on the local backend, no LoRA adapter is attached and every weight is
-in the model's dtype (or int8, as `quantize_model` makes it). A model whose activations are wider than its weights (float32 over bf16,
-`activation_dtype`) runs each matmul as its modules do: the input rounded to bf16, float32 out. Anything else
+It applies to CPU inference (no autograd) under the `auto` kernel backend, on decode-only steps of up to 64
+tokens and 384 routed (token, expert) pairs, where the float32 linears and the routed experts take the streaming
+kernels (a bf16 linear past 4 rows takes `at::linear`, as `cpu_linear.linear` does); where every attention is
+MLA (DeepSeek) or grouped-query attention (Mixtral, Qwen-MoE, OLMoE: q/k norms, clipping, sliding windows and
+gated shared experts included), every MoE block runs on the local backend, no LoRA adapter is attached and every
+weight is in the model's dtype (or int8, as `quantize_model` makes it). A model whose activations are wider than
+its weights (float32 over bf16, `activation_dtype`) runs each matmul as its modules do: the input rounded to
+bf16, float32 out. Anything else
 runs the modules. The stack holds the modules' own tensors, so in-place updates show at once; a module,
 parameter, buffer or adapter that is replaced or attached is noticed before the next step (`_Watch`) and the
 stack is built again, or given up.
@@ -126,10 +128,11 @@ class FusedDecoder:
         self.dtype = w.attribute(model, "activation_dtype") or self.weight_dtype  # the residual stream's
         if self.weight_dtype not in (torch.float32, torch.bfloat16):
             raise _Unfusable(f"the stack runs float32 and bfloat16 models, not {self.weight_dtype}")
-        self.max_rows = STREAMING_MAX_ROWS_BF16 if self.weight_dtype == torch.bfloat16 else STREAMING_MAX_ROWS
+        self.max_rows = STREAMING_MAX_ROWS  # past it float32 linears leave the streaming kernel
         self.top_k = config.routing.top_k
         self.moe_blocks: list[MoEBlock] = []
-        stack = kernels.DecodeStack(self.dtype == torch.bfloat16, self._norm(w.module(decoder, "norm"), "norm"))
+        stack = kernels.DecodeStack(self.dtype == torch.bfloat16, self._norm(w.module(decoder, "norm"), "norm"),
+                                    STREAMING_MAX_ROWS_BF16)
         layers = w.module(decoder, "layers")
         for i in range(len(layers)):
             stack.add_layer(self._layer(w.module(layers, str(i))))

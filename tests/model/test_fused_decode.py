@@ -173,10 +173,13 @@ def test_a_float32_grouped_query_model_over_a_bf16_cache(tmp_path, monkeypatch):
     _assert_same_run(fused, _decode(model, False, prompts, cache_dtype=torch.bfloat16))
 
 
-def test_a_float32_batch_of_twenty_runs_on_the_stack(tmp_path, monkeypatch):
-    """20 sequences: float32 linears put the tokens in a register's lanes (16-64 rows), in the stack as in the
-    modules."""
-    model = _model(_checkpoint(tmp_path, "deepseek_v3", WIDE, "float32"), "float32", None)
+@pytest.mark.parametrize("dtype, quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                                                 ("bfloat16+float32", None)])
+def test_a_batch_of_twenty_runs_on_the_stack(tmp_path, monkeypatch, dtype, quantization):
+    """20 sequences: float32 linears put the tokens in a register's lanes (16-64 rows), bf16 linears leave the
+    streaming kernel past 4 rows for at::linear, in the stack as in the modules. (A hidden size of 1024: at 256 the
+    two bf16 GEMMs round every output alike, and the test could not tell them apart.)"""
+    model = _model(_checkpoint(tmp_path, "deepseek_v3", {**WIDE, "hidden_size": 1024}, dtype), dtype, quantization)
     prompts = make_prompts(model.config.vocab_size, [3 + i % 7 for i in range(20)], seed=4)
     calls = _count_stack_calls(monkeypatch)
     fused = _decode(model, True, prompts, steps=2)
@@ -211,11 +214,11 @@ def test_a_model_changed_after_the_stack_was_built_gets_a_new_one(tmp_path, monk
 def test_what_the_stack_does_not_run_runs_on_the_modules(tmp_path, monkeypatch):
     model = _model(_checkpoint(tmp_path, "deepseek_v2", {}, "bfloat16"), "bfloat16", None)
     calls = _count_stack_calls(monkeypatch)
-    # five sequences: past the 4 rows at which bf16 linears leave the streaming kernel
-    many = _decode(model, True, make_prompts(model.config.vocab_size, [3, 4, 5, 6, 7], seed=3), steps=2)
+    # 65 sequences: past the 64 rows at which float32 linears leave the streaming kernel
+    lens = [3 + i % 4 for i in range(65)]
+    many = _decode(model, True, make_prompts(model.config.vocab_size, lens, seed=3), steps=2)
     assert calls[0] == 0
-    _assert_same_run(many, _decode(model, False, make_prompts(model.config.vocab_size, [3, 4, 5, 6, 7], seed=3),
-                                   steps=2))
+    _assert_same_run(many, _decode(model, False, make_prompts(model.config.vocab_size, lens, seed=3), steps=2))
     assert fused_decoder(model).stack is not None
     block = next(m for m in model.modules() if isinstance(m, MoEBlock))
     block.backend = lambda layer_idx, blk, hidden: blk.experts(hidden, *blk.gate(hidden))  # experts "elsewhere"

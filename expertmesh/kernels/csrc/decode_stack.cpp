@@ -175,7 +175,10 @@ struct Layer {
 
 class DecodeStack {
  public:
-  DecodeStack(bool bf16, const py::dict& final_norm) : bf16_(bf16), final_norm_(final_norm, "norm") {}
+  // bf16_stream_rows: up to how many rows a bf16 model's linears stream their weights (cpu_linear.linear); past
+  // them at::linear, as there.
+  DecodeStack(bool bf16, const py::dict& final_norm, int64_t bf16_stream_rows)
+      : bf16_(bf16), bf16_stream_rows_(bf16_stream_rows), final_norm_(final_norm, "norm") {}
 
   void add_layer(const py::dict& d) { layers_.emplace_back(d); }
 
@@ -227,7 +230,7 @@ class DecodeStack {
                                                        : c10::nullopt;
       return at::linear(xb.to(torch::kFloat32), l.weight.to(torch::kFloat32), bias);
     }
-    if (!l.stream) return at::linear(x, l.weight, l.bias);
+    if (!l.stream || (bf16_ && x.size(0) > bf16_stream_rows_)) return at::linear(x, l.weight, l.bias);
     return as_model_dtype(linear_small_m(x.contiguous(), l.weight, l.bias));
   }
 
@@ -327,6 +330,7 @@ class DecodeStack {
   }
 
   bool bf16_;
+  int64_t bf16_stream_rows_;
   Norm final_norm_;
   std::vector<Layer> layers_;
 };
@@ -335,7 +339,8 @@ class DecodeStack {
 
 void bind_decode_stack(py::module& m) {
   py::class_<DecodeStack>(m, "DecodeStack", "One decode step of an MoE decoder; see model/fused_decode.py")
-      .def(py::init<bool, const py::dict&>(), py::arg("bf16"), py::arg("final_norm"))
+      .def(py::init<bool, const py::dict&, int64_t>(), py::arg("bf16"), py::arg("final_norm"),
+           py::arg("bf16_stream_rows"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
 }
