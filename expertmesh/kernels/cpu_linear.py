@@ -5,7 +5,7 @@ At decode batch sizes (M = 1..32 rows) MKL's small-M sgemm streams cold weights 
 bench/engine_vs_hf.py). oneDNN has no autograd formula, so anything that records gradients, and every
 non-CPU tensor, takes `F.linear`.
 
-The compiled kernel (`linear_small_m`) goes faster still, up to 64 rows in float32 (4 in bf16): below 16 rows
+The compiled kernel (`linear_small_m`) goes faster still, up to 64 rows in float32 (8 in bf16): below 16 rows
 it streams the weights at the memory's rate; from 16 rows the arithmetic bounds a call, and it puts the tokens in
 a register's lanes (csrc/tokens_in_lanes.h): 1.2-1.4x oneDNN and MKL at 32 and 48 rows, level at 64. Where it
 cannot be built, oneDNN serves up to 32 rows. oneDNN builds (and caches, up to 1024 entries) one primitive per
@@ -25,10 +25,10 @@ from .cpu_ext import small_m_kernels
 
 ONEDNN_MAX_ROWS = 32
 # Up to this many rows the C++ kernel (csrc/small_m.cpp) beats oneDNN and MKL on the Intel reference machine: by
-# 10-70% at 2-8 rows, 20-40% at 32 and 48 (tokens in lanes), level at 64. In bf16, past 4 rows oneDNN's AMX
-# GEMM wins.
+# 10-70% at 2-8 rows, 20-40% at 32 and 48 (tokens in lanes), level at 64. In bf16 it is 1.2-1.8x oneDNN's AMX
+# GEMM up to 8 rows, level at 12, and AMX wins from 16 (1.5-2.8x at 32).
 STREAMING_MAX_ROWS = 64
-STREAMING_MAX_ROWS_BF16 = 4
+STREAMING_MAX_ROWS_BF16 = 8
 STREAMING_MIN_WEIGHT_ELEMENTS = 64 * 1024
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 

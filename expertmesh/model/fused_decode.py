@@ -7,7 +7,7 @@ the same tensors in the same order, so its hidden states are the modules' bit fo
 
 It applies to CPU inference (no autograd) under the `auto` kernel backend, on decode-only steps of up to 64
 tokens and 384 routed (token, expert) pairs, where the float32 linears and the routed experts take the streaming
-kernels (a bf16 linear past 4 rows takes `at::linear`, as `cpu_linear.linear` does); where every attention is
+kernels (a bf16 linear past 8 rows takes `at::linear`, as `cpu_linear.linear` does); where every attention is
 MLA (DeepSeek) or grouped-query attention (Mixtral, Qwen-MoE, OLMoE: q/k norms, clipping, sliding windows and
 gated shared experts included), every MoE block runs on the local backend, no LoRA adapter is attached and every
 weight is in the model's dtype (or int8, as `quantize_model` makes it). A model whose activations are wider than
