@@ -93,7 +93,7 @@ from expertmesh.kernels import mla_decode_absorbed_ref, rms_norm_ref, topk_gatin
 
 
 # 16-64 rows put the tokens in a register's lanes (tokens_in_lanes.h): 1-4 vectors of them, some lanes past the
-# last token, row counts that leave a remainder after the row blocks (24, 12, 8 or 6 rows by 1-4 vectors)
+# last token, row counts that leave a remainder after the row blocks (8, 12, 8 or 6 rows by 1-4 vectors)
 @pytest.mark.parametrize("rows,k,n", [(1, 40, 24), (3, 768, 130), (5, 16, 1), (15, 64, 30), (16, 37, 9),
                                       (17, 768, 130), (32, 37, 9), (33, 64, 50), (48, 40, 31), (64, 33, 27),
                                       (65, 40, 13)])

@@ -2,10 +2,10 @@
 // grouped-query attention over a paged K/V cache), routing, routed and shared experts and residuals, then the
 // final norm.
 //
-// Each op is the one the Python modules run at decode sizes (model/mla.py, model/moe.py, model/layers.py and
-// model/gqa.py, kernels/rope.py and the dispatch of kernels/registry.py, cpu_linear.py, int8_linear.py,
-// cpu_fused_moe.py, int8_moe.py), on the
-// same kernels, with the same dtypes, in the same order: the result is theirs bit for bit. What goes is the
+// Each op is the one the Python modules run at decode sizes (model/mla.py, model/gqa.py, model/moe.py,
+// model/layers.py, kernels/rope.py and the dispatch of kernels/registry.py, cpu_linear.py, int8_linear.py,
+// cpu_fused_moe.py, int8_moe.py), on the same kernels, with the same dtypes, in the same order: the result is
+// theirs bit for bit. What goes is the
 // Python between the kernels: about 30 us of module calls, dispatch and argument checks per kernel, ~2 ms of a
 // 4.6 ms step on the `small` preset. model/fused_decode.py decides when this applies and builds the stack.
 #include <torch/extension.h>

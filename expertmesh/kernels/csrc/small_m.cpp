@@ -1,4 +1,4 @@
-// Weight-streaming kernels for CPU decode: few activation rows (M <= 32) against cold fp32 weights.
+// Weight-streaming kernels for CPU decode: few activation rows (M <= 64) against cold weights.
 //
 // At decode sizes a matmul is a pass over the weights: each weight row is read from DRAM once and dotted
 // with every activation row while it sits in L1. BLAS libraries pay a fixed cost per call and ramp their

@@ -7,7 +7,8 @@
 // reference machine rows_dot, oneDNN and MKL all ran at ~150 GFLOP/s at 32 rows. Here the activations are
 // transposed once per call (xt [k, mp], mp = m rounded up to 16, the lanes past m zero); for each k, each weight
 // of a block of rows is broadcast into one FMA with 16 tokens' activations. No sum crosses lanes, and a block's
-// 24 accumulators stay in registers for the whole row: 280-300 GFLOP/s on the same machine.
+// accumulators stay in registers for the whole row: on the same machine 280-300 GFLOP/s over weights in the
+// cache, 180-230 over weights streamed from memory (oneDNN and MKL: 130-170).
 //
 // Each output is w[r] . x[t] summed in order of k, whatever the thread split.
 #pragma once
@@ -64,7 +65,8 @@ inline void lanes_block(const float* w, int64_t k, const float* xt, int64_t mp, 
   }
 }
 
-// Every row of w [rows, k]: blocks of 24 accumulators (R rows x V token vectors), then single rows.
+// Every row of w [rows, k]: blocks of R rows x V token vectors (24 accumulators; 8 rows for one vector, where 24
+// rows of broadcasts ran slower than rows_dot), then single rows.
 template <int64_t V>
 inline void lanes_rows(const float* w, int64_t rows, int64_t k, const float* xt, int64_t mp, int64_t m, float* out,
                        int64_t out_stride) {
