@@ -12,10 +12,9 @@ MLA (DeepSeek) or grouped-query attention (Mixtral, Qwen-MoE, OLMoE: q/k norms, 
 gated shared experts included), every MoE block runs on the local backend, no LoRA adapter is attached and every
 weight is in the model's dtype (or int8, as `quantize_model` makes it). A model whose activations are wider than
 its weights (float32 over bf16, `activation_dtype`) runs each matmul as its modules do: the input rounded to
-bf16, float32 out. Anything else
-runs the modules. The stack holds the modules' own tensors, so in-place updates show at once; a module,
-parameter, buffer or adapter that is replaced or attached is noticed before the next step (`_Watch`) and the
-stack is built again, or given up.
+bf16, float32 out. Anything else runs the modules. The stack holds the modules' own tensors, so in-place updates
+show at once; a module, parameter, buffer or adapter that is replaced or attached is noticed before the next step
+(`_Watch`) and the stack is built again, or given up.
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ from expertmesh.kernels.cpu_ext import small_m_kernels
 from expertmesh.kernels.cpu_fused_moe import SMALL_M_MAX_PAIRS
 from expertmesh.kernels.cpu_linear import STREAMING_MAX_ROWS, STREAMING_MAX_ROWS_BF16, STREAMING_MIN_WEIGHT_ELEMENTS
 from expertmesh.model.attention_metadata import AttentionMetadata
+from expertmesh.model.gqa import GQAttention
 from expertmesh.model.int8_layers import Int8Linear, Int8RoutedExperts
 from expertmesh.model.layers import MLP, Linear, RMSNorm
-from expertmesh.model.gqa import GQAttention
 from expertmesh.model.mla import MLAttention
 from expertmesh.model.moe import MoEBlock, RoutedExperts, local_backend
 
@@ -177,12 +176,12 @@ class FusedDecoder:
         w = self.watch
         spec = {"kind": "gqa", **{n: self._linear(w.module(attn, f"{n}_proj")) for n in ("q", "k", "v", "o")},
                 "heads": attn.num_heads, "kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim,
-                "window": w.attribute(attn, "window") or 0, "scale": attn.scale, "clip": w.attribute(attn, "clip_qkv"),
-                "interleave": w.module(attn, "rotary").interleave}
-        qk_norm = w.attribute(attn, "qk_norm")
+                "window": w.attribute(attn, "window") or 0, "scale": attn.scale,
+                "clip": w.attribute(attn, "clip_qkv"), "interleave": w.module(attn, "rotary").interleave}
+        qk_norm = w.attribute(attn, "qk_norm")  # "head" (Qwen3), "full" (OLMoE) or None
         if qk_norm:
-            spec.update(self._norm(w.module(attn, "q_norm"), "q_norm"), **self._norm(w.module(attn, "k_norm"), "k_norm"),
-                        head_norm=qk_norm == "head")
+            spec.update(self._norm(w.module(attn, "q_norm"), "q_norm"))
+            spec.update(self._norm(w.module(attn, "k_norm"), "k_norm"), head_norm=qk_norm == "head")
         return spec
 
     def _moe(self, block: MoEBlock) -> dict:
