@@ -121,6 +121,18 @@ def _count_stack_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def _fused_equals_modules(model, prompts, monkeypatch, steps: int = STEPS, cache_dtype=None):
+    """Decodes `prompts` on the stack, then on the modules: every decode step of the first ran on the stack, none
+    of the second did, and the two runs are the same bit for bit. Returns the stack's run."""
+    calls = _count_stack_calls(monkeypatch)
+    fused = _decode(model, True, prompts, steps, cache_dtype)
+    assert calls[0] == steps, fused_decoder(model).reason  # every decode step ran on the stack
+    modules = _decode(model, False, prompts, steps, cache_dtype)
+    assert calls[0] == steps
+    _assert_same_run(fused, modules)
+    return fused
+
+
 def _assert_same_run(got, want):
     (got_logits, got_caches, got_heard), (want_logits, want_caches, want_heard) = got, want
     for step, (g, w) in enumerate(zip(got_logits, want_logits, strict=True)):
@@ -139,13 +151,7 @@ def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, fa
     if overrides is BLOCKS_OF_32:
         flags = {n: m.quantize_activations for n, m in model.named_modules() if hasattr(m, "quantize_activations")}
         assert all(flag != n.endswith("kv_b_proj") for n, flag in flags.items())  # kv_b is read whole, in float
-    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1)
-    calls = _count_stack_calls(monkeypatch)
-    fused = _decode(model, True, prompts)
-    assert calls[0] == STEPS, fused_decoder(model).reason  # every decode step ran on the stack
-    modules = _decode(model, False, prompts)
-    assert calls[0] == STEPS
-    _assert_same_run(fused, modules)
+    fused = _fused_equals_modules(model, make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1), monkeypatch)
     moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
     assert len(fused[2]) == STEPS * moe_layers
 
@@ -155,11 +161,7 @@ def test_the_fused_step_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, fa
 def test_the_grouped_query_families_fused_step_equals_the_modules(tmp_path, monkeypatch, family, variant, overrides,
                                                                    dtype, quantization):
     model = _model(_checkpoint(tmp_path, family, overrides, dtype, variant), dtype, quantization)
-    prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1)
-    calls = _count_stack_calls(monkeypatch)
-    fused = _decode(model, True, prompts)
-    assert calls[0] == STEPS, fused_decoder(model).reason
-    _assert_same_run(fused, _decode(model, False, prompts))
+    fused = _fused_equals_modules(model, make_prompts(model.config.vocab_size, PROMPT_LENS, seed=1), monkeypatch)
     moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
     assert len(fused[2]) == STEPS * moe_layers
 
@@ -167,10 +169,8 @@ def test_the_grouped_query_families_fused_step_equals_the_modules(tmp_path, monk
 def test_a_float32_grouped_query_model_over_a_bf16_cache(tmp_path, monkeypatch):
     model = _model(_checkpoint(tmp_path, "qwen3_moe", {}, "float32"), "float32", None)
     prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=6)
-    calls = _count_stack_calls(monkeypatch)
-    fused = _decode(model, True, prompts, cache_dtype=torch.bfloat16)
-    assert calls[0] == STEPS and fused[1][0][0].dtype == torch.bfloat16
-    _assert_same_run(fused, _decode(model, False, prompts, cache_dtype=torch.bfloat16))
+    fused = _fused_equals_modules(model, prompts, monkeypatch, cache_dtype=torch.bfloat16)
+    assert fused[1][0][0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype, quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
@@ -180,11 +180,8 @@ def test_a_batch_of_twenty_runs_on_the_stack(tmp_path, monkeypatch, dtype, quant
     streaming kernel past 8 rows for at::linear, in the stack as in the modules. (A hidden size of 1024: at 256 the
     two bf16 GEMMs round every output alike, and the test could not tell them apart.)"""
     model = _model(_checkpoint(tmp_path, "deepseek_v3", {**WIDE, "hidden_size": 1024}, dtype), dtype, quantization)
-    prompts = make_prompts(model.config.vocab_size, [3 + i % 7 for i in range(20)], seed=4)
-    calls = _count_stack_calls(monkeypatch)
-    fused = _decode(model, True, prompts, steps=2)
-    assert calls[0] == 2, fused_decoder(model).reason
-    _assert_same_run(fused, _decode(model, False, prompts, steps=2))
+    _fused_equals_modules(model, make_prompts(model.config.vocab_size, [3 + i % 7 for i in range(20)], seed=4),
+                          monkeypatch, steps=2)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
@@ -192,10 +189,8 @@ def test_a_float32_model_over_a_bf16_latent_cache(tmp_path, monkeypatch, quantiz
     """kv_cache_dtype="bfloat16": the stack reads and writes the bf16 cache as the modules do."""
     model = _model(_checkpoint(tmp_path, "deepseek_v3", {}, "float32"), "float32", quantization)
     prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=5)
-    calls = _count_stack_calls(monkeypatch)
-    fused = _decode(model, True, prompts, cache_dtype=torch.bfloat16)
-    assert calls[0] == STEPS and fused[1][0][0].dtype == torch.bfloat16
-    _assert_same_run(fused, _decode(model, False, prompts, cache_dtype=torch.bfloat16))
+    fused = _fused_equals_modules(model, prompts, monkeypatch, cache_dtype=torch.bfloat16)
+    assert fused[1][0][0].dtype == torch.bfloat16
 
 
 def test_a_model_changed_after_the_stack_was_built_gets_a_new_one(tmp_path, monkeypatch):

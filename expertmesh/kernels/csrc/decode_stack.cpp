@@ -180,7 +180,10 @@ class DecodeStack {
   DecodeStack(bool bf16, const py::dict& final_norm, int64_t bf16_stream_rows)
       : bf16_(bf16), bf16_stream_rows_(bf16_stream_rows), final_norm_(final_norm, "norm") {}
 
-  void add_layer(const py::dict& d) { layers_.emplace_back(d); }
+  void add_layer(const py::dict& d) {
+    layers_.emplace_back(d);
+    any_mla_ = any_mla_ || layers_.back().mla.has_value();
+  }
 
   // x [T, hidden] (the embedded tokens); cos/sin [T, rotary dim / 2] in x's dtype; caches[i] layer i's (latent,
   // rope key) caches for MLA, (key, value) caches for grouped-query attention.
@@ -193,7 +196,11 @@ class DecodeStack {
                 " for ", layers_.size(), " layers");
     std::vector<torch::Tensor> routed;
     // The MLA kernel takes its few activations in float32 (registry.mla_decode_step's bf16 branch).
-    const torch::Tensor cos_f = cos.to(torch::kFloat32).contiguous(), sin_f = sin.to(torch::kFloat32).contiguous();
+    torch::Tensor cos_f, sin_f;  // only MLA layers want them (grouped-query ones rotate in x's dtype)
+    if (any_mla_) {
+      cos_f = cos.to(torch::kFloat32).contiguous();
+      sin_f = sin.to(torch::kFloat32).contiguous();
+    }
     for (size_t i = 0; i < layers_.size(); ++i) {
       Layer& layer = layers_[i];
       const torch::Tensor h_attn = norm(layer.input_norm, x);
@@ -333,6 +340,7 @@ class DecodeStack {
   int64_t bf16_stream_rows_;
   Norm final_norm_;
   std::vector<Layer> layers_;
+  bool any_mla_ = false;
 };
 
 }  // namespace
