@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _cpu_inference(x, weight, torch.bfloat16) and x.shape[0] <= STREAMING_MAX_ROWS_BF16 and weight.is_contiguous():
         kernels = small_m_kernels()
         if kernels is not None:
-            return kernels.linear_small_m(x.contiguous(), weight, bias).to(torch.bfloat16)
+            return kernels.linear_small_m_bf16(x.contiguous(), weight, bias)
     if _cpu_inference(x, weight, torch.float32):
         rows, size = x.shape[0], weight.numel()
         if rows <= STREAMING_MAX_ROWS and size >= STREAMING_MIN_WEIGHT_ELEMENTS and weight.is_contiguous():

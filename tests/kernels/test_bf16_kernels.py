@@ -93,6 +93,34 @@ def test_bf16_activations_against_bf16_weights_sum_exact_products_in_float32(row
     torch.testing.assert_close(got, F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_bf16_output_linear_rounds_as_torch_does(rows, with_bias):
+    """linear_small_m_bf16 is linear_small_m(...).to(bf16) in one call: the same float32 sums, the bias added, each
+    rounded once, bit for bit; sums that overflow to infinity and NaN included."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 256, generator=gen).bfloat16(), torch.randn(300, 256, generator=gen).bfloat16()
+    bias = torch.randn(300, generator=gen).bfloat16() if with_bias else None
+    w[1] = 3e38  # the sums overflow
+    w[2, 0] = float("nan")
+    kernels = small_m_kernels()
+    want = kernels.linear_small_m(x, w, bias).to(torch.bfloat16)
+    got = kernels.linear_small_m_bf16(x, w, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert got.isnan()[:, 2].all() and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got.float()), torch.nan_to_num(want.float()))
+
+
+def test_the_bf16_output_linear_rounds_ties_to_even():
+    """Sums exactly halfway between two bf16 values round to the one with an even last bit, as torch rounds."""
+    x, w = torch.ones(1, 16).bfloat16(), torch.zeros(3, 16).bfloat16()
+    w[:, 0] = 1  # each sum is 1.0, then the float32 bias puts it halfway
+    bias = torch.tensor([2.0 ** -8, 3 * 2.0 ** -8, -(2 + 2.0 ** -8)])
+    got = small_m_kernels().linear_small_m_bf16(x, w, bias)
+    assert got.float().tolist() == [[1.0, 1 + 2.0 ** -6, -1.0]]
+    assert torch.equal(got, (F.linear(x.float(), w.float()) + bias).to(torch.bfloat16))
+
+
 def test_slots_and_block_tables_outside_the_cache_are_refused_not_written():
     args = mla_inputs(torch.float32)
     args[10] = torch.tensor([4, 24, 16 * 4])  # one past the cache's 16 blocks of 4 rows

@@ -20,6 +20,12 @@ namespace py = pybind11;
 
 namespace {
 
+// Rounds a contiguous float32 tensor's values to bf16 in place, as `.to(bf16).to(float32)` would.
+void round_to_bf16_(torch::Tensor& t) {
+  float* p = t.data_ptr<float>();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = expertmesh::widen(expertmesh::to_bf16(p[i]));
+}
+
 torch::Tensor tensor(const py::dict& d, const char* key) { return d[key].cast<torch::Tensor>(); }
 
 c10::optional<torch::Tensor> optional_tensor(const py::dict& d, const char* key) {
@@ -64,6 +70,7 @@ struct Attention {
   c10::optional<Linear> q;  // q_proj, or q_a_proj -> q_a_layernorm -> q_b_proj
   Linear q_a, q_b, kv_a, o;
   Norm q_a_norm, kv_a_norm;
+  torch::Tensor kv_a_norm_f32;  // the MLA kernel takes the latent norm's weight in float32
   torch::Tensor kv_b;
   c10::optional<torch::Tensor> kv_b_scale;  // an int8 kv_b's row scales
   int64_t heads;
@@ -74,6 +81,7 @@ struct Attention {
       : kv_a(d["kv_a"].cast<py::dict>()),
         o(d["o"].cast<py::dict>()),
         kv_a_norm(d, "kv_a_norm"),
+        kv_a_norm_f32(kv_a_norm.weight.to(torch::kFloat32).contiguous()),
         kv_b(tensor(d, "kv_b")),
         kv_b_scale(optional_tensor(d, "kv_b_scale")),
         heads(d["heads"].cast<int64_t>()),
@@ -238,7 +246,19 @@ class DecodeStack {
       return at::linear(xb.to(torch::kFloat32), l.weight.to(torch::kFloat32), bias);
     }
     if (!l.stream || (bf16_ && x.size(0) > bf16_stream_rows_)) return at::linear(x, l.weight, l.bias);
-    return as_model_dtype(linear_small_m(x.contiguous(), l.weight, l.bias));
+    const torch::Tensor xc = x.contiguous();
+    return bf16_ ? linear_small_m_bf16(xc, l.weight, l.bias) : linear_small_m(xc, l.weight, l.bias);
+  }
+
+  // linear(l, x) widened to float32, contiguous: for a bf16 model, the float32 sums of a streamed linear rounded
+  // to bf16 in place (what `.to(bf16).to(float32)` gives, without the two copies).
+  torch::Tensor linear_widened(const Linear& l, const torch::Tensor& x) const {
+    if (bf16_ && l.stream && !l.scale.defined() && x.size(0) <= bf16_stream_rows_) {
+      torch::Tensor out = linear_small_m(x.contiguous(), l.weight, l.bias);
+      round_to_bf16_(out);
+      return out;
+    }
+    return linear(l, x).to(torch::kFloat32).contiguous();
   }
 
   // bf16 weights under float32 activations (activation_dtype): each matmul reads its input rounded to bf16.
@@ -253,13 +273,12 @@ class DecodeStack {
                           const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
                           const torch::Tensor& context_lens) const {
     const int64_t t = x.size(0);
-    torch::Tensor q = a.q ? linear(*a.q, x) : linear(a.q_b, norm(a.q_a_norm, linear(a.q_a, x)));
-    q = q.view({t, a.heads, -1}).to(torch::kFloat32).contiguous();
-    const torch::Tensor kv_a = linear(a.kv_a, x).to(torch::kFloat32).contiguous();
+    const torch::Tensor q = linear_widened(a.q ? *a.q : a.q_b, a.q ? x : norm(a.q_a_norm, linear(a.q_a, x)))
+                                .view({t, a.heads, -1});
+    const torch::Tensor kv_a = linear_widened(a.kv_a, x);
     const torch::Tensor out =
-        mla_decode_step_f32(q, kv_a, a.kv_a_norm.weight.to(torch::kFloat32).contiguous(), a.kv_a_norm.eps, cos, sin,
-                            a.interleave, a.kv_b, cache.first, cache.second, slot_mapping, block_tables,
-                            context_lens, a.scale, a.kv_b_scale);
+        mla_decode_step_f32(q, kv_a, a.kv_a_norm_f32, a.kv_a_norm.eps, cos, sin, a.interleave, a.kv_b, cache.first,
+                            cache.second, slot_mapping, block_tables, context_lens, a.scale, a.kv_b_scale);
     return linear(a.o, as_model_dtype(out).flatten(1));
   }
 

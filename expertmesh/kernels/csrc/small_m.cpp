@@ -88,34 +88,65 @@ void rows_dot_acts(const W* w, int64_t rows, int64_t k, const float* x, const st
 
 }  // namespace
 
-// x [M, K] @ w[N, K]^T (+ bias) -> [M, N] float32. w float32 or bfloat16 (read as bf16, summed in float32); x
-// float32 or bfloat16 (each product of two bf16 values is exact in float32). For one or two rows of bf16 against
-// bf16 weights the products pair up in `vdpbf16ps` where the CPU has it (10-30% faster on the Intel reference
+namespace {
+
+// x [M, K] @ w[N, K]^T -> out [M, N] float32. w float32 or bfloat16 (read as bf16, summed in float32); x float32
+// or bfloat16 (each product of two bf16 values is exact in float32). For one or two rows of bf16 against bf16
+// weights the products pair up in `vdpbf16ps` where the CPU has it (10-30% faster on the Intel reference
 // machine); for more rows, reading each activation twice costs more than widening the weights once, and x goes
 // to float32.
-torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+void linear_small_m_into(torch::Tensor x, const torch::Tensor& w, float* out) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  auto out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
   if (x.scalar_type() == torch::kBFloat16 && (!expertmesh::kBf16Dot || m > 2 || w.scalar_type() != torch::kBFloat16)) {
     x = x.to(torch::kFloat32);
   }
   if (x.scalar_type() == torch::kBFloat16) {
     check_bf16(x, "x");
     check_bf16(w, "weight");
-    linear_rows(bf16_ptr(x), bf16_ptr(w), out.data_ptr<float>(), m, k, n);
-    if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
-    return out;
+    return linear_rows(bf16_ptr(x), bf16_ptr(w), out, m, k, n);
   }
   check_f32(x, "x");
   if (w.scalar_type() == torch::kBFloat16) {
     check_bf16(w, "weight");
-    linear_rows(x.data_ptr<float>(), bf16_ptr(w), out.data_ptr<float>(), m, k, n);
+    linear_rows(x.data_ptr<float>(), bf16_ptr(w), out, m, k, n);
   } else {
     check_f32(w, "weight");
-    linear_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), m, k, n);
+    linear_rows(x.data_ptr<float>(), w.data_ptr<float>(), out, m, k, n);
   }
+}
+
+}  // namespace
+
+// x [M, K] @ w[N, K]^T (+ bias) -> [M, N] float32 (see linear_small_m_into).
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat32));
+  linear_small_m_into(std::move(x), w, out.data_ptr<float>());
   if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
+  return out;
+}
+
+// linear_small_m's float32 result (bias included) rounded once to bf16, as `.to(torch.bfloat16)` of it would be:
+// the sums go to a per-thread scratch buffer, so a call allocates one tensor, not two, and makes no extra op.
+torch::Tensor linear_small_m_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  const int64_t m = x.size(0), n = w.size(0);
+  thread_local std::vector<float> sums;
+  sums.resize(static_cast<size_t>(m * n));
+  linear_small_m_into(std::move(x), w, sums.data());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias.value().to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == n, "linear_small_m: bias must have ", n, " entries, got ", b.numel());
+  }
+  auto out = torch::empty({m, n}, w.options().dtype(torch::kBFloat16));
+  auto* op = reinterpret_cast<expertmesh::Bf16*>(out.data_ptr<at::BFloat16>());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = sums[t * n + j];
+      op[t * n + j] = expertmesh::to_bf16(bp == nullptr ? v : v + bp[j]);
+    }
+  }
   return out;
 }
 
@@ -344,6 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_nope"), py::arg("q_pe"), py::arg("kv_b"), py::arg("ckv_cache"), py::arg("kpe_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("kv_b_scale") = py::none());
   m.def("linear_small_m", &linear_small_m, "x @ w.T (+ bias) for few rows of x, streaming w once");
+  m.def("linear_small_m_bf16", &linear_small_m_bf16, "linear_small_m rounded to bf16 in the same call");
   m.def("linear_int8", &linear_int8, "x @ (w * scale)^T (+ bias) over int8 weight rows with a scale per row",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("quantize_activations") = false);
   m.def("moe_small_m", &moe_small_m, "routed experts for few tokens, every selected expert in one parallel region");
