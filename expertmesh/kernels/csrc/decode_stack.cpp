@@ -70,7 +70,6 @@ struct Attention {
   c10::optional<Linear> q;  // q_proj, or q_a_proj -> q_a_layernorm -> q_b_proj
   Linear q_a, q_b, kv_a, o;
   Norm q_a_norm, kv_a_norm;
-  torch::Tensor kv_a_norm_f32;  // the MLA kernel takes the latent norm's weight in float32
   torch::Tensor kv_b;
   c10::optional<torch::Tensor> kv_b_scale;  // an int8 kv_b's row scales
   int64_t heads;
@@ -81,7 +80,6 @@ struct Attention {
       : kv_a(d["kv_a"].cast<py::dict>()),
         o(d["o"].cast<py::dict>()),
         kv_a_norm(d, "kv_a_norm"),
-        kv_a_norm_f32(kv_a_norm.weight.to(torch::kFloat32).contiguous()),
         kv_b(tensor(d, "kv_b")),
         kv_b_scale(optional_tensor(d, "kv_b_scale")),
         heads(d["heads"].cast<int64_t>()),
@@ -279,8 +277,9 @@ class DecodeStack {
                                 .view({t, a.heads, -1});
     const torch::Tensor kv_a = linear_widened(a.kv_a, x);
     const torch::Tensor out =
-        mla_decode_step_f32(q, kv_a, a.kv_a_norm_f32, a.kv_a_norm.eps, cos, sin, a.interleave, a.kv_b, cache.first,
-                            cache.second, slot_mapping, block_tables, context_lens, a.scale, a.kv_b_scale);
+        mla_decode_step_f32(q, kv_a, a.kv_a_norm.weight.to(torch::kFloat32).contiguous(), a.kv_a_norm.eps, cos, sin,
+                            a.interleave, a.kv_b, cache.first, cache.second, slot_mapping, block_tables,
+                            context_lens, a.scale, a.kv_b_scale);
     return linear(a.o, as_model_dtype(out).flatten(1));
   }
 
