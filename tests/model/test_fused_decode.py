@@ -207,18 +207,21 @@ def test_a_model_changed_after_the_stack_was_built_gets_a_new_one(tmp_path, monk
 
 
 def test_weights_changed_in_place_show_in_the_next_step(tmp_path, monkeypatch):
-    """The stack reads the modules' own tensors every step: a bf16 model's norms and router gates scaled in place
-    after it was built change its output as they change the modules', with no rebuild (a float32 copy of a bf16
-    weight made once at build would go stale)."""
+    """The stack reads the modules' own tensors every step: a bf16 model's norms scaled in place and its router
+    gates given new data (`.data =`) after it was built change its output as they change the modules', with no
+    rebuild (a float32 copy of a bf16 weight, or a view of a gate, made once at build would go stale)."""
     model = _model(_checkpoint(tmp_path, "deepseek_v3", {}, "bfloat16"), "bfloat16", None)
     prompts = make_prompts(model.config.vocab_size, PROMPT_LENS, seed=3)
     before = _decode(model, True, prompts)
     first = fused_decoder(model)
-    changed = [p for name, p in model.named_parameters() if "norm" in name or name.endswith("gate.weight")]
-    assert any("kv_a_layernorm" in name for name, _ in model.named_parameters())
+    params = dict(model.named_parameters())
+    assert any("kv_a_layernorm" in name for name in params) and any(n.endswith("gate.weight") for n in params)
     with torch.no_grad():
-        for p in changed:
-            p.mul_(1.5)
+        for name, p in params.items():
+            if "norm" in name:
+                p.mul_(1.5)
+            elif name.endswith("gate.weight"):
+                p.data = p.data * 1.5
     after = _fused_equals_modules(model, prompts, monkeypatch)
     assert fused_decoder(model) is first
     assert not torch.equal(after[0][0], before[0][0])

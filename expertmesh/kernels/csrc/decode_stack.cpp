@@ -128,7 +128,6 @@ struct GqaAttention {
 
 struct Moe {
   torch::Tensor router;  // [E, H] float32 (load_model keeps gates in it)
-  torch::Tensor router_t;  // its transpose, a view: at::linear without a bias is at::mm(x, weight.t())
   c10::optional<torch::Tensor> bias;
   int64_t top_k, n_group, topk_group;
   bool sigmoid, top2_sum, renormalize;
@@ -139,7 +138,6 @@ struct Moe {
   c10::optional<Linear> shared_gate;  // sigmoid(shared_gate(x)) scales the shared expert's output (Qwen2-MoE)
   explicit Moe(const py::dict& d)
       : router(tensor(d, "router")),
-        router_t(router.t()),
         bias(optional_tensor(d, "bias")),
         top_k(d["top_k"].cast<int64_t>()),
         n_group(d["n_group"].cast<int64_t>()),
@@ -333,7 +331,7 @@ class DecodeStack {
 
   torch::Tensor moe(const Moe& m, const torch::Tensor& x, std::vector<torch::Tensor>& routed) const {
     const torch::Tensor x_f = x.to(torch::kFloat32);
-    const torch::Tensor logits = at::mm(x_f, m.router_t);
+    const torch::Tensor logits = at::mm(x_f, m.router.t());  // what at::linear without a bias calls
     c10::optional<torch::Tensor> bias;
     if (m.bias) bias = m.bias->to(torch::kFloat32).contiguous();
     auto [weights, ids] = topk_gating_f32(logits.contiguous(), m.top_k, m.sigmoid, bias, m.n_group, m.topk_group,
