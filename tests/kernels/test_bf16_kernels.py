@@ -121,6 +121,16 @@ def test_the_bf16_output_linear_rounds_ties_to_even():
     assert torch.equal(got, (F.linear(x.float(), w.float()) + bias).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("name", ["linear_small_m", "linear_small_m_bf16"])
+def test_the_linear_kernels_name_the_shapes_they_refuse(name):
+    fn = getattr(small_m_kernels(), name)
+    w = torch.ones(4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\] expected, got \[8\] and \[4, 8\]"):
+        fn(torch.ones(8).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match=r"got \[2, 6\] and \[4, 8\]"):
+        fn(torch.ones(2, 6).bfloat16(), w, None)
+
+
 def test_slots_and_block_tables_outside_the_cache_are_refused_not_written():
     args = mla_inputs(torch.float32)
     args[10] = torch.tensor([4, 24, 16 * 4])  # one past the cache's 16 blocks of 4 rows

@@ -95,8 +95,13 @@ namespace {
 // weights the products pair up in `vdpbf16ps` where the CPU has it (10-30% faster on the Intel reference
 // machine); for more rows, reading each activation twice costs more than widening the weights once, and x goes
 // to float32.
+void check_linear_shapes(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: x [M, K] and weight [N, K] ",
+              "expected, got ", x.sizes(), " and ", w.sizes());
+}
+
+// (check_linear_shapes first)
 void linear_small_m_into(torch::Tensor x, const torch::Tensor& w, float* out) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small_m: shape mismatch");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   if (x.scalar_type() == torch::kBFloat16 && (!expertmesh::kBf16Dot || m > 2 || w.scalar_type() != torch::kBFloat16)) {
     x = x.to(torch::kFloat32);
@@ -120,6 +125,7 @@ void linear_small_m_into(torch::Tensor x, const torch::Tensor& w, float* out) {
 
 // x [M, K] @ w[N, K]^T (+ bias) -> [M, N] float32 (see linear_small_m_into).
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_linear_shapes(x, w);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat32));
   linear_small_m_into(std::move(x), w, out.data_ptr<float>());
   if (bias.has_value()) out.add_(bias.value().to(torch::kFloat32));
@@ -129,6 +135,7 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
 // linear_small_m's float32 result (bias included) rounded once to bf16, as `.to(torch.bfloat16)` of it would be:
 // the sums go to a per-thread scratch buffer, so a call allocates one tensor, not two, and makes no extra op.
 torch::Tensor linear_small_m_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_linear_shapes(x, w);
   const int64_t m = x.size(0), n = w.size(0);
   thread_local std::vector<float> sums;
   sums.resize(static_cast<size_t>(m * n));
