@@ -243,15 +243,20 @@ class DecodeStack {
                                                        : c10::nullopt;
       return at::linear(xb.to(torch::kFloat32), l.weight.to(torch::kFloat32), bias);
     }
-    if (!l.stream || (bf16_ && x.size(0) > bf16_stream_rows_)) return at::linear(x, l.weight, l.bias);
+    if (!streams(l, x)) return at::linear(x, l.weight, l.bias);
     const torch::Tensor xc = x.contiguous();
     return bf16_ ? linear_small_m_bf16(xc, l.weight, l.bias) : linear_small_m(xc, l.weight, l.bias);
+  }
+
+  // A float (not int8) linear of the model's dtype takes the streaming kernel for these rows (cpu_linear.linear).
+  bool streams(const Linear& l, const torch::Tensor& x) const {
+    return l.stream && !(bf16_ && x.size(0) > bf16_stream_rows_);
   }
 
   // linear(l, x) widened to float32, contiguous: for a bf16 model, the float32 sums of a streamed linear rounded
   // to bf16 in place (what `.to(bf16).to(float32)` gives, without the two copies).
   torch::Tensor linear_widened(const Linear& l, const torch::Tensor& x) const {
-    if (bf16_ && l.stream && !l.scale.defined() && x.size(0) <= bf16_stream_rows_) {
+    if (bf16_ && !l.scale.defined() && streams(l, x)) {
       torch::Tensor out = linear_small_m(x.contiguous(), l.weight, l.bias);
       round_to_bf16_(out);
       return out;
